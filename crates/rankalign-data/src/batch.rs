@@ -1,0 +1,78 @@
+//! Collation: the one place where items become tensors.
+//!
+//! Images are scaled to [0, 1] and normalised with CLIP's mean and std into
+//! `(b, 3, h, w)` f32. Captions are tokenised, padded with zeros to the longest sequence
+//! in the batch (not to the full context: causal attention makes the EOT feature the
+//! same), and the EOT position of each row is recorded as a flat index `row · s + pos`.
+
+use candle_core::{Device, Tensor};
+
+use crate::image::Image;
+use crate::tokenize::ClipTokenizer;
+use crate::DataError;
+
+/// OpenAI CLIP's per-channel normalisation.
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+/// A batch ready for a CLIP forward pass.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// `(b, 3, h, w)` f32, normalised.
+    pub pixels: Tensor,
+    /// `(b, s)` u32 token ids.
+    pub ids: Tensor,
+    /// `(b)` u32 flat EOT indices into `(b·s)`.
+    pub eot: Tensor,
+    /// Dataset indices of the items, in batch order.
+    pub indices: Vec<usize>,
+}
+
+/// Images to a normalised `(b, 3, size, size)` tensor; every image must be `size × size`.
+pub fn collate_images(images: &[&Image], size: usize, device: &Device) -> Result<Tensor, DataError> {
+    let plane = size * size;
+    let mut out = vec![0f32; images.len() * 3 * plane];
+    for (i, img) in images.iter().enumerate() {
+        if img.width != size || img.height != size || img.data.len() != plane * 3 {
+            return Err(DataError::Invalid(format!(
+                "image {i} of the batch is {}×{}, the model expects {size}×{size}",
+                img.width, img.height
+            )));
+        }
+        for p in 0..plane {
+            for c in 0..3 {
+                let v = f32::from(img.data[p * 3 + c]) / 255.0;
+                out[(i * 3 + c) * plane + p] = (v - CLIP_MEAN[c]) / CLIP_STD[c];
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (images.len(), 3, size, size), device)?)
+}
+
+/// Token ids `(b, s)` padded with zeros, and flat EOT indices `(b)`.
+pub fn collate_texts(texts: &[&str], tokenizer: &ClipTokenizer, device: &Device) -> Result<(Tensor, Tensor), DataError> {
+    let rows = texts.iter().map(|t| tokenizer.encode(t)).collect::<Result<Vec<_>, _>>()?;
+    let s = rows.iter().map(Vec::len).max().unwrap_or(2).max(2);
+    let mut ids = vec![0u32; rows.len() * s];
+    let mut eot = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        ids[i * s..i * s + row.len()].copy_from_slice(row);
+        eot.push((i * s + row.len() - 1) as u32);
+    }
+    let n = rows.len();
+    Ok((Tensor::from_vec(ids, (n, s), device)?, Tensor::from_vec(eot, n, device)?))
+}
+
+/// Image–caption pairs into a [`Batch`].
+pub fn collate_pairs(
+    images: &[&Image],
+    captions: &[&str],
+    indices: Vec<usize>,
+    image_size: usize,
+    tokenizer: &ClipTokenizer,
+    device: &Device,
+) -> Result<Batch, DataError> {
+    let pixels = collate_images(images, image_size, device)?;
+    let (ids, eot) = collate_texts(captions, tokenizer, device)?;
+    Ok(Batch { pixels, ids, eot, indices })
+}

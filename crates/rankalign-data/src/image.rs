@@ -1,0 +1,87 @@
+//! A plain RGB8 image and the few drawing operations the synthetic datasets need.
+
+/// Row-major RGB8 pixels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Image {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+impl Image {
+    pub fn black(width: usize, height: usize) -> Self {
+        Self { width, height, data: vec![0; width * height * 3] }
+    }
+
+    /// Draw a grey glyph `(size × size)` tinted with `colour` at `(x0, y0)`, keeping the
+    /// brighter value where strokes overlap. Parts outside the canvas are clipped.
+    pub fn draw_glyph(&mut self, glyph: &[u8], size: usize, x0: isize, y0: isize, colour: [u8; 3]) {
+        for gy in 0..size {
+            for gx in 0..size {
+                let (x, y) = (x0 + gx as isize, y0 + gy as isize);
+                if x < 0 || y < 0 || x as usize >= self.width || y as usize >= self.height {
+                    continue;
+                }
+                let v = u16::from(glyph[gy * size + gx]);
+                let at = (y as usize * self.width + x as usize) * 3;
+                for c in 0..3 {
+                    let tinted = (v * u16::from(colour[c]) / 255) as u8;
+                    self.data[at + c] = self.data[at + c].max(tinted);
+                }
+            }
+        }
+    }
+}
+
+/// Resize a square grey glyph `(src × src)` to `(dst × dst)` by area averaging (each
+/// output pixel is the mean of the source area it covers), which keeps thin strokes
+/// visible when shrinking.
+pub fn resize_glyph(glyph: &[u8], src: usize, dst: usize) -> Vec<u8> {
+    if src == dst {
+        return glyph.to_vec();
+    }
+    let scale = src as f32 / dst as f32;
+    let mut out = vec![0u8; dst * dst];
+    for oy in 0..dst {
+        let (y0, y1) = (oy as f32 * scale, (oy + 1) as f32 * scale);
+        for ox in 0..dst {
+            let (x0, x1) = (ox as f32 * scale, (ox + 1) as f32 * scale);
+            let (mut acc, mut area) = (0f32, 0f32);
+            let mut sy = y0.floor() as usize;
+            while (sy as f32) < y1 && sy < src {
+                let hy = (y1.min(sy as f32 + 1.0) - y0.max(sy as f32)).max(0.0);
+                let mut sx = x0.floor() as usize;
+                while (sx as f32) < x1 && sx < src {
+                    let wx = (x1.min(sx as f32 + 1.0) - x0.max(sx as f32)).max(0.0);
+                    acc += wx * hy * f32::from(glyph[sy * src + sx]);
+                    area += wx * hy;
+                    sx += 1;
+                }
+                sy += 1;
+            }
+            out[oy * dst + ox] = (acc / area.max(1e-6)).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn area_resize_keeps_mean() {
+        let glyph: Vec<u8> = (0..16).map(|i| (i * 16) as u8).collect();
+        let out = resize_glyph(&glyph, 4, 2);
+        // Each output pixel averages a 2×2 block.
+        assert_eq!(out, vec![40, 72, 168, 200]);
+    }
+
+    #[test]
+    fn glyphs_clip_and_keep_the_brighter_stroke() {
+        let mut img = Image::black(2, 2);
+        img.draw_glyph(&[255, 128, 0, 255], 2, 1, 0, [255, 0, 255]);
+        img.draw_glyph(&[100; 4], 2, 0, 0, [255, 255, 255]);
+        assert_eq!(&img.data[..6], &[100, 100, 100, 255, 100, 255]);
+    }
+}

@@ -1,0 +1,89 @@
+//! Tensor-free datasets and the one place where items become tensors.
+//!
+//! - [`mnist`]: real MNIST digits from the IDX files under `data/mnist/` (embedded);
+//! - [`scenes`]: *digit scenes*, image–caption pairs of 1–3 coloured digits with
+//!   captions generated from content and layout, many of them partly alike;
+//! - [`ordinal`]: *ordinal digits*, images whose rank is the digit value or the count
+//!   of digits;
+//! - [`tokenize`]: CLIP's BPE tokenizer through the `tokenizers` crate;
+//! - [`batch`]: collation into tensors (CLIP normalisation, padded token ids, EOT indices);
+//! - [`loader`]: deterministic batches by step, assembled ahead of time on a rayon pool.
+//!
+//! Every item is a pure function of `(seed, split, index)`, so datasets need no state,
+//! batches can be built in any order or in parallel, and a resumed run sees exactly the
+//! batches an uninterrupted one would. Architecture invariant: no model, loss or
+//! training code here; tensors appear only in [`batch`].
+
+pub mod batch;
+pub mod image;
+pub mod loader;
+pub mod mnist;
+pub mod ordinal;
+pub mod scenes;
+pub mod tokenize;
+
+use std::path::PathBuf;
+
+pub use batch::{Batch, CLIP_MEAN, CLIP_STD, collate_images, collate_pairs};
+pub use image::Image;
+pub use loader::{BatchPlan, Prefetcher};
+pub use mnist::Digits;
+pub use ordinal::{OrdinalDigits, OrdinalTask};
+pub use scenes::{DigitScenes, SceneConfig, SceneItem};
+pub use tokenize::ClipTokenizer;
+
+/// Which part of a dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+impl Split {
+    pub fn index(self) -> u64 {
+        match self {
+            Split::Train => 0,
+            Split::Val => 1,
+            Split::Test => 2,
+        }
+    }
+}
+
+/// A random-access collection of items.
+pub trait Dataset: Send + Sync {
+    type Item: Send;
+    fn len(&self) -> usize;
+    fn get(&self, index: usize) -> Self::Item;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What went wrong reading or preparing data. File errors name the file (and line).
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}{}: {msg}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Format { path: PathBuf, line: Option<usize>, msg: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// A 64-bit mix of several words (SplitMix64 finaliser), for per-item seeds.
+pub fn mix_seed(words: &[u64]) -> u64 {
+    words.iter().fold(0x9E37_79B9_7F4A_7C15u64, |acc, &w| {
+        let mut z = acc ^ w.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(acc << 6).wrapping_add(acc >> 2);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    })
+}

@@ -1,0 +1,29 @@
+//! Training objectives for vision–language alignment.
+//!
+//! - [`info_nce`]: CLIP's symmetric InfoNCE over a batch of paired embeddings;
+//! - [`rankclip`]: RankCLIP (Zhang et al., ICCV 2025): InfoNCE plus list-wise
+//!   Plackett–Luce consistency between the cross-modal and in-modal similarity
+//!   rankings, in the authors' parity form or the exact form;
+//! - [`LossConfig`]: the serialisable choice between them (RankCLIP_I and RankCLIP_C
+//!   are RankCLIP configurations).
+//!
+//! Losses take embeddings and the raw `logit_scale`, and return scalar tensors that
+//! autograd differentiates. Architecture invariant: no model, data or training code here.
+
+pub mod info_nce;
+pub mod rankclip;
+
+pub use info_nce::clip_loss;
+pub use rankclip::{ListPerms, RankClipConfig, RankClipTerms, RankDecay, RankMode, WeightSchedule, rankclip_loss};
+
+use serde::{Deserialize, Serialize};
+
+/// Which objective a run trains with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum LossConfig {
+    /// Symmetric InfoNCE only.
+    Clip,
+    /// InfoNCE plus RankCLIP's ranking-consistency terms.
+    Rankclip(RankClipConfig),
+}

@@ -1,0 +1,128 @@
+//! The CLIP model: a vision tower, a text tower, their bias-free projections into a
+//! shared embedding space, and the learned temperature `logit_scale` (a raw parameter;
+//! the scale applied to cosine similarities is `exp(logit_scale)`).
+//!
+//! Keys are HF `CLIPModel`'s: `vision_model.*`, `text_model.*`, `visual_projection.weight`,
+//! `text_projection.weight`, `logit_scale`.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::layers::{WeightInit, linear};
+use crate::text::{TextConfig, TextTransformer};
+use crate::vit::{VisionTransformer, VitConfig};
+
+/// Shape of a CLIP model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClipConfig {
+    pub embed_dim: usize,
+    pub vision: VitConfig,
+    pub text: TextConfig,
+    /// Initial raw `logit_scale`; CLIP uses ln(1/0.07) ≈ 2.6593.
+    pub logit_scale_init: f64,
+}
+
+/// CLIP's initial temperature, ln(1/0.07).
+pub const CLIP_LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778;
+
+impl ClipConfig {
+    /// OpenAI CLIP ViT-B/16: 224 px, patch 16, vision 12 × 768, text 12 × 512, embed 512.
+    pub fn vit_b16() -> Self {
+        Self {
+            embed_dim: 512,
+            vision: VitConfig::b16_224(),
+            text: TextConfig::clip_base(),
+            logit_scale_init: CLIP_LOGIT_SCALE_INIT,
+        }
+    }
+
+    /// OpenAI CLIP ViT-B/32.
+    pub fn vit_b32() -> Self {
+        Self { vision: VitConfig::b32_224(), ..Self::vit_b16() }
+    }
+
+    /// A small CLIP that trains on two CPU cores: 48 px images in 8 px patches
+    /// (37 tokens), 3 × 128 vision and text encoders, 32-token context, embed 64.
+    pub fn tiny() -> Self {
+        Self {
+            embed_dim: 64,
+            vision: VitConfig {
+                image_size: 48,
+                patch_size: 8,
+                channels: 3,
+                width: 128,
+                layers: 3,
+                heads: 4,
+                mlp_dim: 512,
+            },
+            text: TextConfig {
+                vocab_size: 49408,
+                context_length: 32,
+                width: 128,
+                layers: 3,
+                heads: 4,
+                mlp_dim: 512,
+            },
+            logit_scale_init: CLIP_LOGIT_SCALE_INIT,
+        }
+    }
+
+    /// A preset by name: `tiny`, `vit-b16`, `vit-b32`.
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "tiny" => Some(Self::tiny()),
+            "vit-b16" => Some(Self::vit_b16()),
+            "vit-b32" => Some(Self::vit_b32()),
+            _ => None,
+        }
+    }
+
+    pub const PRESETS: &'static [&'static str] = &["tiny", "vit-b16", "vit-b32"];
+}
+
+/// Both towers, both projections and the temperature.
+#[derive(Clone, Debug)]
+pub struct ClipModel {
+    vision_model: VisionTransformer,
+    text_model: TextTransformer,
+    visual_projection: Linear,
+    text_projection: Linear,
+    logit_scale: Tensor,
+    cfg: ClipConfig,
+}
+
+impl ClipModel {
+    pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let vision_model = VisionTransformer::new(&cfg.vision, vb.pp("vision_model"))?;
+        let text_model = TextTransformer::new(&cfg.text, vb.pp("text_model"))?;
+        let v_std = (cfg.vision.width as f64).powf(-0.5);
+        let t_std = (cfg.text.width as f64).powf(-0.5);
+        let visual_projection =
+            linear(cfg.vision.width, cfg.embed_dim, WeightInit::Normal(v_std), None, vb.pp("visual_projection"))?;
+        let text_projection =
+            linear(cfg.text.width, cfg.embed_dim, WeightInit::Normal(t_std), None, vb.pp("text_projection"))?;
+        let logit_scale = vb.get_with_hints((), "logit_scale", Init::Const(cfg.logit_scale_init))?;
+        Ok(Self { vision_model, text_model, visual_projection, text_projection, logit_scale, cfg: cfg.clone() })
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        &self.cfg
+    }
+
+    /// Unnormalised image embeddings `(b, embed_dim)`.
+    pub fn encode_image(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.visual_projection.forward(&self.vision_model.forward(pixels)?)
+    }
+
+    /// Unnormalised text embeddings `(b, embed_dim)`; see [`TextTransformer::forward`].
+    pub fn encode_text(&self, ids: &Tensor, eot: &Tensor) -> Result<Tensor> {
+        self.text_projection.forward(&self.text_model.forward(ids, eot)?)
+    }
+
+    /// The raw temperature parameter (a scalar); the similarity scale is its `exp`.
+    pub fn logit_scale(&self) -> &Tensor {
+        &self.logit_scale
+    }
+}

@@ -1,0 +1,239 @@
+//! Building blocks shared by both towers: LayerNorm, Linear, multi-head attention,
+//! the QuickGELU MLP, and the pre-LN transformer encoder.
+//!
+//! Parameter names follow Hugging Face `CLIPEncoderLayer` (`layer_norm1`,
+//! `self_attn.{q,k,v,out}_proj`, `layer_norm2`, `mlp.fc1`, `mlp.fc2`).
+
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+
+/// LayerNorm with a backward pass (see `rankalign_kernels::layer_norm`).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        rankalign_kernels::layer_norm(xs, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// How a layer's weights are drawn at initialisation.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightInit {
+    /// N(0, std²), as OpenAI's text-tower initialisation.
+    Normal(f64),
+    /// PyTorch's `nn.Linear` default: U(±1/√fan_in).
+    TorchDefault,
+    /// Xavier-uniform, PyTorch's default for `nn.MultiheadAttention.in_proj_weight`.
+    XavierUniform,
+}
+
+/// How a layer's bias is drawn at initialisation.
+#[derive(Clone, Copy, Debug)]
+pub enum BiasInit {
+    Zero,
+    /// PyTorch's `nn.Linear` default: U(±1/√fan_in).
+    TorchDefault,
+}
+
+/// A `Linear` layer `(out, in)` with explicit initialisation.
+pub fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    weight: WeightInit,
+    bias: Option<BiasInit>,
+    vb: VarBuilder,
+) -> Result<Linear> {
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let w_init = match weight {
+        WeightInit::Normal(std) => Init::Randn { mean: 0.0, stdev: std },
+        WeightInit::TorchDefault => Init::Uniform { lo: -bound, up: bound },
+        WeightInit::XavierUniform => {
+            let a = (6.0 / (in_dim + out_dim) as f64).sqrt();
+            Init::Uniform { lo: -a, up: a }
+        }
+    };
+    let w = vb.get_with_hints((out_dim, in_dim), "weight", w_init)?;
+    let b = match bias {
+        None => None,
+        Some(BiasInit::Zero) => Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?),
+        Some(BiasInit::TorchDefault) => {
+            Some(vb.get_with_hints(out_dim, "bias", Init::Uniform { lo: -bound, up: bound })?)
+        }
+    };
+    Ok(Linear::new(w, b))
+}
+
+/// Initialisation of one encoder, as OpenAI CLIP does it per tower.
+#[derive(Clone, Copy, Debug)]
+pub enum EncoderInit {
+    /// The text tower: attention std width^-½, output projections std
+    /// width^-½·(2·layers)^-½, `fc1` std (2·width)^-½; biases keep PyTorch defaults.
+    OpenAiText,
+    /// The vision tower, which OpenAI leaves at PyTorch's module defaults.
+    TorchDefault,
+}
+
+/// `x · sigmoid(1.702 x)`, OpenAI CLIP's activation.
+pub fn quick_gelu(xs: &Tensor) -> Result<Tensor> {
+    xs.mul(&candle_nn::ops::sigmoid(&(xs * 1.702)?)?)
+}
+
+/// Multi-head self-attention with separate q/k/v projections (HF layout).
+#[derive(Clone, Debug)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl Attention {
+    pub fn new(width: usize, heads: usize, layers: usize, init: EncoderInit, vb: VarBuilder) -> Result<Self> {
+        if heads == 0 || width % heads != 0 {
+            candle_core::bail!("attention: width {width} is not divisible by {heads} heads")
+        }
+        let (qkv, out) = match init {
+            EncoderInit::OpenAiText => {
+                let attn_std = (width as f64).powf(-0.5);
+                let proj_std = attn_std * ((2 * layers) as f64).powf(-0.5);
+                (WeightInit::Normal(attn_std), WeightInit::Normal(proj_std))
+            }
+            EncoderInit::TorchDefault => (WeightInit::XavierUniform, WeightInit::TorchDefault),
+        };
+        // PyTorch's MultiheadAttention zeroes its in-projection and out-projection biases.
+        let bias = Some(BiasInit::Zero);
+        let head_dim = width / heads;
+        Ok(Self {
+            q_proj: linear(width, width, qkv, bias, vb.pp("q_proj"))?,
+            k_proj: linear(width, width, qkv, bias, vb.pp("k_proj"))?,
+            v_proj: linear(width, width, qkv, bias, vb.pp("v_proj"))?,
+            out_proj: linear(width, width, out, bias, vb.pp("out_proj"))?,
+            heads,
+            head_dim,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+
+    /// `xs` is `(b, s, width)`; `mask`, if any, is an additive `(s, s)` mask.
+    pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, s, w) = xs.dims3()?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split((self.q_proj.forward(xs)? * self.scale)?)?;
+        let k = split(self.k_proj.forward(xs)?)?;
+        let v = split(self.v_proj.forward(xs)?)?;
+        let mut att = q.matmul(&k.t()?)?;
+        if let Some(mask) = mask {
+            att = att.broadcast_add(mask)?;
+        }
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, w))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+/// `fc2(quick_gelu(fc1(x)))`.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    pub fn new(width: usize, hidden: usize, layers: usize, init: EncoderInit, vb: VarBuilder) -> Result<Self> {
+        let (w1, w2) = match init {
+            EncoderInit::OpenAiText => {
+                let fc_std = (2.0 * width as f64).powf(-0.5);
+                let proj_std = (width as f64).powf(-0.5) * ((2 * layers) as f64).powf(-0.5);
+                (WeightInit::Normal(fc_std), WeightInit::Normal(proj_std))
+            }
+            EncoderInit::TorchDefault => (WeightInit::TorchDefault, WeightInit::TorchDefault),
+        };
+        let bias = Some(BiasInit::TorchDefault);
+        Ok(Self {
+            fc1: linear(width, hidden, w1, bias, vb.pp("fc1"))?,
+            fc2: linear(hidden, width, w2, bias, vb.pp("fc2"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&quick_gelu(&self.fc1.forward(xs)?)?)
+    }
+}
+
+/// One pre-LN residual block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+#[derive(Clone, Debug)]
+pub struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    self_attn: Attention,
+    layer_norm2: LayerNorm,
+    mlp: Mlp,
+}
+
+/// Shape of a transformer encoder.
+#[derive(Clone, Copy, Debug)]
+pub struct EncoderShape {
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub mlp_dim: usize,
+    pub eps: f64,
+}
+
+impl EncoderLayer {
+    pub fn new(shape: &EncoderShape, init: EncoderInit, vb: VarBuilder) -> Result<Self> {
+        let EncoderShape { width, layers, heads, mlp_dim, eps } = *shape;
+        Ok(Self {
+            layer_norm1: LayerNorm::new(width, eps, vb.pp("layer_norm1"))?,
+            self_attn: Attention::new(width, heads, layers, init, vb.pp("self_attn"))?,
+            layer_norm2: LayerNorm::new(width, eps, vb.pp("layer_norm2"))?,
+            mlp: Mlp::new(width, mlp_dim, layers, init, vb.pp("mlp"))?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.layer_norm1.forward(xs)?, mask)?;
+        let xs = (xs + h)?;
+        let h = self.mlp.forward(&self.layer_norm2.forward(&xs)?)?;
+        xs + h
+    }
+}
+
+/// A stack of [`EncoderLayer`]s under `encoder.layers.{i}`.
+#[derive(Clone, Debug)]
+pub struct Encoder {
+    layers: Vec<EncoderLayer>,
+}
+
+impl Encoder {
+    pub fn new(shape: &EncoderShape, init: EncoderInit, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("layers");
+        let layers = (0..shape.layers)
+            .map(|i| EncoderLayer::new(shape, init, vb.pp(i.to_string())))
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+
+    pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.layers.iter().try_fold(xs.clone(), |xs, layer| layer.forward(&xs, mask))
+    }
+}

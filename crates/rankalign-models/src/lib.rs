@@ -1,0 +1,22 @@
+//! CLIP towers for rankalign, trainable from a candle `VarMap`.
+//!
+//! - [`vit`]: CLIP's vision transformer (patch embedding, class token, pre-LN, post-LN);
+//! - [`text`]: CLIP's causal text transformer (QuickGELU, pooled at the EOT token);
+//! - [`clip`]: the two towers, their projections and the learned `logit_scale`;
+//! - [`params`]: a seeded `VarMap` backend, so that initialisation is reproducible and
+//!   every parameter — `logit_scale` and `class_embedding` included — is a trainable `Var`.
+//!
+//! Architecture invariant: models do no file IO and know nothing of datasets or losses.
+//! Weights arrive through `VarBuilder`, and `pp()` paths are the Hugging Face
+//! `CLIPModel` state-dict keys, so a checkpoint in that layout loads by name.
+
+pub mod clip;
+pub mod layers;
+pub mod params;
+pub mod text;
+pub mod vit;
+
+pub use clip::{ClipConfig, ClipModel};
+pub use params::SeededVarMap;
+pub use text::{TextConfig, TextTransformer};
+pub use vit::{VisionTransformer, VitConfig};
