@@ -5,8 +5,11 @@
 //! marker `</w>`, the first 48,894 merges of the file, then `<start_of_text>` (49406) and
 //! `<end_of_text>` (49407). Text is NFC-normalised, runs of white space collapse to one
 //! space, it is stripped and lower-cased (open_clip's `whitespace_clean` + `lower`), split
-//! with CLIP's regex, and each piece is byte-encoded and merged. Not reproduced: ftfy's
-//! mojibake repair and HTML unescaping, which change only malformed or escaped input.
+//! with CLIP's regex, and each piece is byte-encoded and merged. Before that,
+//! [`clean_text`] does the parts of open_clip's `ftfy.fix_text` + `html.unescape` that
+//! matter for ordinary captions: straight quotes, Latin ligatures, fullwidth forms, ANSI
+//! escapes and control characters removed, and HTML entities (the common named ones and
+//! all numeric ones) decoded twice. Not reproduced: ftfy's mojibake repair.
 //!
 //! Sequences are `[SOT] tokens [EOT]`, truncated to the context length with EOT kept as
 //! the last token (OpenAI's `tokenize(truncate=True)`, open_clip's default).
@@ -143,7 +146,7 @@ impl ClipTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
         let enc = self
             .inner
-            .encode(text, true)
+            .encode(clean_text(text), true)
             .map_err(|e| DataError::Invalid(format!("tokenizer: cannot encode {text:?}: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         if ids.len() > self.context_length {
@@ -157,4 +160,84 @@ impl ClipTokenizer {
 /// The `tokenizers` vocabulary map type, named without depending on `ahash` directly.
 mod ahash_free {
     pub type Vocab = tokenizers::models::bpe::Vocab;
+}
+
+/// Undo HTML entities once: `&amp; &lt; &gt; &quot; &apos; &nbsp;` and `&#N;` / `&#xH;`.
+fn unescape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let end = rest[1..].find(';').map(|e| e + 1).filter(|&e| e <= 10);
+        let decoded = end.and_then(|e| {
+            let name = &rest[1..e];
+            let c = match name {
+                "amp" => Some('&'),
+                "lt" => Some('<'),
+                "gt" => Some('>'),
+                "quot" => Some('"'),
+                "apos" => Some('\''),
+                "nbsp" => Some('\u{a0}'),
+                _ => {
+                    let num = name.strip_prefix('#')?;
+                    let code = match num.strip_prefix(['x', 'X']) {
+                        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                        None => num.parse().ok()?,
+                    };
+                    char::from_u32(code)
+                }
+            }?;
+            Some((c, e + 1))
+        });
+        match decoded {
+            Some((c, len)) => {
+                out.push(c);
+                rest = &rest[len..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The subset of open_clip's text cleaning (ftfy + `html.unescape`) described in the
+/// module docs; white space and case are left to the normaliser.
+pub fn clean_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            // ANSI escape sequences: ESC [ params letter.
+            '\u{1b}' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    while let Some(&n) = chars.peek() {
+                        chars.next();
+                        if n.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\u{0}'..='\u{8}' | '\u{b}' | '\u{e}'..='\u{1f}' | '\u{7f}' => {}
+            '\u{206a}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffc}' => {}
+            '\u{2018}' | '\u{2019}' | '\u{201a}' | '\u{201b}' => out.push('\''),
+            '\u{201c}' | '\u{201d}' | '\u{201e}' | '\u{201f}' => out.push('"'),
+            '\u{fb00}' => out.push_str("ff"),
+            '\u{fb01}' => out.push_str("fi"),
+            '\u{fb02}' => out.push_str("fl"),
+            '\u{fb03}' => out.push_str("ffi"),
+            '\u{fb04}' => out.push_str("ffl"),
+            '\u{fb06}' => out.push_str("st"),
+            '\u{3000}' => out.push(' '),
+            '\u{ff01}'..='\u{ff5e}' => out.push(char::from_u32(c as u32 - 0xfee0).unwrap_or(c)),
+            _ => out.push(c),
+        }
+    }
+    unescape_html(&unescape_html(&out))
 }

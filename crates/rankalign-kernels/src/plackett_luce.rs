@@ -67,7 +67,10 @@ pub fn pl_nll_reference(
         PlMode::Parity => (x, PARITY_EPS),
         PlMode::Exact => (x.to_dtype(DType::F64)?, 0.0),
     };
-    let max = x.max_keepdim(D::Minus1)?;
+    // The row max as one gathered element, so that with tied maxima its gradient goes to
+    // a single entry (as PyTorch's `max(dim)` does), not to every tied entry.
+    let argmax = x.argmax_keepdim(D::Minus1)?;
+    let max = x.gather(&argmax, D::Minus1)?;
     let shifted = x.broadcast_sub(&max)?;
     // suffix[k] = Σ_{j ≥ k} e_j = Σ_j e_j · tril[j][k].
     let tril = Tensor::tril2(m, x.dtype(), x.device())?;
