@@ -1,1 +1,164 @@
-fn main() {}
+//! `rankalign`: train and evaluate CLIP-style models with ranking objectives.
+//!
+//! `rankalign train --config configs/digits-default.toml` trains every variant of the
+//! experiment (CLIP and RankCLIP by default), evaluates them, and writes
+//! `runs/<name>/report.md`. A run resumes from its checkpoints when started again.
+//!
+//! This binary is the only place that prints, sets up threads and picks the device.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{MultiProgress, ProgressDrawTarget};
+use rankalign_train::trainer::{LogFn, StepRecord};
+use rankalign_train::{ExperimentConfig, RunOptions, run_experiment};
+
+#[derive(Parser)]
+#[command(
+    name = "rankalign",
+    version,
+    about = "Vision-language alignment with ranking objectives"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train and evaluate every variant of an experiment config.
+    Train {
+        /// The experiment file (TOML).
+        #[arg(long, default_value = "configs/digits-default.toml")]
+        config: PathBuf,
+        /// Start over: delete this experiment's earlier checkpoints and metrics.
+        #[arg(long)]
+        overwrite: bool,
+        /// Stop after this many steps (with a checkpoint); a later run resumes.
+        #[arg(long)]
+        stop_after: Option<usize>,
+        /// Compute threads per variant (default: the cores divided among the variants
+        /// that train at the same time). Candle reads this once, at start.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Write runs under this directory instead of the config's `out_dir`.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+/// Fix candle's and rayon's thread count before any of their pools start.
+#[allow(unsafe_code)]
+fn set_compute_threads(n: usize) {
+    // SAFETY: called first thing in `main`, before any thread is spawned, so no other
+    // thread can read the environment concurrently.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Train {
+            config,
+            overwrite,
+            stop_after,
+            threads,
+            out_dir,
+        } => {
+            let mut exp = ExperimentConfig::load(&config)?;
+            if let Some(dir) = out_dir {
+                exp.out_dir = dir;
+            }
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let concurrent = if exp.train.parallel_variants {
+                exp.variants.len().max(1)
+            } else {
+                1
+            };
+            let per_run = threads.unwrap_or((cores / concurrent).max(1));
+            if std::env::var_os("RAYON_NUM_THREADS").is_none() || threads.is_some() {
+                set_compute_threads(per_run);
+            }
+            train(&exp, overwrite, stop_after, per_run, concurrent)
+        }
+    }
+}
+
+fn train(
+    exp: &ExperimentConfig,
+    overwrite: bool,
+    stop_after: Option<usize>,
+    per_run: usize,
+    concurrent: usize,
+) -> Result<()> {
+    let device = candle_core::Device::Cpu;
+    let total = exp.total_steps();
+    eprintln!(
+        "rankalign: {} — {} variant(s) × {} steps ({} epochs of {} steps), {} at a time with {} compute thread(s) each",
+        exp.name,
+        exp.variants.len(),
+        total,
+        exp.train.epochs,
+        exp.steps_per_epoch(),
+        concurrent,
+        per_run
+    );
+    let terminal = std::io::stderr().is_terminal();
+    let progress = MultiProgress::with_draw_target(if terminal {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    // Without a terminal the bars are hidden; print about twenty lines per variant instead.
+    let every = (total / 20).max(1);
+    let log_every = exp.train.log_every;
+    let on_log: LogFn = Arc::new(move |name: &str, r: &StepRecord| {
+        if !terminal && (r.step % every < log_every || r.step == total) {
+            eprintln!(
+                "[{name}] step {}/{total} loss {:.4} (InfoNCE {:.4}) lr {:.2e} scale {:.2} {:.0} ms/step",
+                r.step,
+                r.loss,
+                r.clip,
+                r.lr,
+                r.logit_scale.exp(),
+                r.step_ms
+            );
+        }
+    });
+    let opts = RunOptions {
+        overwrite,
+        stop_after,
+        progress: Some(progress),
+        on_log: Some(on_log),
+    };
+    let out =
+        run_experiment(exp, &device, &opts).with_context(|| format!("experiment {}", exp.name))?;
+    let mut table = String::new();
+    for v in &out.variants {
+        let e = &v.eval;
+        table.push_str(&format!(
+            "  {:<12} zero-shot top-1 {:5.1}%  I→T R@1 {:5.1}%  T→I R@1 {:5.1}%  S_A {:.3}  S_U {:.3}  {:.0} ms/step{}\n",
+            v.name,
+            e.zero_shot_top1,
+            e.image_to_text_r1,
+            e.text_to_image_r1,
+            e.alignment,
+            e.uniformity,
+            v.median_step_ms,
+            v.resumed_from.map(|s| format!(" (resumed at step {s})")).unwrap_or_default()
+        ));
+    }
+    eprint!("{table}");
+    eprintln!(
+        "rankalign: finished in {:.0} s; report: {}",
+        out.wall_secs,
+        out.report.display()
+    );
+    Ok(())
+}

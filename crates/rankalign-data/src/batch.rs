@@ -7,9 +7,9 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::DataError;
 use crate::image::Image;
 use crate::tokenize::ClipTokenizer;
-use crate::DataError;
 
 /// OpenAI CLIP's per-channel normalisation.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -29,7 +29,11 @@ pub struct Batch {
 }
 
 /// Images to a normalised `(b, 3, size, size)` tensor; every image must be `size × size`.
-pub fn collate_images(images: &[&Image], size: usize, device: &Device) -> Result<Tensor, DataError> {
+pub fn collate_images(
+    images: &[&Image],
+    size: usize,
+    device: &Device,
+) -> Result<Tensor, DataError> {
     let plane = size * size;
     let mut out = vec![0f32; images.len() * 3 * plane];
     for (i, img) in images.iter().enumerate() {
@@ -46,12 +50,23 @@ pub fn collate_images(images: &[&Image], size: usize, device: &Device) -> Result
             }
         }
     }
-    Ok(Tensor::from_vec(out, (images.len(), 3, size, size), device)?)
+    Ok(Tensor::from_vec(
+        out,
+        (images.len(), 3, size, size),
+        device,
+    )?)
 }
 
 /// Token ids `(b, s)` padded with zeros, and flat EOT indices `(b)`.
-pub fn collate_texts(texts: &[&str], tokenizer: &ClipTokenizer, device: &Device) -> Result<(Tensor, Tensor), DataError> {
-    let rows = texts.iter().map(|t| tokenizer.encode(t)).collect::<Result<Vec<_>, _>>()?;
+pub fn collate_texts(
+    texts: &[&str],
+    tokenizer: &ClipTokenizer,
+    device: &Device,
+) -> Result<(Tensor, Tensor), DataError> {
+    let rows = texts
+        .iter()
+        .map(|t| tokenizer.encode(t))
+        .collect::<Result<Vec<_>, _>>()?;
     let s = rows.iter().map(Vec::len).max().unwrap_or(2).max(2);
     let mut ids = vec![0u32; rows.len() * s];
     let mut eot = Vec::with_capacity(rows.len());
@@ -60,7 +75,10 @@ pub fn collate_texts(texts: &[&str], tokenizer: &ClipTokenizer, device: &Device)
         eot.push((i * s + row.len() - 1) as u32);
     }
     let n = rows.len();
-    Ok((Tensor::from_vec(ids, (n, s), device)?, Tensor::from_vec(eot, n, device)?))
+    Ok((
+        Tensor::from_vec(ids, (n, s), device)?,
+        Tensor::from_vec(eot, n, device)?,
+    ))
 }
 
 /// Image–caption pairs into a [`Batch`].
@@ -74,5 +92,43 @@ pub fn collate_pairs(
 ) -> Result<Batch, DataError> {
     let pixels = collate_images(images, image_size, device)?;
     let (ids, eot) = collate_texts(captions, tokenizer, device)?;
-    Ok(Batch { pixels, ids, eot, indices })
+    Ok(Batch {
+        pixels,
+        ids,
+        eot,
+        indices,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_image_size_is_an_error_not_a_panic() {
+        let img = Image::black(32, 32);
+        let err = collate_images(&[&img], 48, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("32×32") && err.contains("48×48"), "{err}");
+    }
+
+    #[test]
+    fn normalisation_and_eot_positions() {
+        let mut img = Image::black(2, 2);
+        img.data[0] = 255;
+        let t = collate_images(&[&img], 2, &Device::Cpu).unwrap();
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((v[0] - (1.0 - CLIP_MEAN[0]) / CLIP_STD[0]).abs() < 1e-6);
+        assert!((v[1] + CLIP_MEAN[0] / CLIP_STD[0]).abs() < 1e-6);
+        let tok = ClipTokenizer::new(77).unwrap();
+        let (ids, eot) =
+            collate_texts(&["a 3", "a red 3 on the left"], &tok, &Device::Cpu).unwrap();
+        let s = ids.dim(1).unwrap();
+        let eot = eot.to_vec1::<u32>().unwrap();
+        let ids = ids.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        assert_eq!(ids[eot[0] as usize], crate::tokenize::EOT);
+        assert_eq!(ids[eot[1] as usize], crate::tokenize::EOT);
+        assert_eq!(eot[1] as usize, 2 * s - 1);
+    }
 }

@@ -10,7 +10,11 @@ pub struct Image {
 
 impl Image {
     pub fn black(width: usize, height: usize) -> Self {
-        Self { width, height, data: vec![0; width * height * 3] }
+        Self {
+            width,
+            height,
+            data: vec![0; width * height * 3],
+        }
     }
 
     /// Draw a grey glyph `(size × size)` tinted with `colour` at `(x0, y0)`, keeping the
@@ -24,9 +28,8 @@ impl Image {
                 }
                 let v = u16::from(glyph[gy * size + gx]);
                 let at = (y as usize * self.width + x as usize) * 3;
-                for c in 0..3 {
-                    let tinted = (v * u16::from(colour[c]) / 255) as u8;
-                    self.data[at + c] = self.data[at + c].max(tinted);
+                for (px, &tint) in self.data[at..at + 3].iter_mut().zip(&colour) {
+                    *px = (*px).max((v * u16::from(tint) / 255) as u8);
                 }
             }
         }

@@ -71,7 +71,11 @@ pub enum DataError {
         source: std::io::Error,
     },
     #[error("{path}{}: {msg}", line.map(|l| format!(":{l}")).unwrap_or_default())]
-    Format { path: PathBuf, line: Option<usize>, msg: String },
+    Format {
+        path: PathBuf,
+        line: Option<usize>,
+        msg: String,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -81,7 +85,10 @@ pub enum DataError {
 /// A 64-bit mix of several words (SplitMix64 finaliser), for per-item seeds.
 pub fn mix_seed(words: &[u64]) -> u64 {
     words.iter().fold(0x9E37_79B9_7F4A_7C15u64, |acc, &w| {
-        let mut z = acc ^ w.wrapping_add(0x9E37_79B9_7F4A_7C15).wrapping_add(acc << 6).wrapping_add(acc >> 2);
+        let mut z = acc
+            ^ w.wrapping_add(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(acc << 6)
+                .wrapping_add(acc >> 2);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)

@@ -34,7 +34,11 @@ impl BatchPlan {
                 "batch size {batch_size} must be between 1 and the dataset size {dataset_len}"
             )));
         }
-        Ok(Self { seed, dataset_len, batch_size })
+        Ok(Self {
+            seed,
+            dataset_len,
+            batch_size,
+        })
     }
 
     pub fn steps_per_epoch(&self) -> usize {
@@ -100,7 +104,10 @@ impl<T: Send + 'static> Prefetcher<T> {
                 }
             })
             .map_err(|e| DataError::Invalid(format!("cannot start the prefetch thread: {e}")))?;
-        Ok(Self { rx, handle: Some(handle) })
+        Ok(Self {
+            rx,
+            handle: Some(handle),
+        })
     }
 
     /// The next batch in step order, or `None` after the last.
@@ -132,14 +139,21 @@ mod tests {
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen.len(), 9);
-        assert_eq!(plan.indices(4), BatchPlan::new(5, 10, 3).unwrap().indices(4));
+        assert_eq!(
+            plan.indices(4),
+            BatchPlan::new(5, 10, 3).unwrap().indices(4)
+        );
         assert_ne!(plan.indices(0), plan.indices(3), "epochs reshuffle");
     }
 
     #[test]
     fn prefetcher_yields_steps_in_order_and_stops_on_error() {
         let mut p = Prefetcher::new(2, 6, 2, 2, |s| {
-            if s == 4 { Err(DataError::Invalid("boom".into())) } else { Ok(s * 10) }
+            if s == 4 {
+                Err(DataError::Invalid("boom".into()))
+            } else {
+                Ok(s * 10)
+            }
         })
         .unwrap();
         assert_eq!(p.next_batch().map(|(s, b)| (s, b.unwrap())), Some((2, 20)));

@@ -31,12 +31,26 @@ impl Digits {
 
     /// Read an `idx3-ubyte.gz` image file and its `idx1-ubyte.gz` label file.
     pub fn load(images: &Path, labels: &Path) -> Result<Self, DataError> {
-        let read = |p: &Path| std::fs::read(p).map_err(|source| DataError::Io { path: p.to_path_buf(), source });
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| DataError::Io {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
         Self::from_gz(&read(images)?, images, &read(labels)?, labels)
     }
 
-    fn from_gz(images: &[u8], ipath: &Path, labels: &[u8], lpath: &Path) -> Result<Self, DataError> {
-        let bad = |path: &Path, msg: String| DataError::Format { path: path.to_path_buf(), line: None, msg };
+    fn from_gz(
+        images: &[u8],
+        ipath: &Path,
+        labels: &[u8],
+        lpath: &Path,
+    ) -> Result<Self, DataError> {
+        let bad = |path: &Path, msg: String| DataError::Format {
+            path: path.to_path_buf(),
+            line: None,
+            msg,
+        };
         let gunzip = |bytes: &[u8], path: &Path| -> Result<Vec<u8>, DataError> {
             let mut out = Vec::new();
             flate2::read::GzDecoder::new(bytes)
@@ -46,25 +60,52 @@ impl Digits {
         };
         let images = gunzip(images, ipath)?;
         let labels = gunzip(labels, lpath)?;
-        let word = |b: &[u8], i: usize| u32::from_be_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]) as usize;
+        let word = |b: &[u8], i: usize| {
+            u32::from_be_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]) as usize
+        };
         if images.len() < 16 || word(&images, 0) != 0x803 {
-            return Err(bad(ipath, "expected an IDX image file (magic 0x00000803)".into()));
+            return Err(bad(
+                ipath,
+                "expected an IDX image file (magic 0x00000803)".into(),
+            ));
         }
         let (n, h, w) = (word(&images, 1), word(&images, 2), word(&images, 3));
         if (h, w) != (SIDE, SIDE) || images.len() != 16 + n * PIXELS {
-            return Err(bad(ipath, format!("expected {n} images of 28×28 ({} bytes), header says {h}×{w} and the file has {} bytes", 16 + n * PIXELS, images.len())));
+            return Err(bad(
+                ipath,
+                format!(
+                    "expected {n} images of 28×28 ({} bytes), header says {h}×{w} and the file has {} bytes",
+                    16 + n * PIXELS,
+                    images.len()
+                ),
+            ));
         }
         if labels.len() < 8 || word(&labels, 0) != 0x801 {
-            return Err(bad(lpath, "expected an IDX label file (magic 0x00000801)".into()));
+            return Err(bad(
+                lpath,
+                "expected an IDX label file (magic 0x00000801)".into(),
+            ));
         }
         let nl = word(&labels, 1);
         if nl != n || labels.len() != 8 + n {
-            return Err(bad(lpath, format!("expected {n} labels to match the images, header says {nl} ({} bytes)", labels.len())));
+            return Err(bad(
+                lpath,
+                format!(
+                    "expected {n} labels to match the images, header says {nl} ({} bytes)",
+                    labels.len()
+                ),
+            ));
         }
         if let Some(pos) = labels[8..].iter().position(|&l| l > 9) {
-            return Err(bad(lpath, format!("label {} of digit {pos} is not 0–9", labels[8 + pos])));
+            return Err(bad(
+                lpath,
+                format!("label {} of digit {pos} is not 0–9", labels[8 + pos]),
+            ));
         }
-        Ok(Self { pixels: images[16..].to_vec(), labels: labels[8..].to_vec() })
+        Ok(Self {
+            pixels: images[16..].to_vec(),
+            labels: labels[8..].to_vec(),
+        })
     }
 
     pub fn len(&self) -> usize {

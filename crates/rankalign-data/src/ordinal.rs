@@ -45,11 +45,23 @@ pub struct OrdinalDigits {
 }
 
 impl OrdinalDigits {
-    pub fn new(digits: Arc<Digits>, cfg: SceneConfig, split: Split, task: OrdinalTask) -> Result<Self, String> {
+    pub fn new(
+        digits: Arc<Digits>,
+        cfg: SceneConfig,
+        split: Split,
+        task: OrdinalTask,
+    ) -> Result<Self, String> {
         let pool = Arc::new(digits.pool(split));
         let seed = cfg.seed;
         let scenes = DigitScenes::new(digits.clone(), cfg, split)?;
-        Ok(Self { scenes, digits, pool, task, seed, split })
+        Ok(Self {
+            scenes,
+            digits,
+            pool,
+            task,
+            seed,
+            split,
+        })
     }
 
     pub fn task(&self) -> OrdinalTask {
@@ -71,7 +83,12 @@ impl Dataset for OrdinalDigits {
                 (img, u32::from(label))
             }
             OrdinalTask::DigitCount => {
-                let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[self.seed, self.split.index(), 2, index as u64]));
+                let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[
+                    self.seed,
+                    self.split.index(),
+                    2,
+                    index as u64,
+                ]));
                 let s = self.scenes.config().image_size;
                 let count = rng.random_range(1..=4usize);
                 let mut cells = [0usize, 1, 2, 3];

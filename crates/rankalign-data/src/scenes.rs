@@ -53,7 +53,10 @@ pub struct SceneConfig {
 impl SceneConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.image_size < 24 {
-            return Err(format!("image_size must be at least 24 pixels, got {}", self.image_size));
+            return Err(format!(
+                "image_size must be at least 24 pixels, got {}",
+                self.image_size
+            ));
         }
         if self.train_size == 0 {
             return Err("train_size must be at least 1".into());
@@ -127,7 +130,12 @@ impl DigitScenes {
         if let Some(d) = pool.iter().position(Vec::is_empty) {
             return Err(format!("the {split:?} pool has no image of the digit {d}"));
         }
-        Ok(Self { digits, pool: Arc::new(pool), cfg, split })
+        Ok(Self {
+            digits,
+            pool: Arc::new(pool),
+            cfg,
+            split,
+        })
     }
 
     pub fn config(&self) -> &SceneConfig {
@@ -135,7 +143,12 @@ impl DigitScenes {
     }
 
     fn rng(&self, index: usize, stream: u64) -> ChaCha8Rng {
-        ChaCha8Rng::seed_from_u64(mix_seed(&[self.cfg.seed, self.split.index(), stream, index as u64]))
+        ChaCha8Rng::seed_from_u64(mix_seed(&[
+            self.cfg.seed,
+            self.split.index(),
+            stream,
+            index as u64,
+        ]))
     }
 
     fn pick(&self, rng: &mut ChaCha8Rng, label: u8, colour: bool) -> Placed {
@@ -143,7 +156,11 @@ impl DigitScenes {
         Placed {
             label,
             glyph: pool[rng.random_range(0..pool.len())],
-            colour: if colour { rng.random_range(0..PALETTE.len()) } else { 0 },
+            colour: if colour {
+                rng.random_range(0..PALETTE.len())
+            } else {
+                0
+            },
             named_colour: colour && rng.random_bool(0.5),
         }
     }
@@ -220,7 +237,11 @@ impl Dataset for DigitScenes {
                 for (k, d) in ds.iter().enumerate() {
                     let along = k as isize * s / 2 + across + jitter(&mut rng, 1);
                     let cross = (s - g as isize) / 2 + jitter(&mut rng, j);
-                    let (x, y) = if layout == Layout::SideBySide { (along, cross) } else { (cross, along) };
+                    let (x, y) = if layout == Layout::SideBySide {
+                        (along, cross)
+                    } else {
+                        (cross, along)
+                    };
                     self.draw(&mut img, d, g, x, y);
                 }
                 let (a, b) = (ds[0].with_article(), ds[1].with_article());
@@ -246,18 +267,33 @@ impl Dataset for DigitScenes {
                 let (p, q, r) = (ds[0].phrase(), ds[1].phrase(), ds[2].phrase());
                 match template {
                     0 => format!("three digits: {p}, {q} and {r}"),
-                    1 => format!("{}, {} and {} from left to right", ds[0].with_article(), ds[1].with_article(), ds[2].with_article()),
+                    1 => format!(
+                        "{}, {} and {} from left to right",
+                        ds[0].with_article(),
+                        ds[1].with_article(),
+                        ds[2].with_article()
+                    ),
                     2 => format!("a row of digits: {p} {q} {r}"),
                     _ => format!("{p}, then {q}, then {r}"),
                 }
             }
         };
-        SceneItem { image: img, caption, digits: ds.iter().map(|d| d.label).collect(), layout }
+        SceneItem {
+            image: img,
+            caption,
+            digits: ds.iter().map(|d| d.label).collect(),
+            layout,
+        }
     }
 }
 
 /// Zero-shot prompt templates for the digit classes (`{}` is the digit).
-pub const DIGIT_TEMPLATES: [&str; 4] = ["a {}.", "a picture of a {}.", "the digit {}.", "a handwritten {}."];
+pub const DIGIT_TEMPLATES: [&str; 4] = [
+    "a {}.",
+    "a picture of a {}.",
+    "the digit {}.",
+    "a handwritten {}.",
+];
 
 /// The class prompts for digit `d`, with the right article.
 pub fn digit_prompts(d: u8) -> Vec<String> {
@@ -265,7 +301,11 @@ pub fn digit_prompts(d: u8) -> Vec<String> {
         .iter()
         .map(|t| {
             let s = t.replace("{}", &d.to_string());
-            if d == 8 { s.replacen("a 8", "an 8", 1) } else { s }
+            if d == 8 {
+                s.replacen("a 8", "an 8", 1)
+            } else {
+                s
+            }
         })
         .collect()
 }
@@ -276,7 +316,13 @@ mod tests {
 
     fn scenes(seed: u64, split: Split) -> DigitScenes {
         let digits = Arc::new(Digits::embedded().unwrap());
-        let cfg = SceneConfig { seed, image_size: 48, train_size: 100, val_size: 10, test_size: 10 };
+        let cfg = SceneConfig {
+            seed,
+            image_size: 48,
+            train_size: 100,
+            val_size: 10,
+            test_size: 10,
+        };
         DigitScenes::new(digits, cfg, split).unwrap()
     }
 
@@ -301,9 +347,17 @@ mod tests {
             let item = s.get(i);
             layouts.insert(format!("{:?}", item.layout));
             for d in &item.digits {
-                assert!(item.caption.contains(&d.to_string()), "{} vs {:?}", item.caption, item.digits);
+                assert!(
+                    item.caption.contains(&d.to_string()),
+                    "{} vs {:?}",
+                    item.caption,
+                    item.digits
+                );
             }
-            assert!(item.image.data.iter().any(|&v| v > 128), "scene {i} is blank");
+            assert!(
+                item.image.data.iter().any(|&v| v > 128),
+                "scene {i} is blank"
+            );
             assert!(!item.caption.contains("a 8"), "{}", item.caption);
         }
         assert_eq!(layouts.len(), 4);
@@ -312,7 +366,8 @@ mod tests {
     #[test]
     fn splits_use_disjoint_handwriting() {
         let digits = Digits::embedded().unwrap();
-        let train: std::collections::HashSet<usize> = digits.pool(Split::Train).concat().into_iter().collect();
+        let train: std::collections::HashSet<usize> =
+            digits.pool(Split::Train).concat().into_iter().collect();
         let test = digits.pool(Split::Test).concat();
         assert!(test.len() > 500 && train.len() > 7000);
         assert!(test.iter().all(|i| !train.contains(i)));

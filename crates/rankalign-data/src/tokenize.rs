@@ -45,9 +45,19 @@ const PATTERN: &str =
 /// the printable bytes `!`..`~`, `¡`..`¬`, `®`..`ÿ` map to themselves and come first;
 /// the other 68 bytes follow, in byte order, as the code points 256, 257, ….
 fn byte_symbols() -> Vec<char> {
-    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
-    let mut symbols: Vec<char> = (0..256u32).filter(|&b| printable(b)).filter_map(char::from_u32).collect();
-    symbols.extend((0..256u32).filter(|&b| !printable(b)).enumerate().filter_map(|(k, _)| char::from_u32(256 + k as u32)));
+    let printable = |b: u32| {
+        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
+    let mut symbols: Vec<char> = (0..256u32)
+        .filter(|&b| printable(b))
+        .filter_map(char::from_u32)
+        .collect();
+    symbols.extend(
+        (0..256u32)
+            .filter(|&b| !printable(b))
+            .enumerate()
+            .filter_map(|(k, _)| char::from_u32(256 + k as u32)),
+    );
     symbols
 }
 
@@ -60,27 +70,42 @@ pub struct ClipTokenizer {
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClipTokenizer").field("context_length", &self.context_length).finish()
+        f.debug_struct("ClipTokenizer")
+            .field("context_length", &self.context_length)
+            .finish()
     }
 }
 
 impl ClipTokenizer {
     /// From the embedded vocabulary.
     pub fn new(context_length: usize) -> Result<Self, DataError> {
-        Self::from_gz_bytes(EMBEDDED_VOCAB, "embedded bpe_simple_vocab_16e6.txt.gz", context_length)
+        Self::from_gz_bytes(
+            EMBEDDED_VOCAB,
+            "embedded bpe_simple_vocab_16e6.txt.gz",
+            context_length,
+        )
     }
 
     /// From a `bpe_simple_vocab_16e6.txt.gz` file.
     pub fn from_file(path: &std::path::Path, context_length: usize) -> Result<Self, DataError> {
-        let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_gz_bytes(&bytes, &path.display().to_string(), context_length)
     }
 
     fn from_gz_bytes(bytes: &[u8], name: &str, context_length: usize) -> Result<Self, DataError> {
         if context_length < 2 {
-            return Err(DataError::Invalid(format!("tokenizer: context length {context_length} leaves no room for SOT and EOT")));
+            return Err(DataError::Invalid(format!(
+                "tokenizer: context length {context_length} leaves no room for SOT and EOT"
+            )));
         }
-        let format = |line: usize, msg: String| DataError::Format { path: name.into(), line: Some(line), msg };
+        let format = |line: usize, msg: String| DataError::Format {
+            path: name.into(),
+            line: Some(line),
+            msg,
+        };
         let mut text = String::new();
         flate2::read::GzDecoder::new(bytes)
             .read_to_string(&mut text)
@@ -91,18 +116,28 @@ impl ClipTokenizer {
         let mut merges = Vec::with_capacity(MERGES);
         // Line 1 is a version header; merges follow, one "left right" pair a line.
         for (i, line) in text.lines().enumerate().skip(1).take(MERGES) {
-            let (a, b) = line
-                .split_once(' ')
-                .ok_or_else(|| format(i + 1, format!("expected a merge `left right`, got {line:?}")))?;
+            let (a, b) = line.split_once(' ').ok_or_else(|| {
+                format(
+                    i + 1,
+                    format!("expected a merge `left right`, got {line:?}"),
+                )
+            })?;
             vocab.push(format!("{a}{b}"));
             merges.push((a.to_string(), b.to_string()));
         }
         if merges.len() != MERGES {
-            return Err(format(text.lines().count(), format!("expected {MERGES} merges, found {}", merges.len())));
+            return Err(format(
+                text.lines().count(),
+                format!("expected {MERGES} merges, found {}", merges.len()),
+            ));
         }
         vocab.push(SOT_TOKEN.into());
         vocab.push(EOT_TOKEN.into());
-        let vocab: ahash_free::Vocab = vocab.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
+        let vocab: ahash_free::Vocab = vocab
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, i as u32))
+            .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .end_of_word_suffix("</w>".into())
@@ -112,12 +147,23 @@ impl ClipTokenizer {
         let tk = |e: tokenizers::Error| DataError::Invalid(format!("tokenizer: {e}"));
         let normalizer = NormSeq::new(vec![
             NFC.into(),
-            Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ").map_err(tk)?.into(),
+            Replace::new(
+                tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+                " ",
+            )
+            .map_err(tk)?
+            .into(),
             Strip::new(true, true).into(),
             Lowercase.into(),
         ]);
         let pre = PreSeq::new(vec![
-            Split::new(SplitPattern::Regex(PATTERN.into()), SplitDelimiterBehavior::Removed, true).map_err(tk)?.into(),
+            Split::new(
+                SplitPattern::Regex(PATTERN.into()),
+                SplitDelimiterBehavior::Removed,
+                true,
+            )
+            .map_err(tk)?
+            .into(),
             ByteLevel::new(false, false, false).into(),
         ]);
         let post = TemplateProcessing::builder()
@@ -130,12 +176,16 @@ impl ClipTokenizer {
         inner.with_normalizer(Some(normalizer)).map_err(tk)?;
         inner.with_pre_tokenizer(Some(pre));
         inner.with_post_processor(Some(post));
-        inner.add_special_tokens([
-            AddedToken::from(SOT_TOKEN, true).normalized(true),
-            AddedToken::from(EOT_TOKEN, true).normalized(true),
-        ])
-        .map_err(tk)?;
-        Ok(Self { inner, context_length })
+        inner
+            .add_special_tokens([
+                AddedToken::from(SOT_TOKEN, true).normalized(true),
+                AddedToken::from(EOT_TOKEN, true).normalized(true),
+            ])
+            .map_err(tk)?;
+        Ok(Self {
+            inner,
+            context_length,
+        })
     }
 
     pub fn context_length(&self) -> usize {

@@ -56,10 +56,10 @@ pub fn pl_nll_reference(
             order.dims()
         )
     }
-    if let Some(w) = weights {
-        if w.dims() != [m] {
-            candle_core::bail!("pl_nll: weights must be [{m}], got {:?}", w.dims())
-        }
+    if let Some(w) = weights
+        && w.dims() != [m]
+    {
+        candle_core::bail!("pl_nll: weights must be [{m}], got {:?}", w.dims())
     }
     let dtype = scores.dtype();
     let x = scores.contiguous()?.gather(&order.contiguous()?, 1)?;

@@ -7,9 +7,13 @@ use candle_core::{DType, Result, Tensor};
 pub fn clip_loss(logits_per_image: &Tensor) -> Result<Tensor> {
     let (b, b2) = logits_per_image.dims2()?;
     if b != b2 {
-        candle_core::bail!("clip_loss: logits must be square, got {:?}", logits_per_image.dims())
+        candle_core::bail!(
+            "clip_loss: logits must be square, got {:?}",
+            logits_per_image.dims()
+        )
     }
-    let targets = Tensor::arange(0u32, b as u32, logits_per_image.device())?.to_dtype(DType::U32)?;
+    let targets =
+        Tensor::arange(0u32, b as u32, logits_per_image.device())?.to_dtype(DType::U32)?;
     let i2t = candle_nn::loss::cross_entropy(logits_per_image, &targets)?;
     let t2i = candle_nn::loss::cross_entropy(&logits_per_image.t()?, &targets)?;
     (i2t + t2i)? * 0.5

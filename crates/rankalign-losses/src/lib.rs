@@ -14,7 +14,9 @@ pub mod info_nce;
 pub mod rankclip;
 
 pub use info_nce::clip_loss;
-pub use rankclip::{ListPerms, RankClipConfig, RankClipTerms, RankDecay, RankMode, WeightSchedule, rankclip_loss};
+pub use rankclip::{
+    ListPerms, RankClipConfig, RankClipTerms, RankDecay, RankMode, WeightSchedule, rankclip_loss,
+};
 
 use serde::{Deserialize, Serialize};
 

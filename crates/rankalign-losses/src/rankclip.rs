@@ -107,28 +107,37 @@ impl RankClipConfig {
 
     /// RankCLIP_I: in-modal consistency only (λ_c = 0).
     pub fn rankclip_i() -> Self {
-        Self { lambda_cross: 0.0, ..Self::rankclip() }
+        Self {
+            lambda_cross: 0.0,
+            ..Self::rankclip()
+        }
     }
 
     /// RankCLIP_C: cross-modal consistency only (λ_i = 0).
     pub fn rankclip_c() -> Self {
-        Self { lambda_in: 0.0, ..Self::rankclip() }
+        Self {
+            lambda_in: 0.0,
+            ..Self::rankclip()
+        }
     }
 
     /// Check values; the message names the field.
     pub fn validate(&self, epochs: usize) -> std::result::Result<(), String> {
-        for (name, v) in [("lambda_cross", self.lambda_cross), ("lambda_in", self.lambda_in)] {
+        for (name, v) in [
+            ("lambda_cross", self.lambda_cross),
+            ("lambda_in", self.lambda_in),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(format!("{name} must be a finite number >= 0, got {v}"));
             }
         }
         match self.weight_schedule {
-            WeightSchedule::Ramp if epochs < 2 => {
-                Err(format!("weight_schedule ramp needs at least 2 epochs, the run has {epochs}"))
-            }
-            WeightSchedule::Constant { value } if !(value.is_finite() && value >= 0.0) => {
-                Err(format!("weight_schedule constant value must be finite and >= 0, got {value}"))
-            }
+            WeightSchedule::Ramp if epochs < 2 => Err(format!(
+                "weight_schedule ramp needs at least 2 epochs, the run has {epochs}"
+            )),
+            WeightSchedule::Constant { value } if !(value.is_finite() && value >= 0.0) => Err(
+                format!("weight_schedule constant value must be finite and >= 0, got {value}"),
+            ),
             _ => Ok(()),
         }
     }
@@ -190,7 +199,10 @@ pub struct RankClipTerms {
 pub fn reference_order(reference: &Tensor, perm: &[u32]) -> Result<Tensor> {
     let (n, m) = reference.dims2()?;
     if perm.len() != m {
-        candle_core::bail!("listmle: permutation of length {} for {m} columns", perm.len())
+        candle_core::bail!(
+            "listmle: permutation of length {} for {m} columns",
+            perm.len()
+        )
     }
     let values = reference.to_dtype(DType::F64)?.to_vec2::<f64>()?;
     let mut order = Vec::with_capacity(n * m);
@@ -203,9 +215,19 @@ pub fn reference_order(reference: &Tensor, perm: &[u32]) -> Result<Tensor> {
 }
 
 /// `ListMLE(P, R)`: the mean over rows of the Plackett–Luce NLL of `P` in `R`'s order.
-pub fn listmle(pred: &Tensor, reference: &Tensor, perm: &[u32], mode: RankMode, decay: Option<&Tensor>) -> Result<Tensor> {
+pub fn listmle(
+    pred: &Tensor,
+    reference: &Tensor,
+    perm: &[u32],
+    mode: RankMode,
+    decay: Option<&Tensor>,
+) -> Result<Tensor> {
     if pred.dims() != reference.dims() {
-        candle_core::bail!("listmle: prediction {:?} and reference {:?} differ", pred.dims(), reference.dims())
+        candle_core::bail!(
+            "listmle: prediction {:?} and reference {:?} differ",
+            pred.dims(),
+            reference.dims()
+        )
     }
     let order = reference_order(reference, perm)?;
     let mode = match mode {
@@ -227,7 +249,11 @@ pub fn rankclip_loss(
 ) -> Result<RankClipTerms> {
     let (b, _) = image.dims2()?;
     if image.dims() != text.dims() {
-        candle_core::bail!("rankclip_loss: image {:?} and text {:?} embeddings differ", image.dims(), text.dims())
+        candle_core::bail!(
+            "rankclip_loss: image {:?} and text {:?} embeddings differ",
+            image.dims(),
+            text.dims()
+        )
     }
     if perms.0.iter().any(|p| p.len() != b) {
         candle_core::bail!("rankclip_loss: permutations must have length {b}")
@@ -249,14 +275,27 @@ pub fn rankclip_loss(
         let backward = listmle(r, p, &perms.0[k + 1], cfg.mode, decay.as_ref())?;
         (forward + backward)? * (lambda / 2.0)
     };
-    let cross = if cfg.lambda_cross > 0.0 { pair(&s, &st, 0, cfg.lambda_cross)? } else { zero()? };
+    let cross = if cfg.lambda_cross > 0.0 {
+        pair(&s, &st, 0, cfg.lambda_cross)?
+    } else {
+        zero()?
+    };
     let inmodal = if cfg.lambda_in > 0.0 {
         pair(&scaled(&v, &v)?, &scaled(&t, &t)?, 2, cfg.lambda_in)?
     } else {
         zero()?
     };
-    let per_position = if cfg.per_position_mean { 1.0 / b as f64 } else { 1.0 };
+    let per_position = if cfg.per_position_mean {
+        1.0 / b as f64
+    } else {
+        1.0
+    };
     let rank = ((&cross + &inmodal)? * (w * per_position))?;
     let total = (&clip + rank)?;
-    Ok(RankClipTerms { total, clip, cross, inmodal })
+    Ok(RankClipTerms {
+        total,
+        clip,
+        cross,
+        inmodal,
+    })
 }

@@ -5,7 +5,49 @@
 //! `self_attn.{q,k,v,out}_proj`, `layer_norm2`, `mlp.fc1`, `mlp.fc2`).
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
+
+/// `y = x Wᵀ + b` over the last dimension, with `W` `(out, in)`.
+///
+/// Input of any rank is flattened to 2-D for one matmul. (`candle_nn::Linear` broadcasts
+/// `W` over the batch instead, and the backward of that broadcast materialises one
+/// weight-sized gradient per batch row before summing: measured here, it made the
+/// backward pass of the tiny CLIP 4× slower than its forward.)
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let in_dim = *dims
+            .last()
+            .ok_or_else(|| candle_core::Error::Msg("linear: scalar input".into()))?;
+        let rows = xs.elem_count() / in_dim.max(1);
+        let ys = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let ys = match &self.bias {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
+        };
+        let mut out_dims = dims;
+        *out_dims
+            .last_mut()
+            .expect("invariant: checked non-empty above") = self.weight.dim(0)?;
+        ys.reshape(out_dims)
+    }
+}
 
 /// LayerNorm with a backward pass (see `rankalign_kernels::layer_norm`).
 #[derive(Clone, Debug)]
@@ -58,8 +100,14 @@ pub fn linear(
 ) -> Result<Linear> {
     let bound = 1.0 / (in_dim as f64).sqrt();
     let w_init = match weight {
-        WeightInit::Normal(std) => Init::Randn { mean: 0.0, stdev: std },
-        WeightInit::TorchDefault => Init::Uniform { lo: -bound, up: bound },
+        WeightInit::Normal(std) => Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        },
+        WeightInit::TorchDefault => Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
         WeightInit::XavierUniform => {
             let a = (6.0 / (in_dim + out_dim) as f64).sqrt();
             Init::Uniform { lo: -a, up: a }
@@ -69,9 +117,14 @@ pub fn linear(
     let b = match bias {
         None => None,
         Some(BiasInit::Zero) => Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?),
-        Some(BiasInit::TorchDefault) => {
-            Some(vb.get_with_hints(out_dim, "bias", Init::Uniform { lo: -bound, up: bound })?)
-        }
+        Some(BiasInit::TorchDefault) => Some(vb.get_with_hints(
+            out_dim,
+            "bias",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?),
     };
     Ok(Linear::new(w, b))
 }
@@ -104,8 +157,14 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(width: usize, heads: usize, layers: usize, init: EncoderInit, vb: VarBuilder) -> Result<Self> {
-        if heads == 0 || width % heads != 0 {
+    pub fn new(
+        width: usize,
+        heads: usize,
+        layers: usize,
+        init: EncoderInit,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if heads == 0 || !width.is_multiple_of(heads) {
             candle_core::bail!("attention: width {width} is not divisible by {heads} heads")
         }
         let (qkv, out) = match init {
@@ -134,7 +193,9 @@ impl Attention {
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, s, w) = xs.dims3()?;
         let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, s, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split((self.q_proj.forward(xs)? * self.scale)?)?;
         let k = split(self.k_proj.forward(xs)?)?;
@@ -157,7 +218,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(width: usize, hidden: usize, layers: usize, init: EncoderInit, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        width: usize,
+        hidden: usize,
+        layers: usize,
+        init: EncoderInit,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let (w1, w2) = match init {
             EncoderInit::OpenAiText => {
                 let fc_std = (2.0 * width as f64).powf(-0.5);
@@ -201,7 +268,13 @@ pub struct EncoderShape {
 
 impl EncoderLayer {
     pub fn new(shape: &EncoderShape, init: EncoderInit, vb: VarBuilder) -> Result<Self> {
-        let EncoderShape { width, layers, heads, mlp_dim, eps } = *shape;
+        let EncoderShape {
+            width,
+            layers,
+            heads,
+            mlp_dim,
+            eps,
+        } = *shape;
         Ok(Self {
             layer_norm1: LayerNorm::new(width, eps, vb.pp("layer_norm1"))?,
             self_attn: Attention::new(width, heads, layers, init, vb.pp("self_attn"))?,
@@ -211,7 +284,9 @@ impl EncoderLayer {
     }
 
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.layer_norm1.forward(xs)?, mask)?;
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(xs)?, mask)?;
         let xs = (xs + h)?;
         let h = self.mlp.forward(&self.layer_norm2.forward(&xs)?)?;
         xs + h
@@ -234,6 +309,8 @@ impl Encoder {
     }
 
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        self.layers.iter().try_fold(xs.clone(), |xs, layer| layer.forward(&xs, mask))
+        self.layers
+            .iter()
+            .try_fold(xs.clone(), |xs, layer| layer.forward(&xs, mask))
     }
 }

@@ -20,7 +20,10 @@ pub struct SeededVarMap {
 
 impl SeededVarMap {
     pub fn new(seed: u64) -> Self {
-        Self { map: VarMap::new(), seed }
+        Self {
+            map: VarMap::new(),
+            seed,
+        }
     }
 
     /// The underlying map: save/load, and the list of trainable variables.
@@ -35,7 +38,11 @@ impl SeededVarMap {
 
     /// All variables with their names, sorted by name (a stable order for optimisers).
     pub fn named_vars(&self) -> Vec<(String, Var)> {
-        let data = self.map.data().lock().expect("invariant: var map lock is never poisoned");
+        let data = self
+            .map
+            .data()
+            .lock()
+            .expect("invariant: var map lock is never poisoned");
         let mut vars: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         vars
@@ -69,14 +76,20 @@ fn sample(init: &Init, shape: &Shape, rng: &mut ChaCha8Rng) -> Vec<f32> {
             let dims = shape.dims();
             let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
             let bound = 1.0 / (fan_in as f64).sqrt();
-            (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect()
+            (0..n)
+                .map(|_| rng.random_range(-bound..bound) as f32)
+                .collect()
         }
     }
 }
 
 impl SimpleBackend for SeededVarMap {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let mut data = self.map.data().lock().expect("invariant: var map lock is never poisoned");
+        let mut data = self
+            .map
+            .data()
+            .lock()
+            .expect("invariant: var map lock is never poisoned");
         if let Some(var) = data.get(name) {
             if var.shape() != &s {
                 candle_core::bail!(
@@ -97,7 +110,11 @@ impl SimpleBackend for SeededVarMap {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let data = self.map.data().lock().expect("invariant: var map lock is never poisoned");
+        let data = self
+            .map
+            .data()
+            .lock()
+            .expect("invariant: var map lock is never poisoned");
         match data.get(name) {
             Some(var) => var.as_tensor().to_dtype(dtype)?.to_device(dev),
             None => candle_core::bail!("parameter {name} is not in the var map"),
@@ -105,7 +122,11 @@ impl SimpleBackend for SeededVarMap {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        let data = self.map.data().lock().expect("invariant: var map lock is never poisoned");
+        let data = self
+            .map
+            .data()
+            .lock()
+            .expect("invariant: var map lock is never poisoned");
         data.contains_key(name)
     }
 }
@@ -121,13 +142,18 @@ mod tests {
         let b = SeededVarMap::new(7);
         let va = a.var_builder(DType::F32, &dev);
         let vb = b.var_builder(DType::F32, &dev);
-        let init = Init::Randn { mean: 0.0, stdev: 0.02 };
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
         let x1 = va.get_with_hints(8, "x", init)?;
         let _ = va.get_with_hints(3, "y", init)?;
         let _ = vb.get_with_hints(3, "y", init)?;
         let x2 = vb.get_with_hints(8, "x", init)?;
         assert_eq!(x1.to_vec1::<f32>()?, x2.to_vec1::<f32>()?);
-        let c = SeededVarMap::new(8).var_builder(DType::F32, &dev).get_with_hints(8, "x", init)?;
+        let c = SeededVarMap::new(8)
+            .var_builder(DType::F32, &dev)
+            .get_with_hints(8, "x", init)?;
         assert_ne!(x1.to_vec1::<f32>()?, c.to_vec1::<f32>()?);
         Ok(())
     }
@@ -138,7 +164,13 @@ mod tests {
         let m = SeededVarMap::new(0);
         let vb = m.var_builder(DType::F32, &dev);
         vb.get_with_hints((2, 3), "w", Init::Const(0.0)).unwrap();
-        let err = vb.get_with_hints((3, 2), "w", Init::Const(0.0)).unwrap_err().to_string();
-        assert!(err.contains("w") && err.contains("[3, 2]") && err.contains("[2, 3]"), "{err}");
+        let err = vb
+            .get_with_hints((3, 2), "w", Init::Const(0.0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("w") && err.contains("[3, 2]") && err.contains("[2, 3]"),
+            "{err}"
+        );
     }
 }

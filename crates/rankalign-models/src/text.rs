@@ -28,11 +28,24 @@ pub struct TextConfig {
 impl TextConfig {
     /// The text tower of OpenAI CLIP ViT-B/16 and ViT-B/32 (and RN50): 12 × 512, 8 heads.
     pub fn clip_base() -> Self {
-        Self { vocab_size: 49408, context_length: 77, width: 512, layers: 12, heads: 8, mlp_dim: 2048 }
+        Self {
+            vocab_size: 49408,
+            context_length: 77,
+            width: 512,
+            layers: 12,
+            heads: 8,
+            mlp_dim: 2048,
+        }
     }
 
     fn encoder_shape(&self) -> EncoderShape {
-        EncoderShape { width: self.width, layers: self.layers, heads: self.heads, mlp_dim: self.mlp_dim, eps: 1e-5 }
+        EncoderShape {
+            width: self.width,
+            layers: self.layers,
+            heads: self.heads,
+            mlp_dim: self.mlp_dim,
+            eps: 1e-5,
+        }
     }
 }
 
@@ -62,12 +75,18 @@ impl TextTransformer {
         let tok = emb.pp("token_embedding").get_with_hints(
             (cfg.vocab_size, cfg.width),
             "weight",
-            Init::Randn { mean: 0.0, stdev: 0.02 },
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
         )?;
         let position_embedding = emb.pp("position_embedding").get_with_hints(
             (cfg.context_length, cfg.width),
             "weight",
-            Init::Randn { mean: 0.0, stdev: 0.01 },
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.01,
+            },
         )?;
         let shape = cfg.encoder_shape();
         Ok(Self {
@@ -95,7 +114,11 @@ impl TextTransformer {
             )
         }
         if eot.dims() != [b] || eot.dtype() != DType::U32 {
-            candle_core::bail!("text tower: eot must be u32 [{b}], got {:?} {:?}", eot.dtype(), eot.dims())
+            candle_core::bail!(
+                "text tower: eot must be u32 [{b}], got {:?} {:?}",
+                eot.dtype(),
+                eot.dims()
+            )
         }
         let xs = self.token_embedding.forward(ids)?;
         let xs = xs.broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;

@@ -29,12 +29,23 @@ pub struct VitConfig {
 impl VitConfig {
     /// OpenAI CLIP ViT-B/16 at 224 px.
     pub fn b16_224() -> Self {
-        Self { image_size: 224, patch_size: 16, channels: 3, width: 768, layers: 12, heads: 12, mlp_dim: 3072 }
+        Self {
+            image_size: 224,
+            patch_size: 16,
+            channels: 3,
+            width: 768,
+            layers: 12,
+            heads: 12,
+            mlp_dim: 3072,
+        }
     }
 
     /// OpenAI CLIP ViT-B/32 at 224 px.
     pub fn b32_224() -> Self {
-        Self { patch_size: 32, ..Self::b16_224() }
+        Self {
+            patch_size: 32,
+            ..Self::b16_224()
+        }
     }
 
     pub fn grid(&self) -> usize {
@@ -42,7 +53,7 @@ impl VitConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             candle_core::bail!(
                 "vit: image size {} is not a multiple of the patch size {}",
                 self.image_size,
@@ -72,22 +83,41 @@ impl VisionTransformer {
         let w = cfg.width;
         let scale = (w as f64).powf(-0.5);
         let emb = vb.pp("embeddings");
-        let class_embedding = emb.get_with_hints(w, "class_embedding", Init::Randn { mean: 0.0, stdev: scale })?;
+        let class_embedding = emb.get_with_hints(
+            w,
+            "class_embedding",
+            Init::Randn {
+                mean: 0.0,
+                stdev: scale,
+            },
+        )?;
         // PyTorch's Conv2d default: U(±1/√fan_in), fan_in = channels·p².
         let fan_in = cfg.channels * cfg.patch_size * cfg.patch_size;
         let bound = 1.0 / (fan_in as f64).sqrt();
         let patch_weight = emb.pp("patch_embedding").get_with_hints(
             (w, cfg.channels, cfg.patch_size, cfg.patch_size),
             "weight",
-            Init::Uniform { lo: -bound, up: bound },
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
         )?;
         let n = cfg.grid() * cfg.grid() + 1;
         let position_embedding = emb.pp("position_embedding").get_with_hints(
             (n, w),
             "weight",
-            Init::Randn { mean: 0.0, stdev: scale },
+            Init::Randn {
+                mean: 0.0,
+                stdev: scale,
+            },
         )?;
-        let shape = EncoderShape { width: w, layers: cfg.layers, heads: cfg.heads, mlp_dim: cfg.mlp_dim, eps: 1e-5 };
+        let shape = EncoderShape {
+            width: w,
+            layers: cfg.layers,
+            heads: cfg.heads,
+            mlp_dim: cfg.mlp_dim,
+            eps: 1e-5,
+        };
         Ok(Self {
             class_embedding,
             patch_weight,
@@ -121,13 +151,17 @@ impl VisionTransformer {
         let patches = pixels
             .reshape((b, ch, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b, g * g, ch * p * p))?;
+            .reshape((b * g * g, ch * p * p))?;
         let weight = self.patch_weight.reshape((c.width, ch * p * p))?;
-        let xs = patches.broadcast_matmul(&weight.t()?)?;
-        let cls = self.class_embedding.reshape((1, 1, c.width))?.broadcast_as((b, 1, c.width))?;
+        let xs = patches.matmul(&weight.t()?)?.reshape((b, g * g, c.width))?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, c.width))?
+            .broadcast_as((b, 1, c.width))?;
         let xs = Tensor::cat(&[&cls, &xs], 1)?.broadcast_add(&self.position_embedding)?;
         let xs = self.pre_layrnorm.forward(&xs)?;
         let xs = self.encoder.forward(&xs, None)?;
-        self.post_layernorm.forward(&xs.narrow(1, 0, 1)?.squeeze(1)?)
+        self.post_layernorm
+            .forward(&xs.narrow(1, 0, 1)?.squeeze(1)?)
     }
 }

@@ -1,1 +1,67 @@
-//! placeholder
+//! Training and evaluation for rankalign.
+//!
+//! - [`config`]: the TOML experiment file (data, model, optimiser, schedule, variants),
+//!   parsed strictly: unknown keys and bad values are errors that name them;
+//! - [`optim`]: AdamW with parameter groups and moments that are saved and restored;
+//! - [`schedule`]: linear warm-up then cosine decay;
+//! - [`checkpoint`]: atomic checkpoints (model, optimiser, step) and exact resume;
+//! - [`trainer`]: the loop for one variant: prefetched batches, loss, step, clamp,
+//!   NaN guard, metrics JSONL, progress;
+//! - [`eval`]: zero-shot classification, retrieval, alignment and uniformity;
+//! - [`experiment`]: every variant of a config, side by side, and the report;
+//! - [`report`]: `report.md` and the loss-curve PNG.
+
+pub mod checkpoint;
+pub mod config;
+pub mod eval;
+pub mod experiment;
+pub mod optim;
+pub mod report;
+pub mod schedule;
+pub mod trainer;
+
+use std::path::PathBuf;
+
+pub use config::ExperimentConfig;
+pub use experiment::{ExperimentOutcome, RunOptions, run_experiment};
+pub use rankalign_data as data;
+pub use rankalign_losses as losses;
+pub use rankalign_models as models;
+
+/// What can stop training.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error(transparent)]
+    Data(#[from] rankalign_data::DataError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "training diverged at step {step}: the loss is {loss}; the last good checkpoint is kept{}",
+        checkpoint.as_ref().map(|p| format!(" at {}", p.display())).unwrap_or_default()
+    )]
+    Diverged {
+        step: usize,
+        loss: f64,
+        checkpoint: Option<PathBuf>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+/// `std::io::Error` with the path it concerns.
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
+    let path = path.into();
+    move |source| TrainError::Io { path, source }
+}

@@ -24,7 +24,10 @@ fn ids_match_open_clip() {
     for case in cases() {
         let text = case["text"].as_str().unwrap();
         let len = case["len"].as_u64().unwrap() as usize;
-        let want: Vec<u32> = case["ids"].as_array().unwrap()[..len].iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = case["ids"].as_array().unwrap()[..len]
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let got = tok.encode(text).unwrap();
         assert_eq!(got.first(), Some(&SOT));
         assert_eq!(got.last(), Some(&EOT));
@@ -34,17 +37,26 @@ fn ids_match_open_clip() {
         }
         checked += 1;
         if got != want {
-            mismatches.push(format!("{text:?}\n  open_clip {want:?}\n  ours      {got:?}"));
+            mismatches.push(format!(
+                "{text:?}\n  open_clip {want:?}\n  ours      {got:?}"
+            ));
         }
     }
     assert!(checked >= 40, "only {checked} cases checked");
-    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
 }
 
 #[test]
 fn truncation_keeps_eot() {
     let tok = ClipTokenizer::new(8).unwrap();
-    let ids = tok.encode("one two three four five six seven eight nine ten").unwrap();
+    let ids = tok
+        .encode("one two three four five six seven eight nine ten")
+        .unwrap();
     assert_eq!(ids.len(), 8);
     assert_eq!((ids[0], ids[7]), (SOT, EOT));
 }

@@ -6,7 +6,9 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use rankalign_losses::rankclip::listmle;
-use rankalign_losses::{ListPerms, RankClipConfig, RankDecay, RankMode, WeightSchedule, rankclip_loss};
+use rankalign_losses::{
+    ListPerms, RankClipConfig, RankDecay, RankMode, WeightSchedule, rankclip_loss,
+};
 use serde_json::Value;
 
 fn num(v: &Value) -> f64 {
@@ -19,13 +21,25 @@ fn num(v: &Value) -> f64 {
 }
 
 fn matrix(v: &Value, dtype: DType) -> Tensor {
-    let rows: Vec<Vec<f64>> = v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(num).collect()).collect();
+    let rows: Vec<Vec<f64>> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(num).collect())
+        .collect();
     let (n, m) = (rows.len(), rows[0].len());
-    Tensor::from_vec(rows.concat(), (n, m), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    Tensor::from_vec(rows.concat(), (n, m), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }
 
 fn perm(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn mode(v: &Value) -> RankMode {
@@ -52,7 +66,12 @@ fn mu_tensor(d: RankDecay, m: usize, dtype: DType) -> Option<Tensor> {
         RankDecay::Log2 => f64::log2,
     };
     let mu: Vec<f64> = (1..=m).map(|k| 1.0 / f((k + 1) as f64)).collect();
-    Some(Tensor::from_vec(mu, m, &Device::Cpu).unwrap().to_dtype(dtype).unwrap())
+    Some(
+        Tensor::from_vec(mu, m, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+    )
 }
 
 fn close(name: &str, what: &str, got: f64, want: f64, rel: f64, abs: f64) {
@@ -72,7 +91,8 @@ fn close_all(name: &str, what: &str, got: &Tensor, want: &Value, rel: f64, abs: 
 }
 
 fn cases() -> Vec<Value> {
-    let json: Value = serde_json::from_str(include_str!("../fixtures/rankclip_cases.json")).unwrap();
+    let json: Value =
+        serde_json::from_str(include_str!("../fixtures/rankclip_cases.json")).unwrap();
     json["cases"].as_array().unwrap().clone()
 }
 
@@ -80,7 +100,13 @@ fn check_rankclip(case: &Value, dtype: DType, rel: f64, abs: f64) {
     let name = case["name"].as_str().unwrap();
     let v = Var::from_tensor(&matrix(&case["V"], dtype)).unwrap();
     let t = Var::from_tensor(&matrix(&case["T"], dtype)).unwrap();
-    let ls = Var::from_tensor(&Tensor::new(num(&case["logit_scale"]), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
+    let ls = Var::from_tensor(
+        &Tensor::new(num(&case["logit_scale"]), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+    )
+    .unwrap();
     let p = case["perms"].as_array().unwrap();
     let perms = ListPerms([perm(&p[0]), perm(&p[1]), perm(&p[2]), perm(&p[3])]);
     let cfg = RankClipConfig {
@@ -92,19 +118,72 @@ fn check_rankclip(case: &Value, dtype: DType, rel: f64, abs: f64) {
     let w = num(&case["w"]);
     let terms = rankclip_loss(&cfg, &v, &t, &ls, w, &perms).unwrap();
     let scalar = |x: &Tensor| x.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
-    close(name, "l_clip", scalar(&terms.clip), num(&case["l_clip"]), rel, abs);
-    close(name, "l_cross", scalar(&terms.cross), num(&case["l_cross"]), rel, abs);
-    close(name, "l_in", scalar(&terms.inmodal), num(&case["l_in"]), rel, abs);
-    close(name, "total", scalar(&terms.total), num(&case["total"]), rel, abs);
+    close(
+        name,
+        "l_clip",
+        scalar(&terms.clip),
+        num(&case["l_clip"]),
+        rel,
+        abs,
+    );
+    close(
+        name,
+        "l_cross",
+        scalar(&terms.cross),
+        num(&case["l_cross"]),
+        rel,
+        abs,
+    );
+    close(
+        name,
+        "l_in",
+        scalar(&terms.inmodal),
+        num(&case["l_in"]),
+        rel,
+        abs,
+    );
+    close(
+        name,
+        "total",
+        scalar(&terms.total),
+        num(&case["total"]),
+        rel,
+        abs,
+    );
     let grads = terms.total.backward().unwrap();
-    close_all(name, "dV", grads.get(&v).unwrap(), &case["grad_V"], rel, abs);
-    close_all(name, "dT", grads.get(&t).unwrap(), &case["grad_T"], rel, abs);
-    close(name, "d logit_scale", scalar(grads.get(&ls).unwrap()), num(&case["grad_logit_scale"]), rel, abs);
+    close_all(
+        name,
+        "dV",
+        grads.get(&v).unwrap(),
+        &case["grad_V"],
+        rel,
+        abs,
+    );
+    close_all(
+        name,
+        "dT",
+        grads.get(&t).unwrap(),
+        &case["grad_T"],
+        rel,
+        abs,
+    );
+    close(
+        name,
+        "d logit_scale",
+        scalar(grads.get(&ls).unwrap()),
+        num(&case["grad_logit_scale"]),
+        rel,
+        abs,
+    );
 }
 
 #[test]
 fn rankclip_matches_reference_in_f64() {
-    let n = cases().iter().filter(|c| c["kind"] == "rankclip").inspect(|c| check_rankclip(c, DType::F64, 1e-10, 1e-12)).count();
+    let n = cases()
+        .iter()
+        .filter(|c| c["kind"] == "rankclip")
+        .inspect(|c| check_rankclip(c, DType::F64, 1e-10, 1e-12))
+        .count();
     assert!(n >= 40, "{n} cases");
 }
 
@@ -124,14 +203,35 @@ fn listmle_matches_reference() {
         let p = Var::from_tensor(&matrix(&case["P"], DType::F64)).unwrap();
         let r = matrix(&case["R"], DType::F64);
         let d = mu_tensor(decay(&case["mu"]), r.dim(1).unwrap(), DType::F64);
-        let loss = listmle(&p, &r, &perm(&case["perm"]), mode(&case["mode"]), d.as_ref()).unwrap();
+        let loss = listmle(
+            &p,
+            &r,
+            &perm(&case["perm"]),
+            mode(&case["mode"]),
+            d.as_ref(),
+        )
+        .unwrap();
         let want = num(&case["loss"]);
-        close(name, "loss", loss.to_scalar::<f64>().unwrap(), want, 1e-10, 1e-12);
+        close(
+            name,
+            "loss",
+            loss.to_scalar::<f64>().unwrap(),
+            want,
+            1e-10,
+            1e-12,
+        );
         // With a −inf score the loss is +inf and its gradient is whatever autograd makes
         // of inf − inf; only finite cases define a gradient to compare.
         if want.is_finite() {
             let grads = loss.backward().unwrap();
-            close_all(name, "dP", grads.get(&p).unwrap(), &case["grad_P"], 1e-10, 1e-12);
+            close_all(
+                name,
+                "dP",
+                grads.get(&p).unwrap(),
+                &case["grad_P"],
+                1e-10,
+                1e-12,
+            );
         }
         n += 1;
     }
@@ -145,7 +245,15 @@ fn spec_weight_ramp() {
     assert!((cfg.weight(2, 64) - 3.0 / 63.0).abs() < 1e-15);
     assert_eq!(cfg.weight(43, 64), 2.0);
     assert!(cfg.validate(1).unwrap_err().contains("ramp"));
-    assert!(RankClipConfig { lambda_in: -1.0, ..cfg }.validate(10).unwrap_err().contains("lambda_in"));
+    assert!(
+        RankClipConfig {
+            lambda_in: -1.0,
+            ..cfg
+        }
+        .validate(10)
+        .unwrap_err()
+        .contains("lambda_in")
+    );
 }
 
 #[test]
@@ -157,7 +265,8 @@ fn ablations_drop_their_terms() {
     let perms = ListPerms::identity(3);
     let full = rankclip_loss(&RankClipConfig::rankclip(), &v, &t, &ls, 1.0, &perms).unwrap();
     let only_in = rankclip_loss(&RankClipConfig::rankclip_i(), &v, &t, &ls, 1.0, &perms).unwrap();
-    let only_cross = rankclip_loss(&RankClipConfig::rankclip_c(), &v, &t, &ls, 1.0, &perms).unwrap();
+    let only_cross =
+        rankclip_loss(&RankClipConfig::rankclip_c(), &v, &t, &ls, 1.0, &perms).unwrap();
     let s = |x: &Tensor| x.to_scalar::<f64>().unwrap();
     assert_eq!(s(&only_in.cross), 0.0);
     assert_eq!(s(&only_cross.inmodal), 0.0);

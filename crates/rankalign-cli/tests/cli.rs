@@ -1,0 +1,60 @@
+//! The `rankalign` binary on bad input: a clear message naming the file and the problem,
+//! a failing exit status, and no panic.
+
+use std::process::Command;
+
+fn rankalign(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rankalign"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("rankalign-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn missing_config_is_named() {
+    let (ok, err) = rankalign(&["train", "--config", "/nonexistent/x.toml"]);
+    assert!(!ok);
+    assert!(
+        err.contains("/nonexistent/x.toml") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
+fn malformed_config_names_the_line() {
+    let p = write("broken.toml", "name = \"x\"\nseed = [\n");
+    let (ok, err) = rankalign(&["train", "--config", p.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("broken.toml") && err.contains("line 2") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_default_config_is_valid() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../configs/digits-default.toml"
+    ))
+    .unwrap();
+    let broken = write(
+        "unknown-key.toml",
+        &text.replace("seed = 17", "seed = 17\nsede = 3"),
+    );
+    let (ok, err) = rankalign(&["train", "--config", broken.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("sede") && !err.contains("panicked"), "{err}");
+}

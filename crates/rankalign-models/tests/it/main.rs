@@ -1,0 +1,138 @@
+//! Model shapes and presets: parameter counts against the published checkpoints, the
+//! HF key layout, output shapes, and errors on wrong input.
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use rankalign_models::{ClipConfig, ClipModel, SeededVarMap};
+
+/// A backend that hands out zeros and remembers every parameter's name and shape.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<(String, Vec<usize>)>>);
+
+impl SimpleBackend for Recorder {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((name.to_string(), s.dims().to_vec()));
+        Tensor::zeros(s, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        candle_core::bail!("{name}: not recorded")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        false
+    }
+}
+
+fn params(cfg: &ClipConfig) -> Vec<(String, Vec<usize>)> {
+    let rec = std::sync::Arc::new(Recorder::default());
+    struct Shared(std::sync::Arc<Recorder>);
+    impl SimpleBackend for Shared {
+        fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+            self.0.get(s, name, h, dtype, dev)
+        }
+        fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+            self.0.get_unchecked(name, dtype, dev)
+        }
+        fn contains_tensor(&self, name: &str) -> bool {
+            self.0.contains_tensor(name)
+        }
+    }
+    let vb = VarBuilder::from_backend(Box::new(Shared(rec.clone())), DType::F32, Device::Cpu);
+    ClipModel::new(cfg, vb).unwrap();
+
+    rec.0.lock().unwrap().clone()
+}
+
+/// 149,620,737 is the parameter count of `openai/clip-vit-base-patch16` (and
+/// 151,277,313 of `-patch32`) as Hugging Face's `CLIPModel` reports it.
+#[test]
+fn vit_b_presets_have_the_published_parameter_counts() {
+    let count = |cfg: &ClipConfig| {
+        params(cfg)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum::<usize>()
+    };
+    assert_eq!(count(&ClipConfig::vit_b16()), 149_620_737);
+    assert_eq!(count(&ClipConfig::vit_b32()), 151_277_313);
+}
+
+#[test]
+fn keys_follow_the_hugging_face_layout() {
+    let names: Vec<String> = params(&ClipConfig::vit_b16())
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for key in [
+        "logit_scale",
+        "visual_projection.weight",
+        "text_projection.weight",
+        "vision_model.embeddings.class_embedding",
+        "vision_model.embeddings.patch_embedding.weight",
+        "vision_model.embeddings.position_embedding.weight",
+        "vision_model.pre_layrnorm.weight",
+        "vision_model.encoder.layers.11.self_attn.q_proj.bias",
+        "vision_model.encoder.layers.0.mlp.fc2.weight",
+        "vision_model.post_layernorm.bias",
+        "text_model.embeddings.token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight",
+        "text_model.encoder.layers.11.layer_norm2.weight",
+        "text_model.final_layer_norm.weight",
+    ] {
+        assert!(names.iter().any(|n| n == key), "missing {key}");
+    }
+}
+
+#[test]
+fn tiny_forward_shapes_and_bad_input() -> Result<()> {
+    let dev = Device::Cpu;
+    let cfg = ClipConfig::tiny();
+    let vm = SeededVarMap::new(0);
+    let model = ClipModel::new(&cfg, vm.var_builder(DType::F32, &dev))?;
+    let pixels = Tensor::zeros((2, 3, 48, 48), DType::F32, &dev)?;
+    assert_eq!(model.encode_image(&pixels)?.dims(), [2, 64]);
+    let ids = Tensor::new(&[[49406u32, 320, 49407, 0], [49406, 320, 275, 49407]], &dev)?;
+    let eot = Tensor::new(&[2u32, 7], &dev)?;
+    assert_eq!(model.encode_text(&ids, &eot)?.dims(), [2, 64]);
+
+    let wrong = Tensor::zeros((2, 3, 32, 32), DType::F32, &dev)?;
+    let err = model.encode_image(&wrong).unwrap_err().to_string();
+    assert!(
+        err.contains("vision tower") && err.contains("48") && err.contains("32"),
+        "{err}"
+    );
+    let long = Tensor::zeros((1, 40), DType::U32, &dev)?;
+    let err = model
+        .encode_text(&long, &Tensor::new(&[39u32], &dev)?)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("40 tokens exceed the context length 32"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// The EOT feature does not depend on padding after it (causal attention).
+#[test]
+fn padding_after_eot_does_not_change_the_text_feature() -> Result<()> {
+    let dev = Device::Cpu;
+    let model = ClipModel::new(
+        &ClipConfig::tiny(),
+        SeededVarMap::new(4).var_builder(DType::F32, &dev),
+    )?;
+    let short = model.encode_text(
+        &Tensor::new(&[[49406u32, 320, 275, 49407]], &dev)?,
+        &Tensor::new(&[3u32], &dev)?,
+    )?;
+    let padded = model.encode_text(
+        &Tensor::new(&[[49406u32, 320, 275, 49407, 0, 0, 0]], &dev)?,
+        &Tensor::new(&[3u32], &dev)?,
+    )?;
+    let diff = (short - padded)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "{diff}");
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! Checkpoints: the model's variables, the optimiser's moments and step count, and the
+//! run position, written atomically.
+//!
+//! Layout: `checkpoints/step-00000120/{model.safetensors, optim.safetensors, state.json}`
+//! and a `checkpoints/latest` file naming the newest. A checkpoint is written into a
+//! hidden temporary directory, its files are synced, and the directory is renamed into
+//! place; `latest` is replaced the same way. A crash leaves either the old or the new
+//! checkpoint, never a torn one. The oldest are pruned to `keep`.
+//!
+//! Every random choice of a run (batch order, tie-breaking permutations) is a function
+//! of `(seed, step)`, so the step *is* the data position and the RNG state.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::AdamW;
+use crate::{Result, TrainError, io_err};
+
+/// What besides tensors a checkpoint holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// Steps completed; training resumes at this step.
+    pub step: usize,
+    pub optimizer_steps: usize,
+    pub seed: u64,
+    /// Digest of the experiment config and variant, to refuse resuming another run.
+    pub config_digest: String,
+    /// The RNG is counter-based: every draw is keyed by `(seed, step)`.
+    pub rng: String,
+}
+
+const LATEST: &str = "latest";
+
+fn sync_file(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(path))
+}
+
+/// Write a checkpoint for `state.step` under `dir` and return its path.
+pub fn save(
+    dir: &Path,
+    vars: &[(String, Var)],
+    opt: &AdamW,
+    state: &CheckpointState,
+    keep: usize,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let name = format!("step-{:08}", state.step);
+    let final_dir = dir.join(&name);
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let model: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let model_path = tmp.join("model.safetensors");
+    candle_core::safetensors::save(&model, &model_path)?;
+    let optim_path = tmp.join("optim.safetensors");
+    candle_core::safetensors::save(&opt.state_tensors(), &optim_path)?;
+    let state_path = tmp.join("state.json");
+    let json =
+        serde_json::to_string_pretty(state).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    std::fs::write(&state_path, json).map_err(io_err(&state_path))?;
+    for p in [&model_path, &optim_path, &state_path] {
+        sync_file(p)?;
+    }
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
+    let latest_tmp = dir.join(format!(".{LATEST}.tmp-{}", std::process::id()));
+    std::fs::write(&latest_tmp, &name).map_err(io_err(&latest_tmp))?;
+    sync_file(&latest_tmp)?;
+    std::fs::rename(&latest_tmp, dir.join(LATEST)).map_err(io_err(dir.join(LATEST)))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    prune(dir, keep)?;
+    Ok(final_dir)
+}
+
+fn prune(dir: &Path, keep: usize) -> Result<()> {
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("step-"))
+        })
+        .collect();
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep);
+    for old in &steps[..excess] {
+        std::fs::remove_dir_all(old).map_err(io_err(old))?;
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint under `dir`, if any.
+pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
+    let pointer = dir.join(LATEST);
+    if !pointer.exists() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&pointer).map_err(io_err(&pointer))?;
+    let path = dir.join(name.trim());
+    if !path.join("state.json").exists() {
+        return Err(TrainError::Checkpoint {
+            path,
+            msg: format!("named by {} but incomplete or missing", pointer.display()),
+        });
+    }
+    Ok(Some(path))
+}
+
+/// Load a checkpoint into `vars` and `opt`; every variable must be present with its shape.
+pub fn load(path: &Path, vars: &[(String, Var)], opt: &mut AdamW) -> Result<CheckpointState> {
+    let err = |msg: String| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let state_path = path.join("state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+    let state: CheckpointState =
+        serde_json::from_str(&text).map_err(|e| err(format!("state.json: {e}")))?;
+    let device = vars
+        .first()
+        .map(|(_, v)| v.device().clone())
+        .unwrap_or(Device::Cpu);
+    let model = candle_core::safetensors::load(path.join("model.safetensors"), &device)
+        .map_err(|e| err(format!("model.safetensors: {e}")))?;
+    for (name, var) in vars {
+        let t = model
+            .get(name)
+            .ok_or_else(|| err(format!("model.safetensors has no tensor {name}")))?;
+        if t.shape() != var.shape() {
+            return Err(err(format!(
+                "{name} has shape {:?} in the checkpoint, the model expects {:?}",
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    let optim = candle_core::safetensors::load(path.join("optim.safetensors"), &device)
+        .map_err(|e| err(format!("optim.safetensors: {e}")))?;
+    opt.load_state(&optim, state.optimizer_steps, path)?;
+    Ok(state)
+}

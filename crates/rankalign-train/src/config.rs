@@ -1,0 +1,358 @@
+//! The experiment file: one TOML document that fixes data, model, optimiser, schedule
+//! and evaluation, and lists the variants (objectives) to train side by side with the
+//! same seed and budget.
+//!
+//! Parsing is strict: an unknown key is an error naming it and its line, and
+//! [`ExperimentConfig::validate`] names every bad value by its dotted key.
+
+use std::path::{Path, PathBuf};
+
+use rankalign_data::SceneConfig;
+use rankalign_losses::LossConfig;
+use rankalign_models::ClipConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, TrainError};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Names the output directory `out_dir/name`.
+    pub name: String,
+    #[serde(default = "default_out_dir")]
+    pub out_dir: PathBuf,
+    pub seed: u64,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub optim: OptimConfig,
+    pub train: TrainConfig,
+    pub eval: EvalConfig,
+    #[serde(rename = "variant")]
+    pub variants: Vec<VariantConfig>,
+}
+
+fn default_out_dir() -> PathBuf {
+    PathBuf::from("runs")
+}
+
+/// Where the digits come from and how many scenes each split has.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub image_size: usize,
+    pub train_size: usize,
+    pub val_size: usize,
+    pub test_size: usize,
+    /// MNIST IDX files to use instead of the embedded digits (both or neither).
+    #[serde(default)]
+    pub mnist_images: Option<PathBuf>,
+    #[serde(default)]
+    pub mnist_labels: Option<PathBuf>,
+}
+
+impl DataConfig {
+    pub fn scenes(&self, seed: u64) -> SceneConfig {
+        SceneConfig {
+            seed,
+            image_size: self.image_size,
+            train_size: self.train_size,
+            val_size: self.val_size,
+            test_size: self.test_size,
+        }
+    }
+}
+
+/// A preset by name, optionally with a few fields changed, or a full inline shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub clip: Option<ClipConfig>,
+}
+
+impl ModelConfig {
+    pub fn resolve(&self) -> std::result::Result<ClipConfig, String> {
+        match (&self.preset, &self.clip) {
+            (Some(name), None) => ClipConfig::preset(name).ok_or_else(|| {
+                format!(
+                    "model.preset: unknown preset {name:?}, expected one of {:?}",
+                    ClipConfig::PRESETS
+                )
+            }),
+            (None, Some(c)) => Ok(c.clone()),
+            _ => Err("model: give exactly one of `preset` or a `[model.clip]` table".into()),
+        }
+    }
+}
+
+/// AdamW and the learning-rate schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: f64,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+}
+
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.98
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+
+/// Budget, checkpoints and threads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub epochs: usize,
+    /// Steps between checkpoints (and at the end).
+    pub checkpoint_every: usize,
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+    /// Train the variants at the same time, one compute thread each.
+    #[serde(default)]
+    pub parallel_variants: bool,
+    /// Batches prepared ahead of the step.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+    /// Threads that decode and assemble batches, per variant.
+    #[serde(default = "default_data_threads")]
+    pub data_threads: usize,
+}
+
+fn default_keep() -> usize {
+    2
+}
+fn default_log_every() -> usize {
+    10
+}
+fn default_prefetch() -> usize {
+    4
+}
+fn default_data_threads() -> usize {
+    1
+}
+
+/// How much held-out data the final evaluation uses.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Single-digit test images for zero-shot classification and S_A / S_U.
+    pub zero_shot_size: usize,
+    /// Test scenes for image–text retrieval (at most `data.test_size`).
+    pub retrieval_size: usize,
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+}
+
+fn default_eval_batch() -> usize {
+    256
+}
+
+/// One objective to train.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantConfig {
+    pub name: String,
+    pub loss: LossConfig,
+}
+
+impl ExperimentConfig {
+    /// Read and validate a config file; errors name the file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(crate::io_err(path))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate TOML text; `path` is used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let cfg: Self = toml::from_str(text).map_err(|e| TrainError::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate().map_err(|msg| TrainError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Check every value; the message lists each problem with its key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let mut errs = Vec::new();
+        let mut need = |ok: bool, msg: String| {
+            if !ok {
+                errs.push(msg)
+            }
+        };
+        need(
+            !self.name.is_empty() && !self.name.contains(['/', '\\']),
+            format!("name must be a non-empty file name, got {:?}", self.name),
+        );
+        let d = &self.data;
+        need(
+            d.image_size >= 24,
+            format!("data.image_size must be at least 24, got {}", d.image_size),
+        );
+        need(
+            d.train_size >= 1,
+            "data.train_size must be at least 1".into(),
+        );
+        need(
+            d.mnist_images.is_some() == d.mnist_labels.is_some(),
+            "data.mnist_images and data.mnist_labels go together".into(),
+        );
+        match self.model.resolve() {
+            Ok(m) => {
+                need(
+                    m.vision.image_size == d.image_size,
+                    format!(
+                        "model image size {} differs from data.image_size {}",
+                        m.vision.image_size, d.image_size
+                    ),
+                );
+                need(
+                    m.vision.image_size % m.vision.patch_size.max(1) == 0
+                        && m.vision.patch_size > 0,
+                    format!(
+                        "model.clip.vision.patch_size {} must divide image_size {}",
+                        m.vision.patch_size, m.vision.image_size
+                    ),
+                );
+                for (k, w, h) in [
+                    ("vision", m.vision.width, m.vision.heads),
+                    ("text", m.text.width, m.text.heads),
+                ] {
+                    need(
+                        h > 0 && w % h == 0,
+                        format!("model.clip.{k}: width {w} must be divisible by heads {h}"),
+                    );
+                }
+                need(
+                    m.text.context_length >= 2,
+                    "model.clip.text.context_length must be at least 2".into(),
+                );
+                need(
+                    m.text.vocab_size == rankalign_data::tokenize::VOCAB_SIZE,
+                    format!(
+                        "model.clip.text.vocab_size must be CLIP's {} to use its tokenizer, got {}",
+                        rankalign_data::tokenize::VOCAB_SIZE,
+                        m.text.vocab_size
+                    ),
+                );
+            }
+            Err(e) => need(false, e),
+        }
+        let o = &self.optim;
+        need(
+            o.lr.is_finite() && o.lr > 0.0,
+            format!("optim.lr must be > 0, got {}", o.lr),
+        );
+        need(
+            (0.0..1.0).contains(&o.beta1),
+            format!("optim.beta1 must be in [0, 1), got {}", o.beta1),
+        );
+        need(
+            (0.0..1.0).contains(&o.beta2),
+            format!("optim.beta2 must be in [0, 1), got {}", o.beta2),
+        );
+        need(
+            o.eps.is_finite() && o.eps > 0.0,
+            format!("optim.eps must be > 0, got {}", o.eps),
+        );
+        need(
+            o.weight_decay.is_finite() && o.weight_decay >= 0.0,
+            format!("optim.weight_decay must be >= 0, got {}", o.weight_decay),
+        );
+        let t = &self.train;
+        need(
+            t.batch_size >= 2,
+            format!("train.batch_size must be at least 2, got {}", t.batch_size),
+        );
+        need(
+            t.batch_size <= d.train_size,
+            format!(
+                "train.batch_size {} exceeds data.train_size {}",
+                t.batch_size, d.train_size
+            ),
+        );
+        need(t.epochs >= 1, "train.epochs must be at least 1".into());
+        need(
+            t.checkpoint_every >= 1,
+            "train.checkpoint_every must be at least 1".into(),
+        );
+        need(
+            t.keep_checkpoints >= 1,
+            "train.keep_checkpoints must be at least 1".into(),
+        );
+        need(
+            t.log_every >= 1,
+            "train.log_every must be at least 1".into(),
+        );
+        let e = &self.eval;
+        need(
+            e.retrieval_size <= d.test_size,
+            format!(
+                "eval.retrieval_size {} exceeds data.test_size {}",
+                e.retrieval_size, d.test_size
+            ),
+        );
+        need(
+            e.batch_size >= 1,
+            "eval.batch_size must be at least 1".into(),
+        );
+        need(
+            !self.variants.is_empty(),
+            "at least one [[variant]] is needed".into(),
+        );
+        let mut names = std::collections::HashSet::new();
+        for (i, v) in self.variants.iter().enumerate() {
+            need(
+                !v.name.is_empty() && !v.name.contains(['/', '\\']),
+                format!("variant[{i}].name must be a non-empty file name"),
+            );
+            need(
+                names.insert(&v.name),
+                format!("variant[{i}].name {:?} is used twice", v.name),
+            );
+            if let LossConfig::Rankclip(r) = &v.loss
+                && let Err(msg) = r.validate(t.epochs)
+            {
+                need(false, format!("variant[{i}].loss.{msg}"));
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("; "))
+        }
+    }
+
+    /// Steps in one epoch (the remainder of the data is dropped).
+    pub fn steps_per_epoch(&self) -> usize {
+        self.data.train_size / self.train.batch_size
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.steps_per_epoch() * self.train.epochs
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.out_dir.join(&self.name)
+    }
+}

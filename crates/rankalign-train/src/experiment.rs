@@ -1,0 +1,122 @@
+//! An experiment: every variant of a config trained with the same seed, data order and
+//! budget, evaluated the same way, and reported side by side.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Device;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::config::ExperimentConfig;
+use crate::report::{plot_losses, write_report};
+use crate::trainer::{LogFn, VariantOptions, VariantOutcome, prepare, train_variant};
+use crate::{Result, TrainError, io_err};
+
+/// Options of a whole experiment run.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    pub overwrite: bool,
+    pub stop_after: Option<usize>,
+    /// Where the progress bars draw; hidden if `None`.
+    pub progress: Option<MultiProgress>,
+    pub on_log: Option<LogFn>,
+}
+
+/// The results and where they were written.
+#[derive(Debug)]
+pub struct ExperimentOutcome {
+    pub run_dir: PathBuf,
+    pub report: PathBuf,
+    pub plot: PathBuf,
+    pub variants: Vec<VariantOutcome>,
+    pub wall_secs: f64,
+}
+
+/// Train and evaluate every variant of `exp`, then write the report.
+pub fn run_experiment(
+    exp: &ExperimentConfig,
+    device: &Device,
+    opts: &RunOptions,
+) -> Result<ExperimentOutcome> {
+    let started = Instant::now();
+    let run_dir = exp.run_dir();
+    std::fs::create_dir_all(&run_dir).map_err(io_err(&run_dir))?;
+    let cfg_path = run_dir.join("config.toml");
+    let text = toml::to_string_pretty(exp)
+        .map_err(|e| TrainError::Invalid(format!("serialising the config: {e}")))?;
+    std::fs::write(&cfg_path, text).map_err(io_err(&cfg_path))?;
+    let shared = prepare(exp, device)?;
+    let style = ProgressStyle::with_template(
+        "{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}",
+    )
+    .map_err(|e| TrainError::Invalid(e.to_string()))?
+    .progress_chars("=> ");
+    let bars: Vec<ProgressBar> = exp
+        .variants
+        .iter()
+        .map(|v| {
+            let pb = ProgressBar::hidden();
+            let pb = match &opts.progress {
+                Some(mp) => mp.add(pb),
+                None => pb,
+            };
+            pb.set_style(style.clone());
+            pb.set_prefix(v.name.clone());
+            pb
+        })
+        .collect();
+    let variant_opts = |i: usize| VariantOptions {
+        overwrite: opts.overwrite,
+        stop_after: opts.stop_after,
+        progress: bars[i].clone(),
+        on_log: opts.on_log.clone(),
+    };
+    let outcomes: Vec<VariantOutcome> = if exp.train.parallel_variants && exp.variants.len() > 1 {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = exp
+                .variants
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let (shared, o) = (&shared, variant_opts(i));
+                    s.spawn(move || train_variant(exp, v, shared, &o))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(TrainError::Invalid("a training thread panicked".into()))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })?
+    } else {
+        exp.variants
+            .iter()
+            .enumerate()
+            .map(|(i, v)| train_variant(exp, v, &shared, &variant_opts(i)))
+            .collect::<Result<_>>()?
+    };
+    let wall_secs = started.elapsed().as_secs_f64();
+    let plot = run_dir.join("loss.png");
+    plot_losses(&plot, &outcomes)?;
+    let report = run_dir.join("report.md");
+    write_report(&report, exp, &outcomes, wall_secs)?;
+    let summary = run_dir.join("summary.json");
+    let json = serde_json::to_string_pretty(
+        &outcomes
+            .iter()
+            .map(|o| (&o.name, &o.eval, o.median_step_ms, o.train_secs))
+            .collect::<Vec<_>>(),
+    )
+    .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    std::fs::write(&summary, json).map_err(io_err(&summary))?;
+    Ok(ExperimentOutcome {
+        run_dir,
+        report,
+        plot,
+        variants: outcomes,
+        wall_secs,
+    })
+}

@@ -1,0 +1,175 @@
+//! The experiment report: `report.md` with the side-by-side table, and `loss.png` with
+//! the training curves of every variant.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::config::ExperimentConfig;
+use crate::trainer::VariantOutcome;
+use crate::{Result, TrainError, io_err};
+
+fn register_fonts() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The embedded DejaVu Sans makes plots independent of the system's fonts.
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        );
+    });
+}
+
+const COLOURS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(23, 190, 207),
+];
+
+/// Plot the InfoNCE part of the loss (comparable across variants) and, dashed, the
+/// total, against the step.
+pub fn plot_losses(path: &Path, outcomes: &[VariantOutcome]) -> Result<()> {
+    register_fonts();
+    let plot_err = |e: String| TrainError::Invalid(format!("plotting {}: {e}", path.display()));
+    let points: Vec<(f64, f64)> = outcomes
+        .iter()
+        .flat_map(|o| {
+            o.history
+                .iter()
+                .flat_map(|r| [(r.step as f64, r.clip), (r.step as f64, r.loss)])
+        })
+        .filter(|p| p.1.is_finite())
+        .collect();
+    if points.is_empty() {
+        return Ok(());
+    }
+    let x_max = points.iter().map(|p| p.0).fold(1.0, f64::max);
+    let y_max = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.05;
+    let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "training loss (solid: InfoNCE part, dashed: total)",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max.max(1e-3))
+        .map_err(|e| plot_err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("loss")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| plot_err(e.to_string()))?;
+    for (i, o) in outcomes.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let clip: Vec<(f64, f64)> = o.history.iter().map(|r| (r.step as f64, r.clip)).collect();
+        chart
+            .draw_series(LineSeries::new(clip, colour.stroke_width(2)))
+            .map_err(|e| plot_err(e.to_string()))?
+            .label(o.name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+        let total: Vec<(f64, f64)> = o.history.iter().map(|r| (r.step as f64, r.loss)).collect();
+        chart
+            .draw_series(DashedLineSeries::new(total, 6, 4, colour.stroke_width(1)))
+            .map_err(|e| plot_err(e.to_string()))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|e| plot_err(e.to_string()))?;
+    root.present().map_err(|e| plot_err(e.to_string()))?;
+    Ok(())
+}
+
+/// Write `report.md` for the experiment.
+pub fn write_report(
+    path: &Path,
+    exp: &ExperimentConfig,
+    outcomes: &[VariantOutcome],
+    wall_secs: f64,
+) -> Result<()> {
+    let clip = exp.model.resolve().map_err(TrainError::Invalid)?;
+    let mut md = String::new();
+    let _ = writeln!(md, "# {}\n", exp.name);
+    let _ = writeln!(
+        md,
+        "Digit scenes ({} train / {} test pairs, {}×{} px), model: ViT {}×{} / text {}×{}, embed {}; \
+         batch {}, {} epochs = {} steps, lr {}, warm-up {}, seed {}. Wall time {:.0} s.\n",
+        exp.data.train_size,
+        exp.data.test_size,
+        exp.data.image_size,
+        exp.data.image_size,
+        clip.vision.layers,
+        clip.vision.width,
+        clip.text.layers,
+        clip.text.width,
+        clip.embed_dim,
+        exp.train.batch_size,
+        exp.train.epochs,
+        exp.total_steps(),
+        exp.optim.lr,
+        exp.optim.warmup_steps,
+        exp.seed,
+        wall_secs
+    );
+    let _ = writeln!(
+        md,
+        "Zero-shot: {} single-digit test images, 10 classes, 4 prompt templates. Retrieval: {} test scenes, one caption each. S_A / S_U as RankCLIP Eq. 11–12 (higher S_A = better aligned; higher S_U = more uniform).\n",
+        outcomes.first().map_or(0, |o| o.eval.zero_shot_images),
+        outcomes.first().map_or(0, |o| o.eval.retrieval_pairs)
+    );
+    let _ = writeln!(
+        md,
+        "| variant | zero-shot top-1 | top-3 | top-5 | I→T R@1 | R@5 | R@10 | T→I R@1 | R@5 | R@10 | S_A | S_U | final loss | ms/step |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for o in outcomes {
+        let e = &o.eval;
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.3} | {:.3} | {:.0} |",
+            o.name,
+            e.zero_shot_top1,
+            e.zero_shot_top3,
+            e.zero_shot_top5,
+            e.image_to_text_r1,
+            e.image_to_text_r5,
+            e.image_to_text_r10,
+            e.text_to_image_r1,
+            e.text_to_image_r5,
+            e.text_to_image_r10,
+            e.alignment,
+            e.uniformity,
+            o.final_loss,
+            o.median_step_ms
+        );
+    }
+    let _ = writeln!(md, "\n![training loss](loss.png)\n");
+    let _ = writeln!(
+        md,
+        "Time per step is the median wall time of forward, loss, backward and optimiser step; the data wait over the whole run was {}.",
+        outcomes
+            .iter()
+            .map(|o| format!("{:.0} ms ({})", o.total_data_wait_ms, o.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    std::fs::write(path, md).map_err(io_err(path))
+}
