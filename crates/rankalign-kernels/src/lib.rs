@@ -16,7 +16,7 @@ pub mod layer_norm;
 pub mod plackett_luce;
 
 pub use layer_norm::layer_norm;
-pub use plackett_luce::{PlMode, pl_nll_reference};
+pub use plackett_luce::{PlMode, pl_nll, pl_nll_reference};
 
 /// Rows of `xs` `(.., d)` divided by their L2 norm.
 pub fn l2_normalize(xs: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {

@@ -16,7 +16,9 @@
 //! The reverse cumulative sum is a product with a lower-triangular ones matrix, which
 //! costs O(m²) per row; the fused kernel replaces it with a linear pass.
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use rayon::prelude::*;
 
 /// The ε that allRank's (and so RankCLIP's) ListMLE adds inside the log.
 pub const PARITY_EPS: f64 = 1e-10;
@@ -30,23 +32,9 @@ pub enum PlMode {
     Exact,
 }
 
-/// Per-row Plackett–Luce NLL, shape `(n)`.
-///
-/// - `scores`: `(n, m)` float utilities;
-/// - `order`: `(n, m)` u32, `order[i][k]` is the column placed at position `k` in row `i`
-///   (each row a permutation of `0..m`; not checked, a repeated index is a different loss);
-/// - `weights`: optional per-position weights `(m)` (RankCLIP's μ), applied before the sum.
-pub fn pl_nll_reference(
-    scores: &Tensor,
-    order: &Tensor,
-    mode: PlMode,
-    weights: Option<&Tensor>,
-) -> Result<Tensor> {
+fn check(scores: &Tensor, order: &Tensor, weights: Option<&Tensor>) -> Result<(usize, usize)> {
     let (n, m) = scores.dims2().map_err(|_| {
-        candle_core::Error::Msg(format!(
-            "pl_nll: scores must be (n, m), got {:?}",
-            scores.dims()
-        ))
+        candle_core::Error::Msg(format!("pl_nll: scores must be (n, m), got {:?}", scores.dims()))
     })?;
     if order.dims() != [n, m] || order.dtype() != DType::U32 {
         candle_core::bail!(
@@ -61,26 +49,315 @@ pub fn pl_nll_reference(
     {
         candle_core::bail!("pl_nll: weights must be [{m}], got {:?}", w.dims())
     }
+    Ok((n, m))
+}
+
+/// Per-row Plackett–Luce NLL, shape `(n)`, composed from candle ops (the reference).
+///
+/// - `scores`: `(n, m)` float utilities;
+/// - `order`: `(n, m)` u32, `order[i][k]` is the column placed at position `k` in row `i`
+///   (each row a permutation of `0..m`; not checked, a repeated index is a different loss);
+/// - `weights`: optional per-position weights `(m)` (RankCLIP's μ), applied before the sum.
+pub fn pl_nll_reference(
+    scores: &Tensor,
+    order: &Tensor,
+    mode: PlMode,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (_, m) = check(scores, order, weights)?;
     let dtype = scores.dtype();
     let x = scores.contiguous()?.gather(&order.contiguous()?, 1)?;
     let (x, eps) = match mode {
         PlMode::Parity => (x, PARITY_EPS),
         PlMode::Exact => (x.to_dtype(DType::F64)?, 0.0),
     };
+    // −inf scores are absent items: their terms are 0 and they add nothing to suffix sums.
+    let absent = x.broadcast_eq(&Tensor::new(f64::NEG_INFINITY, x.device())?.to_dtype(x.dtype())?)?;
+    let absent_f = absent.to_dtype(x.dtype())?;
     // The row max as one gathered element, so that with tied maxima its gradient goes to
-    // a single entry (as PyTorch's `max(dim)` does), not to every tied entry.
+    // a single entry (as PyTorch's `max(dim)` does), not to every tied entry. A row with
+    // no item left shifts by 0 instead of −inf.
     let argmax = x.argmax_keepdim(D::Minus1)?;
     let max = x.gather(&argmax, D::Minus1)?;
+    let max_absent = max.broadcast_eq(&Tensor::new(f64::NEG_INFINITY, x.device())?.to_dtype(x.dtype())?)?;
+    let max = max_absent.where_cond(&max.zeros_like()?, &max)?;
     let shifted = x.broadcast_sub(&max)?;
-    // suffix[k] = Σ_{j ≥ k} e_j = Σ_j e_j · tril[j][k].
+    // suffix[k] = Σ_{j ≥ k} e_j = Σ_j e_j · tril[j][k]. Absent positions add 1 inside the
+    // log so that no 0/0 reaches the backward pass; their terms are zeroed below.
     let tril = Tensor::tril2(m, x.dtype(), x.device())?;
-    let suffix = shifted.exp()?.matmul(&tril)?;
-    let terms = ((suffix + eps)?.log()? - shifted)?.to_dtype(dtype)?;
+    let suffix = (shifted.exp()?.matmul(&tril)? + &absent_f)?;
+    let terms = ((suffix + eps)?.log()? - &shifted)?;
+    let terms = absent.where_cond(&terms.zeros_like()?, &terms)?.to_dtype(dtype)?;
     let terms = match weights {
         Some(w) => terms.broadcast_mul(&w.to_dtype(dtype)?)?,
         None => terms,
     };
     terms.sum(D::Minus1)
+}
+
+/// The fused Plackett–Luce NLL: `(scores (n, m), order (n, m) u32) → (n)`.
+///
+/// Forward, per row, from the last position to the first: a running log-sum-exp
+/// (exact) or a running sum of `exp(x − max)` (parity), accumulated in f64. Backward, per
+/// row, from the first position to the last, with `L_k` the log-sum-exp of the suffix
+/// starting at `k`:
+///
+/// - exact: `∂/∂x_j = −μ_j + exp(x_j − L_j)·A_j`, `A_j = A_{j−1}·exp(L_j − L_{j−1}) + μ_j`;
+///   every factor is at most 1, so nothing overflows at any logit scale;
+/// - parity: `∂/∂x_j = −μ_j + exp(x_j − M)·B_j`, `B_j = Σ_{k≤j} μ_k/(c_k + ε)`, plus
+///   `Σ_k μ_k·ε/(c_k + ε)` on the row's first maximum (the max is not detached).
+///
+/// Both passes are O(m) per row with O(m) scratch; rows run in parallel.
+#[derive(Clone, Debug)]
+struct PlNll {
+    mode: PlMode,
+    weights: Option<Vec<f64>>,
+}
+
+impl PlNll {
+    fn mu(&self, k: usize) -> f64 {
+        self.weights.as_ref().map_or(1.0, |w| w[k])
+    }
+
+    /// Loss of one row; `x` is the row gathered in order.
+    fn row_loss(&self, x: &[f64]) -> f64 {
+        let m = x.len();
+        match self.mode {
+            PlMode::Exact => {
+                let (mut run_max, mut run_sum, mut loss) = (f64::NEG_INFINITY, 0.0, 0.0);
+                for k in (0..m).rev() {
+                    if x[k] == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    if x[k] > run_max {
+                        run_sum = run_sum * (run_max - x[k]).exp() + 1.0;
+                        run_max = x[k];
+                    } else {
+                        run_sum += (x[k] - run_max).exp();
+                    }
+                    loss += self.mu(k) * (run_max + run_sum.ln() - x[k]);
+                }
+                loss
+            }
+            PlMode::Parity => {
+                let max = first_max(x).map_or(0.0, |a| x[a]);
+                let (mut c, mut loss) = (0.0, 0.0);
+                for k in (0..m).rev() {
+                    if x[k] == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    c += (x[k] - max).exp();
+                    loss += self.mu(k) * ((c + PARITY_EPS).ln() - (x[k] - max));
+                }
+                loss
+            }
+        }
+    }
+
+    /// Gradient of one row's loss with respect to `x` (in order), into `g`.
+    fn row_grad(&self, x: &[f64], g: &mut [f64], scratch: &mut Vec<f64>) {
+        let m = x.len();
+        scratch.clear();
+        scratch.resize(m, f64::NEG_INFINITY);
+        match self.mode {
+            PlMode::Exact => {
+                // scratch[k] = L_k, the log-sum-exp of the present items at k.. (−inf if none).
+                let (mut run_max, mut run_sum) = (f64::NEG_INFINITY, 0.0);
+                for k in (0..m).rev() {
+                    if x[k] != f64::NEG_INFINITY {
+                        if x[k] > run_max {
+                            run_sum = run_sum * (run_max - x[k]).exp() + 1.0;
+                            run_max = x[k];
+                        } else {
+                            run_sum += (x[k] - run_max).exp();
+                        }
+                    }
+                    scratch[k] = if run_sum > 0.0 { run_max + run_sum.ln() } else { f64::NEG_INFINITY };
+                }
+                let mut acc = 0.0;
+                let mut prev = f64::NEG_INFINITY;
+                for j in 0..m {
+                    let l = scratch[j];
+                    acc = if l == f64::NEG_INFINITY || prev == f64::NEG_INFINITY { 0.0 } else { acc * (l - prev).exp() };
+                    if x[j] == f64::NEG_INFINITY {
+                        g[j] = 0.0;
+                    } else {
+                        acc += self.mu(j);
+                        g[j] = -self.mu(j) + (x[j] - l).exp() * acc;
+                    }
+                    prev = l;
+                }
+            }
+            PlMode::Parity => {
+                let argmax = first_max(x);
+                let max = argmax.map_or(0.0, |a| x[a]);
+                // scratch[k] = c_k = Σ_{present j ≥ k} exp(x_j − max).
+                let mut c = 0.0;
+                for k in (0..m).rev() {
+                    if x[k] != f64::NEG_INFINITY {
+                        c += (x[k] - max).exp();
+                    }
+                    scratch[k] = c;
+                }
+                let (mut b, mut via_max) = (0.0, 0.0);
+                for j in 0..m {
+                    if x[j] == f64::NEG_INFINITY {
+                        g[j] = 0.0;
+                        continue;
+                    }
+                    let denom = scratch[j] + PARITY_EPS;
+                    b += self.mu(j) / denom;
+                    via_max += self.mu(j) * PARITY_EPS / denom;
+                    g[j] = -self.mu(j) + (x[j] - max).exp() * b;
+                }
+                if let Some(a) = argmax {
+                    g[a] += via_max;
+                }
+            }
+        }
+    }
+}
+
+/// Position of the first maximum among present (finite or +inf) entries.
+fn first_max(x: &[f64]) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (k, &v) in x.iter().enumerate() {
+        if v != f64::NEG_INFINITY && best.is_none_or(|b| v > x[b]) {
+            best = Some(k);
+        }
+    }
+    best
+}
+
+/// Contiguous f32 or f64 data of a CPU tensor argument, widened to f64.
+fn to_f64(storage: &CpuStorage, layout: &Layout, what: &str) -> Result<Vec<f64>> {
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("pl_nll: {what} must be contiguous")))?;
+    Ok(match storage {
+        CpuStorage::F32(v) => v[a..b].iter().map(|&x| f64::from(x)).collect(),
+        CpuStorage::F64(v) => v[a..b].to_vec(),
+        _ => candle_core::bail!("pl_nll: {what} must be f32 or f64, got {:?}", storage.dtype()),
+    })
+}
+
+fn order_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]> {
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("pl_nll: order must be contiguous".into()))?;
+    match storage {
+        CpuStorage::U32(v) => Ok(&v[a..b]),
+        _ => candle_core::bail!("pl_nll: order must be u32, got {:?}", storage.dtype()),
+    }
+}
+
+fn storage_like(values: Vec<f64>, dtype: DType) -> CpuStorage {
+    match dtype {
+        DType::F32 => CpuStorage::F32(values.into_iter().map(|v| v as f32).collect()),
+        _ => CpuStorage::F64(values),
+    }
+}
+
+impl CustomOp2 for PlNll {
+    fn name(&self) -> &'static str {
+        "pl_nll"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, m) = l1.shape().dims2()?;
+        let scores = to_f64(s1, l1, "scores")?;
+        let order = order_slice(s2, l2)?;
+        let losses: Vec<f64> = (0..n)
+            .into_par_iter()
+            .map(|i| {
+                let row = &scores[i * m..(i + 1) * m];
+                let x: Vec<f64> = order[i * m..(i + 1) * m].iter().map(|&c| row[c as usize]).collect();
+                self.row_loss(&x)
+            })
+            .collect();
+        Ok((storage_like(losses, s1.dtype()), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::pl_nll_fwd(self.mode, self.weights.as_deref(), s1, l1, s2, l2)
+    }
+
+    fn bwd(&self, scores: &Tensor, order: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = scores.apply_op3_no_bwd(order, &grad.contiguous()?, &PlNllGrad(self.clone()))?;
+        Ok((Some(g), None))
+    }
+}
+
+/// `(scores, order, upstream (n)) → ∂loss/∂scores (n, m)`.
+struct PlNllGrad(PlNll);
+
+impl CustomOp3 for PlNllGrad {
+    fn name(&self) -> &'static str {
+        "pl_nll_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, m) = l1.shape().dims2()?;
+        let scores = to_f64(s1, l1, "scores")?;
+        let order = order_slice(s2, l2)?;
+        let upstream = to_f64(s3, l3, "gradient")?;
+        let mut out = vec![0f64; n * m];
+        out.par_chunks_mut(m.max(1)).enumerate().for_each(|(i, out_row)| {
+            let row = &scores[i * m..(i + 1) * m];
+            let ord = &order[i * m..(i + 1) * m];
+            let x: Vec<f64> = ord.iter().map(|&c| row[c as usize]).collect();
+            let mut g = vec![0f64; m];
+            let mut scratch = Vec::with_capacity(m);
+            self.0.row_grad(&x, &mut g, &mut scratch);
+            for (k, &c) in ord.iter().enumerate() {
+                out_row[c as usize] += g[k] * upstream[i];
+            }
+        });
+        Ok((storage_like(out, s1.dtype()), Shape::from((n, m))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::pl_nll_bwd(self.0.mode, self.0.weights.as_deref(), s1, l1, s2, l2, s3, l3)
+    }
+}
+
+/// Per-row Plackett–Luce NLL, shape `(n)`: the fused kernel, with the same contract as
+/// [`pl_nll_reference`] (including −inf scores as absent items). f32 and f64 run fused;
+/// other dtypes fall back to the reference.
+pub fn pl_nll(scores: &Tensor, order: &Tensor, mode: PlMode, weights: Option<&Tensor>) -> Result<Tensor> {
+    let (n, m) = check(scores, order, weights)?;
+    if !matches!(scores.dtype(), DType::F32 | DType::F64) {
+        return pl_nll_reference(scores, order, mode, weights);
+    }
+    let weights = weights.map(|w| w.to_dtype(DType::F64)?.to_vec1::<f64>()).transpose()?;
+    if n == 0 || m == 0 {
+        return Tensor::zeros(n, scores.dtype(), scores.device());
+    }
+    scores.contiguous()?.apply_op2(&order.contiguous()?, PlNll { mode, weights })
 }
 
 #[cfg(test)]

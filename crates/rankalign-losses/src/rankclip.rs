@@ -23,7 +23,7 @@ use candle_core::{DType, Result, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-use rankalign_kernels::{PlMode, pl_nll_reference};
+use rankalign_kernels::{PlMode, pl_nll};
 use serde::{Deserialize, Serialize};
 
 use crate::info_nce::clip_loss;
@@ -234,7 +234,7 @@ pub fn listmle(
         RankMode::Parity => PlMode::Parity,
         RankMode::Exact => PlMode::Exact,
     };
-    pl_nll_reference(pred, &order, mode, decay)?.mean_all()
+    pl_nll(pred, &order, mode, decay)?.mean_all()
 }
 
 /// RankCLIP's loss for unnormalised embeddings `image`, `text` `(b, d)` and the raw

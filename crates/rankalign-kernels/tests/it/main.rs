@@ -1,0 +1,4 @@
+//! Fused kernels against their references (values and gradients, f32 and f64) and
+//! against central finite differences.
+
+mod plackett_luce;
