@@ -1,16 +1,22 @@
-//! LayerNorm over the last dimension, composed from differentiable candle ops.
+//! LayerNorm over the last dimension: a fused kernel with a hand-written backward, and
+//! the reference composed from differentiable candle ops.
 //!
 //! `candle_nn::LayerNorm` dispatches contiguous input to a fused op that has no
-//! backward, so gradients stop there without an error. This version is slower per
-//! call but always differentiable; it is the reference a fused kernel must match.
+//! backward, so gradients stop there without an error (with the stock CLIP only 29 of
+//! 78 variables got gradients). Forward, per row: mean and biased variance accumulated in
+//! f64, `y = (x − μ)·r·w + b` with `r = 1/√(σ² + ε)`. Backward, per row, with
+//! `x̂ = (x − μ)·r` and `g = ∂y·w`: `∂x = r·(g − mean(g) − x̂·mean(g·x̂))`; `∂w = Σ ∂y·x̂`
+//! and `∂b = Σ ∂y` over rows, summed in fixed blocks in a fixed order so that results do
+//! not depend on thread scheduling (resume is bit-exact).
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
-/// `y = (x - mean) / sqrt(var + eps) * weight + bias` over the last dimension.
-///
-/// `xs` is `(.., d)`; `weight` and `bias` are `(d)`. The variance is the biased one, as
-/// in PyTorch. Half-precision input is normalised in f32 and cast back.
-pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+/// Rows per parallel task (and per partial sum of `∂w`, `∂b`).
+const BLOCK: usize = 64;
+
+fn check(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<usize> {
     let d = xs.dim(D::Minus1)?;
     if weight.dims() != [d] || bias.dims() != [d] {
         candle_core::bail!(
@@ -20,6 +26,13 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
             bias.dims()
         )
     }
+    Ok(d)
+}
+
+/// `y = (x − mean) / √(var + eps) · weight + bias` over the last dimension, composed
+/// from candle ops. Half-precision input is normalised in f32 and cast back.
+pub fn layer_norm_reference(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    check(xs, weight, bias)?;
     let dtype = xs.dtype();
     let xs = match dtype {
         DType::F16 | DType::BF16 => xs.to_dtype(DType::F32)?,
@@ -29,10 +42,195 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
     let centred = xs.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed
-        .to_dtype(dtype)?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)
+    normed.to_dtype(dtype)?.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// LayerNorm over the last dimension, fused for f32 and f64 (other dtypes use the
+/// reference). `xs` is `(.., d)`; `weight` and `bias` are `(d)`.
+pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    check(xs, weight, bias)?;
+    let fused = matches!(xs.dtype(), DType::F32 | DType::F64) && weight.dtype() == xs.dtype() && bias.dtype() == xs.dtype();
+    if !fused || xs.elem_count() == 0 {
+        return layer_norm_reference(xs, weight, bias, eps);
+    }
+    xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNormOp { eps })
+}
+
+#[derive(Clone, Copy, Debug)]
+struct LayerNormOp {
+    eps: f64,
+}
+
+fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("layer_norm: {what} must be contiguous")))?;
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// Float element types the CPU kernels run on.
+trait Float: candle_core::WithDType + Copy + Send + Sync {
+    fn f64(self) -> f64;
+    fn of(v: f64) -> Self;
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+impl Float for f32 {
+    fn f64(self) -> f64 {
+        f64::from(self)
+    }
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Float for f64 {
+    fn f64(self) -> f64 {
+        self
+    }
+    fn of(v: f64) -> Self {
+        v
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// Mean and `1/√(var + eps)` of a row.
+fn moments<T: Float>(row: &[T], eps: f64) -> (f64, f64) {
+    let d = row.len() as f64;
+    let mean = row.iter().map(|v| v.f64()).sum::<f64>() / d;
+    let var = row.iter().map(|v| (v.f64() - mean).powi(2)).sum::<f64>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn forward<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let mut out = vec![T::of(0.0); x.len()];
+    out.par_chunks_mut(d * BLOCK).zip(x.par_chunks(d * BLOCK)).for_each(|(o, xb)| {
+        for (orow, row) in o.chunks_mut(d).zip(xb.chunks(d)) {
+            let (mean, r) = moments(row, eps);
+            for i in 0..d {
+                orow[i] = T::of((row[i].f64() - mean) * r * w[i].f64() + b[i].f64());
+            }
+        }
+    });
+    out
+}
+
+/// `(∂x, ∂w, ∂b)` packed as one vector of `rows·d + 2d`.
+fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let mut dx = vec![T::of(0.0); x.len()];
+    let partials: Vec<Vec<f64>> = dx
+        .par_chunks_mut(d * BLOCK)
+        .zip(x.par_chunks(d * BLOCK).zip(dy.par_chunks(d * BLOCK)))
+        .map(|(dxb, (xb, dyb))| {
+            let mut part = vec![0f64; 2 * d];
+            for ((dxr, xr), dyr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(dyb.chunks(d)) {
+                let (mean, r) = moments(xr, eps);
+                let (mut mg, mut mgx) = (0.0, 0.0);
+                for i in 0..d {
+                    let xh = (xr[i].f64() - mean) * r;
+                    let g = dyr[i].f64() * w[i].f64();
+                    mg += g;
+                    mgx += g * xh;
+                    part[i] += dyr[i].f64() * xh;
+                    part[d + i] += dyr[i].f64();
+                }
+                let (mg, mgx) = (mg / d as f64, mgx / d as f64);
+                for i in 0..d {
+                    let xh = (xr[i].f64() - mean) * r;
+                    dxr[i] = T::of(r * (dyr[i].f64() * w[i].f64() - mg - xh * mgx));
+                }
+            }
+            part
+        })
+        .collect();
+    let mut sums = vec![0f64; 2 * d];
+    for part in &partials {
+        for (s, p) in sums.iter_mut().zip(part) {
+            *s += p;
+        }
+    }
+    dx.extend(sums.into_iter().map(T::of));
+    dx
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer_norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match s1.dtype() {
+            DType::F32 => f32::storage(forward(slice::<f32>(s1, l1, "x")?, slice(s2, l2, "weight")?, slice(s3, l3, "bias")?, self.eps)),
+            DType::F64 => f64::storage(forward(slice::<f64>(s1, l1, "x")?, slice(s2, l2, "weight")?, slice(s3, l3, "bias")?, self.eps)),
+            dt => candle_core::bail!("layer_norm: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::layer_norm_fwd(self.eps, s1, l1, s2, l2, s3, l3)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.dim(0)?;
+        let n = x.elem_count();
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, d)?;
+        let db = packed.narrow(0, n + d, d)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `(x, weight, ∂y) → [∂x (flattened), ∂w, ∂b]`.
+struct LayerNormGrad {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "layer_norm_grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = l2.shape().elem_count();
+        let n = l1.shape().elem_count();
+        let out = match s1.dtype() {
+            DType::F32 => f32::storage(backward(slice::<f32>(s1, l1, "x")?, slice(s2, l2, "weight")?, slice(s3, l3, "gradient")?, self.eps)),
+            DType::F64 => f64::storage(backward(slice::<f64>(s1, l1, "x")?, slice(s2, l2, "weight")?, slice(s3, l3, "gradient")?, self.eps)),
+            dt => candle_core::bail!("layer_norm: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
+        Ok((out, Shape::from(n + 2 * d)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::layer_norm_bwd(self.eps, s1, l1, s2, l2, s3, l3)
+    }
 }
 
 #[cfg(test)]
@@ -47,7 +245,7 @@ mod tests {
         let w = Var::new(&[1f32, 2., 1., 1.], &dev)?;
         let b = Var::new(&[0f32, 0., 1., 0.], &dev)?;
         let y = layer_norm(&x, &w, &b, 0.0)?;
-        // mean 3, biased var 3.5, std 1.8708287
+        // mean 3, biased var 3.5
         let s = 3.5f32.sqrt();
         let want = [-2.0 / s, 2.0 * (-1.0 / s), 1.0, 3.0 / s];
         let got = y.flatten_all()?.to_vec1::<f32>()?;

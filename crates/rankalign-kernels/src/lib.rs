@@ -1,21 +1,29 @@
 //! Tensor kernels behind rankalign's ranking losses and transformer blocks.
 //!
-//! Every op here has a reference built only from plain candle ops, which autograd
-//! differentiates; that reference is the ground truth that fused kernels are tested
-//! against. Today the crate holds the references:
+//! Each op is a candle `CustomOp` with a CPU forward, a hand-written backward and (with
+//! the `cuda` feature) CUDA kernels, next to a `*_reference` built only from plain candle
+//! ops, which autograd differentiates and which the fused op is tested against:
 //!
 //! - [`plackett_luce`]: the Plackett–Luce negative log-likelihood of a given order
-//!   (ListMLE), in the authors' *parity* form (max shift, ε = 1e-10) and the *exact* form;
+//!   (ListMLE), in the authors' *parity* form (max shift, ε = 1e-10) and the *exact* form,
+//!   O(m) per row forward and backward;
 //! - [`layer_norm`]: LayerNorm with a backward pass (candle 0.11.1's fused LayerNorm has
-//!   none on contiguous input, which silently froze most of a CLIP's parameters).
+//!   none on contiguous input, which silently froze most of a CLIP's parameters);
+//! - [`pairwise`]: L2RCLIP's weighted pairwise-distance diversity term, in the code's
+//!   Euclidean form and the paper's meanNN (log) form.
 //!
-//! Architecture invariant: this crate depends on no other workspace crate, and every
-//! op has a CPU path.
+//! Architecture invariant: this crate depends on no other workspace crate; every op has
+//! a CPU path and a reference; the CUDA code only adds a device.
 
 pub mod layer_norm;
+pub mod pairwise;
 pub mod plackett_luce;
 
-pub use layer_norm::layer_norm;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+pub use layer_norm::{layer_norm, layer_norm_reference};
+pub use pairwise::{PairwiseForm, weighted_pairwise, weighted_pairwise_reference};
 pub use plackett_luce::{PlMode, pl_nll, pl_nll_reference};
 
 /// Rows of `xs` `(.., d)` divided by their L2 norm.

@@ -2,3 +2,5 @@
 //! against central finite differences.
 
 mod plackett_luce;
+mod layer_norm;
+mod pairwise;
