@@ -3,7 +3,11 @@
 //! - `train [ARGS…]`: builds the release CLI and runs `rankalign train ARGS…` (by default
 //!   the embedded-data job `configs/digits-default.toml`);
 //! - `test`: the test command of the README, `cargo test --workspace --release`;
-//! - `ci`: formatting, clippy with warnings denied, then the tests.
+//! - `ci`: formatting, clippy with warnings denied, then the tests;
+//! - `bench [--quick] [--setup-torch]`: the kernel benchmarks next to PyTorch eager, same
+//!   thread count, written to `docs/BENCHMARKS.md`;
+//! - `cuda-check`: installs `nvcc` from PyPI into a cached venv, compiles the `.cu` files
+//!   to PTX and runs `cargo check` with the `cuda` feature (no GPU needed).
 //!
 //! xtask links no ML crate: it only spawns cargo, so it builds in seconds and training
 //! always runs from an optimised binary.
@@ -13,22 +17,24 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
+mod bench;
+mod cuda;
 mod tidy;
 
-fn project_root() -> PathBuf {
+pub(crate) fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("invariant: xtask lives in the workspace root")
         .to_path_buf()
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(project_root());
     cmd
 }
 
-fn run(mut cmd: Command) -> Result<()> {
+pub(crate) fn run(mut cmd: Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {shown}"))?;
     if !status.success() {
@@ -37,10 +43,12 @@ fn run(mut cmd: Command) -> Result<()> {
     Ok(())
 }
 
-const USAGE: &str = "usage: cargo xtask <train [ARGS…] | test | ci>
-  train   train and evaluate (default: configs/digits-default.toml); ARGS go to `rankalign train`
-  test    cargo test --workspace --release
-  ci      cargo fmt --check, cargo clippy -D warnings, then the tests";
+const USAGE: &str = "usage: cargo xtask <train [ARGS…] | test | ci | bench [--quick] [--setup-torch] | cuda-check>
+  train       train and evaluate (default: configs/digits-default.toml); ARGS go to `rankalign train`
+  test        cargo test --workspace --release
+  ci          cargo fmt --check, cargo clippy -D warnings, then the tests
+  bench       kernel benchmarks beside PyTorch; --setup-torch first makes a venv with torch
+  cuda-check  compile the CUDA kernels to PTX and `cargo check` the cuda feature (no GPU needed)";
 
 fn main() -> ExitCode {
     match try_main() {
@@ -72,6 +80,8 @@ fn try_main() -> Result<()> {
             run(cmd)
         }
         Some("test") => test(),
+        Some("bench") => bench::run(&args[1..]),
+        Some("cuda-check") => cuda::check(),
         Some("ci") => {
             let mut fmt = cargo();
             fmt.args(["fmt", "--all", "--check"]);

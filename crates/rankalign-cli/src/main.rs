@@ -47,6 +47,9 @@ enum Command {
         /// Write runs under this directory instead of the config's `out_dir`.
         #[arg(long)]
         out_dir: Option<PathBuf>,
+        /// `cpu`, or `cuda` / `cuda:N` (needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }
 
@@ -85,7 +88,7 @@ fn main() -> Result<()> {
             if std::env::var_os("RAYON_NUM_THREADS").is_none() || threads.is_some() {
                 set_compute_threads(per_run);
             }
-            train(&exp, overwrite, stop_after, per_run, concurrent)
+            train(&exp, &device, overwrite, stop_after, per_run, concurrent)
         }
     }
 }

@@ -1,0 +1,145 @@
+//! Benchmarks of the fused kernels against their composed-candle references: forward +
+//! backward time (median of several runs after warm-up) and peak resident memory.
+//!
+//! Prints one JSON object per line. `cargo xtask bench` runs this next to the PyTorch
+//! script `benches/torch_reference.py` with the same thread count and writes the table.
+//! Usage: `bench [--quick]`.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rankalign_kernels::{PairwiseForm, PlMode, layer_norm, layer_norm_reference, pl_nll, pl_nll_reference, weighted_pairwise, weighted_pairwise_reference};
+
+/// Resident-set high-water mark since the last reset, in bytes (Linux; 0 elsewhere).
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn reset_peak() {
+    // Writing 5 to clear_refs resets VmHWM to the current RSS.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Median seconds and peak extra memory of `f` after `warmup` runs.
+fn measure(mut f: impl FnMut() -> Result<()>, warmup: usize, runs: usize) -> Result<(f64, u64)> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(runs);
+    let mut peak = 0;
+    for _ in 0..runs {
+        reset_peak();
+        let base = rss();
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+        peak = peak.max(peak_rss().saturating_sub(base));
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], peak))
+}
+
+fn emit(op: &str, size: &str, imp: &str, secs: f64, peak: u64) {
+    #[allow(clippy::print_stdout)]
+    {
+        println!(r#"{{"op":"{op}","size":"{size}","impl":"{imp}","ms":{:.4},"peak_mb":{:.2}}}"#, secs * 1e3, peak as f64 / 1048576.0);
+    }
+}
+
+fn random(shape: (usize, usize), seed: u64) -> Result<Tensor> {
+    // A cheap deterministic generator: sin of a scaled index.
+    let n = shape.0 * shape.1;
+    let v: Vec<f32> = (0..n).map(|i| ((i as f64 * 12.9898 + seed as f64 * 78.233).sin() * 43758.5453).fract() as f32).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+fn permutations(n: usize, m: usize) -> Result<Tensor> {
+    let mut v = Vec::with_capacity(n * m);
+    for i in 0..n {
+        let stride = (2 * i + 1) % m.max(1);
+        let stride = if stride == 0 { 1 } else { stride };
+        // A bijection of 0..m when gcd(stride, m) = 1; otherwise fall back to identity.
+        let coprime = (1..=m).all(|d| !(m % d == 0 && stride % d == 0 && d > 1));
+        v.extend((0..m).map(|k| if coprime { ((k * stride + i) % m) as u32 } else { k as u32 }));
+    }
+    Tensor::from_vec(v, (n, m), &Device::Cpu)
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (warmup, runs) = if quick { (1, 3) } else { (3, 15) };
+    let sizes: &[usize] = if quick { &[128, 512] } else { &[128, 512, 1024, 2048] };
+    for &b in sizes {
+        let scores = Var::from_tensor(&(random((b, b), 1)? * 14.0)?)?;
+        let order = permutations(b, b)?;
+        let size = format!("{b}x{b}");
+        for (imp, fused) in [("fused", true), ("candle", false)] {
+            let (t, p) = measure(
+                || {
+                    let rows = if fused { pl_nll(&scores, &order, PlMode::Parity, None)? } else { pl_nll_reference(&scores, &order, PlMode::Parity, None)? };
+                    rows.sum_all()?.backward()?;
+                    Ok(())
+                },
+                warmup,
+                runs,
+            )?;
+            emit("pl_nll", &size, imp, t, p);
+        }
+        let a = Var::from_tensor(&random((b, 512), 2)?)?;
+        let c = Var::from_tensor(&random((b, 512), 3)?)?;
+        let w = random((b, b), 4)?.abs()?;
+        for (imp, fused) in [("fused", true), ("candle", false)] {
+            let (t, p) = measure(
+                || {
+                    let l = if fused {
+                        weighted_pairwise(&a, &c, &w, PairwiseForm::Euclidean)?
+                    } else {
+                        weighted_pairwise_reference(&a, &c, &w, PairwiseForm::Euclidean)?
+                    };
+                    l.backward()?;
+                    Ok(())
+                },
+                warmup,
+                runs,
+            )?;
+            emit("pairwise_dist", &format!("{b}x{b}x512"), imp, t, p);
+        }
+    }
+    let ln_shapes: &[(usize, usize)] = if quick { &[(2048, 512)] } else { &[(2048, 512), (8192, 512), (16384, 512), (4096, 768)] };
+    for &(rows, d) in ln_shapes {
+        let x = Var::from_tensor(&random((rows, d), 5)?)?;
+        let w = Var::from_tensor(&(random((1, d), 6)?.squeeze(0)? + 1.0)?)?;
+        let bias = Var::from_tensor(&random((1, d), 7)?.squeeze(0)?)?;
+        let up = random((rows, d), 8)?;
+        for (imp, fused) in [("fused", true), ("candle", false)] {
+            let (t, p) = measure(
+                || {
+                    let y = if fused { layer_norm(&x, &w, &bias, 1e-5)? } else { layer_norm_reference(&x, &w, &bias, 1e-5)? };
+                    (y * &up)?.sum_all()?.backward()?;
+                    Ok(())
+                },
+                warmup,
+                runs,
+            )?;
+            emit("layer_norm", &format!("{rows}x{d}"), imp, t, p);
+        }
+    }
+    let _ = DType::F32;
+    Ok(())
+}
