@@ -9,7 +9,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, project_root, run};
+use crate::{cargo, project_root, run as run_cmd};
 
 fn torch_venv() -> PathBuf {
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
@@ -33,7 +33,13 @@ fn parse(line: &str) -> Option<Row> {
         let end = rest.find([',', '}'])?;
         Some(rest[..end].trim().trim_matches('"').to_string())
     };
-    Some(Row { op: field("op")?, size: field("size")?, imp: field("impl")?, ms: field("ms")?.parse().ok()?, peak_mb: field("peak_mb")?.parse().ok()? })
+    Some(Row {
+        op: field("op")?,
+        size: field("size")?,
+        imp: field("impl")?,
+        ms: field("ms")?.parse().ok()?,
+        peak_mb: field("peak_mb")?.parse().ok()?,
+    })
 }
 
 fn capture(mut cmd: Command) -> Result<String> {
@@ -50,21 +56,33 @@ pub fn run(args: &[String]) -> Result<()> {
     let venv = torch_venv();
     let python = venv.join("bin/python");
     if args.iter().any(|a| a == "--setup-torch") && !python.exists() {
-        eprintln!("xtask: creating {} with torch (a large download)", venv.display());
+        eprintln!(
+            "xtask: creating {} with torch (a large download)",
+            venv.display()
+        );
         let mut mk = Command::new("python3");
         mk.args(["-m", "venv"]).arg(&venv);
-        run(mk)?;
+        run_cmd(mk)?;
         let mut pip = Command::new(venv.join("bin/pip"));
         pip.args(["install", "--quiet", "torch", "numpy"]);
-        run(pip)?;
+        run_cmd(pip)?;
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut build = cargo();
-    build.args(["build", "--release", "--quiet", "-p", "rankalign-kernels", "--example", "bench"]);
-    run(build)?;
+    build.args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "rankalign-kernels",
+        "--example",
+        "bench",
+    ]);
+    run_cmd(build)?;
     let exe = project_root().join("target/release/examples/bench");
     let mut rust = Command::new(&exe);
-    rust.env("RAYON_NUM_THREADS", threads.to_string()).env("CANDLE_NUM_THREADS", threads.to_string());
+    rust.env("RAYON_NUM_THREADS", threads.to_string())
+        .env("CANDLE_NUM_THREADS", threads.to_string());
     if quick {
         rust.arg("--quick");
     }
@@ -77,18 +95,31 @@ pub fn run(args: &[String]) -> Result<()> {
         if quick {
             py.arg("--quick");
         }
-        eprintln!("xtask: running {} with {threads} thread(s)", script.display());
+        eprintln!(
+            "xtask: running {} with {threads} thread(s)",
+            script.display()
+        );
         match capture(py) {
             Ok(out) => {
                 rows.extend(out.lines().filter_map(parse));
                 let mut v = Command::new(&python);
                 v.args(["-c", "import torch; print(torch.__version__)"]);
-                format!("PyTorch {} eager (`{}`)", capture(v).unwrap_or_default().trim(), script.strip_prefix(project_root()).unwrap_or(&script).display())
+                format!(
+                    "PyTorch {} eager (`{}`)",
+                    capture(v).unwrap_or_default().trim(),
+                    script
+                        .strip_prefix(project_root())
+                        .unwrap_or(&script)
+                        .display()
+                )
             }
             Err(e) => format!("PyTorch column missing: the torch script failed ({e})"),
         }
     } else {
-        format!("PyTorch column missing: no venv at {}; run `cargo xtask bench --setup-torch`", venv.display())
+        format!(
+            "PyTorch column missing: no venv at {}; run `cargo xtask bench --setup-torch`",
+            venv.display()
+        )
     };
     let table = render(&rows, threads, &torch_note, quick);
     eprintln!("{table}");
@@ -115,11 +146,15 @@ fn render(rows: &[Row], threads: usize, torch_note: &str, quick: bool) -> String
         if !order.contains(&key) {
             order.push(key.clone());
         }
-        by.entry(key).or_default().insert(r.imp.clone(), (r.ms, r.peak_mb));
+        by.entry(key)
+            .or_default()
+            .insert(r.imp.clone(), (r.ms, r.peak_mb));
     }
-    let cell = |m: &BTreeMap<String, (f64, f64)>, k: &str, f: fn(&(f64, f64)) -> f64, digits: usize| {
-        m.get(k).map_or_else(|| "–".to_string(), |v| format!("{:.*}", digits, f(v)))
-    };
+    let cell =
+        |m: &BTreeMap<String, (f64, f64)>, k: &str, f: fn(&(f64, f64)) -> f64, digits: usize| {
+            m.get(k)
+                .map_or_else(|| "–".to_string(), |v| format!("{:.*}", digits, f(v)))
+        };
     let ratio = |m: &BTreeMap<String, (f64, f64)>, k: &str| match (m.get(k), m.get("fused")) {
         (Some(a), Some(b)) if b.0 > 0.0 => format!("{:.2}×", a.0 / b.0),
         _ => "–".into(),
@@ -135,7 +170,9 @@ fn render(rows: &[Row], threads: usize, torch_note: &str, quick: bool) -> String
         cpu_model(),
         torch_note
     ));
-    s.push_str("Reproduce: `cargo xtask bench` (add `--setup-torch` once to create the PyTorch venv).\n\n");
+    s.push_str(
+        "Reproduce: `cargo xtask bench` (add `--setup-torch` once to create the PyTorch venv).\n\n",
+    );
     s.push_str("| op | size | fused ms | candle ms | torch ms | vs candle | vs torch | peak MB fused | candle | torch |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for key in &order {
@@ -166,11 +203,29 @@ mod tests {
 
     #[test]
     fn parses_both_programs_lines() {
-        let r = parse(r#"{"op": "pl_nll", "size": "128x128", "impl": "torch", "ms": 1.25, "peak_mb": 0.5}"#).unwrap();
-        assert_eq!((r.op.as_str(), r.size.as_str(), r.imp.as_str(), r.ms, r.peak_mb), ("pl_nll", "128x128", "torch", 1.25, 0.5));
-        let r = parse(r#"{"op":"layer_norm","size":"2048x512","impl":"fused","ms":0.9000,"peak_mb":4.00}"#).unwrap();
+        let r = parse(
+            r#"{"op": "pl_nll", "size": "128x128", "impl": "torch", "ms": 1.25, "peak_mb": 0.5}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                r.op.as_str(),
+                r.size.as_str(),
+                r.imp.as_str(),
+                r.ms,
+                r.peak_mb
+            ),
+            ("pl_nll", "128x128", "torch", 1.25, 0.5)
+        );
+        let r = parse(
+            r#"{"op":"layer_norm","size":"2048x512","impl":"fused","ms":0.9000,"peak_mb":4.00}"#,
+        )
+        .unwrap();
         assert_eq!((r.imp.as_str(), r.ms), ("fused", 0.9));
         let table = render(&[r], 2, "none", true);
-        assert!(table.contains("| layer_norm | 2048x512 | 0.900 |"), "{table}");
+        assert!(
+            table.contains("| layer_norm | 2048x512 | 0.900 |"),
+            "{table}"
+        );
     }
 }

@@ -73,7 +73,9 @@ fn main() -> Result<()> {
             stop_after,
             threads,
             out_dir,
+            device,
         } => {
+            let device = parse_device(&device)?;
             let mut exp = ExperimentConfig::load(&config)?;
             if let Some(dir) = out_dir {
                 exp.out_dir = dir;
@@ -93,14 +95,35 @@ fn main() -> Result<()> {
     }
 }
 
+/// `cpu`, `cuda` or `cuda:N`.
+fn parse_device(name: &str) -> Result<candle_core::Device> {
+    let ordinal = match name {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "cuda" => 0,
+        other => match other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) => n,
+            None => anyhow::bail!("--device: expected cpu, cuda or cuda:N, got {other:?}"),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        anyhow::bail!(
+            "--device {name}: this binary was built without CUDA; rebuild with `--features cuda` on a machine with the CUDA toolkit (README, CUDA)"
+        );
+    }
+    candle_core::Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+}
+
 fn train(
     exp: &ExperimentConfig,
+    device: &candle_core::Device,
     overwrite: bool,
     stop_after: Option<usize>,
     per_run: usize,
     concurrent: usize,
 ) -> Result<()> {
-    let device = candle_core::Device::Cpu;
     let total = exp.total_steps();
     eprintln!(
         "rankalign: {} — {} variant(s) × {} steps ({} epochs of {} steps), {} at a time with {} compute thread(s) each",
@@ -141,7 +164,7 @@ fn train(
         on_log: Some(on_log),
     };
     let out =
-        run_experiment(exp, &device, &opts).with_context(|| format!("experiment {}", exp.name))?;
+        run_experiment(exp, device, &opts).with_context(|| format!("experiment {}", exp.name))?;
     let mut table = String::new();
     for v in &out.variants {
         let e = &v.eval;

@@ -58,3 +58,17 @@ fn the_default_config_is_valid() {
     assert!(!ok);
     assert!(err.contains("sede") && !err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn a_cuda_device_without_cuda_is_explained() {
+    let (ok, err) = rankalign(&["train", "--device", "cuda"]);
+    assert!(!ok);
+    let expected = if cfg!(feature = "cuda") {
+        "CUDA"
+    } else {
+        "built without CUDA"
+    };
+    assert!(err.contains(expected) && !err.contains("panicked"), "{err}");
+    let (ok, err) = rankalign(&["train", "--device", "tpu"]);
+    assert!(!ok && err.contains("expected cpu, cuda or cuda:N"), "{err}");
+}

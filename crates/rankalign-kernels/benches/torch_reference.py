@@ -17,20 +17,20 @@ import time
 import torch
 
 
-def peak_rss():
+def status_bytes(key):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def peak_rss():
+    return status_bytes("VmHWM:")
 
 
 def rss():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return status_bytes("VmRSS:")
 
 
 def reset_peak():

@@ -7,28 +7,30 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
-use rankalign_kernels::{PairwiseForm, PlMode, layer_norm, layer_norm_reference, pl_nll, pl_nll_reference, weighted_pairwise, weighted_pairwise_reference};
+use candle_core::{Device, Result, Tensor, Var};
+use rankalign_kernels::{
+    PairwiseForm, PlMode, layer_norm, layer_norm_reference, pl_nll, pl_nll_reference,
+    weighted_pairwise, weighted_pairwise_reference,
+};
 
-/// Resident-set high-water mark since the last reset, in bytes (Linux; 0 elsewhere).
-fn peak_rss() -> u64 {
+/// A `kB` field of `/proc/self/status` in bytes (Linux; 0 elsewhere).
+fn status_bytes(key: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Resident-set high-water mark since the last reset.
+fn peak_rss() -> u64 {
+    status_bytes("VmHWM:")
+}
+
 fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    status_bytes("VmRSS:")
 }
 
 fn reset_peak() {
@@ -58,14 +60,20 @@ fn measure(mut f: impl FnMut() -> Result<()>, warmup: usize, runs: usize) -> Res
 fn emit(op: &str, size: &str, imp: &str, secs: f64, peak: u64) {
     #[allow(clippy::print_stdout)]
     {
-        println!(r#"{{"op":"{op}","size":"{size}","impl":"{imp}","ms":{:.4},"peak_mb":{:.2}}}"#, secs * 1e3, peak as f64 / 1048576.0);
+        println!(
+            r#"{{"op":"{op}","size":"{size}","impl":"{imp}","ms":{:.4},"peak_mb":{:.2}}}"#,
+            secs * 1e3,
+            peak as f64 / 1048576.0
+        );
     }
 }
 
 fn random(shape: (usize, usize), seed: u64) -> Result<Tensor> {
     // A cheap deterministic generator: sin of a scaled index.
     let n = shape.0 * shape.1;
-    let v: Vec<f32> = (0..n).map(|i| ((i as f64 * 12.9898 + seed as f64 * 78.233).sin() * 43758.5453).fract() as f32).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i as f64 * 12.9898 + seed as f64 * 78.233).sin() * 43758.5453).fract() as f32)
+        .collect();
     Tensor::from_vec(v, shape, &Device::Cpu)
 }
 
@@ -75,8 +83,14 @@ fn permutations(n: usize, m: usize) -> Result<Tensor> {
         let stride = (2 * i + 1) % m.max(1);
         let stride = if stride == 0 { 1 } else { stride };
         // A bijection of 0..m when gcd(stride, m) = 1; otherwise fall back to identity.
-        let coprime = (1..=m).all(|d| !(m % d == 0 && stride % d == 0 && d > 1));
-        v.extend((0..m).map(|k| if coprime { ((k * stride + i) % m) as u32 } else { k as u32 }));
+        let coprime = (2..=m).all(|d| !(m.is_multiple_of(d) && stride.is_multiple_of(d)));
+        v.extend((0..m).map(|k| {
+            if coprime {
+                ((k * stride + i) % m) as u32
+            } else {
+                k as u32
+            }
+        }));
     }
     Tensor::from_vec(v, (n, m), &Device::Cpu)
 }
@@ -84,7 +98,11 @@ fn permutations(n: usize, m: usize) -> Result<Tensor> {
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let (warmup, runs) = if quick { (1, 3) } else { (3, 15) };
-    let sizes: &[usize] = if quick { &[128, 512] } else { &[128, 512, 1024, 2048] };
+    let sizes: &[usize] = if quick {
+        &[128, 512]
+    } else {
+        &[128, 512, 1024, 2048]
+    };
     for &b in sizes {
         let scores = Var::from_tensor(&(random((b, b), 1)? * 14.0)?)?;
         let order = permutations(b, b)?;
@@ -92,7 +110,11 @@ fn main() -> Result<()> {
         for (imp, fused) in [("fused", true), ("candle", false)] {
             let (t, p) = measure(
                 || {
-                    let rows = if fused { pl_nll(&scores, &order, PlMode::Parity, None)? } else { pl_nll_reference(&scores, &order, PlMode::Parity, None)? };
+                    let rows = if fused {
+                        pl_nll(&scores, &order, PlMode::Parity, None)?
+                    } else {
+                        pl_nll_reference(&scores, &order, PlMode::Parity, None)?
+                    };
                     rows.sum_all()?.backward()?;
                     Ok(())
                 },
@@ -121,7 +143,11 @@ fn main() -> Result<()> {
             emit("pairwise_dist", &format!("{b}x{b}x512"), imp, t, p);
         }
     }
-    let ln_shapes: &[(usize, usize)] = if quick { &[(2048, 512)] } else { &[(2048, 512), (8192, 512), (16384, 512), (4096, 768)] };
+    let ln_shapes: &[(usize, usize)] = if quick {
+        &[(2048, 512)]
+    } else {
+        &[(2048, 512), (8192, 512), (16384, 512), (4096, 768)]
+    };
     for &(rows, d) in ln_shapes {
         let x = Var::from_tensor(&random((rows, d), 5)?)?;
         let w = Var::from_tensor(&(random((1, d), 6)?.squeeze(0)? + 1.0)?)?;
@@ -130,7 +156,11 @@ fn main() -> Result<()> {
         for (imp, fused) in [("fused", true), ("candle", false)] {
             let (t, p) = measure(
                 || {
-                    let y = if fused { layer_norm(&x, &w, &bias, 1e-5)? } else { layer_norm_reference(&x, &w, &bias, 1e-5)? };
+                    let y = if fused {
+                        layer_norm(&x, &w, &bias, 1e-5)?
+                    } else {
+                        layer_norm_reference(&x, &w, &bias, 1e-5)?
+                    };
                     (y * &up)?.sum_all()?.backward()?;
                     Ok(())
                 },
@@ -140,6 +170,5 @@ fn main() -> Result<()> {
             emit("layer_norm", &format!("{rows}x{d}"), imp, t, p);
         }
     }
-    let _ = DType::F32;
     Ok(())
 }

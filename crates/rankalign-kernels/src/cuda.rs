@@ -4,7 +4,9 @@
 #![allow(unsafe_code)] // kernel launches; each has a SAFETY comment.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 
@@ -17,7 +19,11 @@ mod ptx {
     pub const PAIRWISE: &str = include_str!(concat!(env!("OUT_DIR"), "/pairwise.ptx"));
 }
 
-fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
+fn view<'a, T: CudaDType + DeviceRepr>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<CudaView<'a, T>> {
     let (a, b) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))?;
@@ -32,8 +38,23 @@ fn suffix(dtype: DType, op: &str) -> Result<&'static str> {
     }
 }
 
+/// Calls `$f::<f32>` or `$f::<f64>` by the dtype of `$s`, refusing other dtypes with `$op`.
+macro_rules! by_dtype {
+    ($s:expr, $op:literal, $f:ident ( $($arg:expr),* )) => {
+        match $s.dtype() {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            dt => candle_core::bail!(concat!($op, ": CUDA kernels run on f32 or f64, got {:?}"), dt),
+        }
+    };
+}
+
 fn blocks(n: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 fn weights(dev: &CudaDevice, weights: Option<&[f64]>, m: usize) -> Result<CudaSlice<f64>> {
@@ -69,12 +90,15 @@ fn pl_fwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
 }
 
-pub fn pl_nll_fwd(mode: PlMode, mu: Option<&[f64]>, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
-    match s1.dtype() {
-        DType::F32 => pl_fwd_typed::<f32>(mode, mu, s1, l1, s2, l2),
-        DType::F64 => pl_fwd_typed::<f64>(mode, mu, s1, l1, s2, l2),
-        dt => candle_core::bail!("pl_nll: CUDA kernels run on f32 or f64, got {dt:?}"),
-    }
+pub fn pl_nll_fwd(
+    mode: PlMode,
+    mu: Option<&[f64]>,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s1, "pl_nll", pl_fwd_typed(mode, mu, s1, l1, s2, l2))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -123,11 +147,7 @@ pub fn pl_nll_bwd(
     s3: &CudaStorage,
     l3: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    match s1.dtype() {
-        DType::F32 => pl_bwd_typed::<f32>(mode, mu, s1, l1, s2, l2, s3, l3),
-        DType::F64 => pl_bwd_typed::<f64>(mode, mu, s1, l1, s2, l2, s3, l3),
-        dt => candle_core::bail!("pl_nll: CUDA kernels run on f32 or f64, got {dt:?}"),
-    }
+    by_dtype!(s1, "pl_nll", pl_bwd_typed(mode, mu, s1, l1, s2, l2, s3, l3))
 }
 
 const LN_THREADS: u32 = 256;
@@ -144,7 +164,11 @@ fn ln_fwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let dev = s1.device().clone();
     let d = l2.shape().elem_count();
     let rows = l1.shape().elem_count() / d.max(1);
-    let (x, w, bias) = (view::<T>(s1, l1, "layer_norm")?, view::<T>(s2, l2, "layer_norm")?, view::<T>(s3, l3, "layer_norm")?);
+    let (x, w, bias) = (
+        view::<T>(s1, l1, "layer_norm")?,
+        view::<T>(s2, l2, "layer_norm")?,
+        view::<T>(s3, l3, "layer_norm")?,
+    );
     let y = dev.alloc_zeros::<T>(rows * d)?;
     let name = format!("layer_norm_fwd_{}", suffix(s1.dtype(), "layer_norm")?);
     let func = dev.get_or_load_custom_func(&name, "rankalign_layer_norm", ptx::LAYER_NORM)?;
@@ -154,19 +178,27 @@ fn ln_fwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     b.arg(&bias);
     b.arg(&y);
     candle_core::builder_arg!(b, rows as i32, d as i32, eps);
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (LN_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (LN_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: matches `layer_norm_fwd_*(const T*, const T*, const T*, T*, int, int,
     // double)`; one block of LN_THREADS (the kernel's shared array size) per row.
     unsafe { b.launch(cfg) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
 
-pub fn layer_norm_fwd(eps: f64, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
-    match s1.dtype() {
-        DType::F32 => ln_fwd_typed::<f32>(eps, s1, l1, s2, l2, s3, l3),
-        DType::F64 => ln_fwd_typed::<f64>(eps, s1, l1, s2, l2, s3, l3),
-        dt => candle_core::bail!("layer_norm: CUDA kernels run on f32 or f64, got {dt:?}"),
-    }
+pub fn layer_norm_fwd(
+    eps: f64,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s1, "layer_norm", ln_fwd_typed(eps, s1, l1, s2, l2, s3, l3))
 }
 
 fn ln_bwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
@@ -182,12 +214,24 @@ fn ln_bwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let d = l2.shape().elem_count();
     let rows = l1.shape().elem_count() / d.max(1);
     let sfx = suffix(s1.dtype(), "layer_norm")?;
-    let (x, w, dy) = (view::<T>(s1, l1, "layer_norm")?, view::<T>(s2, l2, "layer_norm")?, view::<T>(s3, l3, "layer_norm")?);
+    let (x, w, dy) = (
+        view::<T>(s1, l1, "layer_norm")?,
+        view::<T>(s2, l2, "layer_norm")?,
+        view::<T>(s3, l3, "layer_norm")?,
+    );
     let out = dev.alloc_zeros::<T>(rows * d + 2 * d)?;
     let stats = dev.alloc_zeros::<f64>(2 * rows.max(1))?;
-    let per_row = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (LN_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let per_row = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (LN_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
 
-    let func = dev.get_or_load_custom_func(&format!("layer_norm_bwd_dx_{sfx}"), "rankalign_layer_norm", ptx::LAYER_NORM)?;
+    let func = dev.get_or_load_custom_func(
+        &format!("layer_norm_bwd_dx_{sfx}"),
+        "rankalign_layer_norm",
+        ptx::LAYER_NORM,
+    )?;
     let mut b = func.builder();
     b.arg(&x);
     b.arg(&w);
@@ -198,7 +242,11 @@ fn ln_bwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     // double)`; `out` holds rows·d + 2d elements.
     unsafe { b.launch(per_row) }.w()?;
 
-    let func = dev.get_or_load_custom_func(&format!("layer_norm_stats_{sfx}"), "rankalign_layer_norm", ptx::LAYER_NORM)?;
+    let func = dev.get_or_load_custom_func(
+        &format!("layer_norm_stats_{sfx}"),
+        "rankalign_layer_norm",
+        ptx::LAYER_NORM,
+    )?;
     let mut b = func.builder();
     b.arg(&x);
     b.arg(&stats);
@@ -207,7 +255,11 @@ fn ln_bwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     // holds 2·rows doubles.
     unsafe { b.launch(per_row) }.w()?;
 
-    let func = dev.get_or_load_custom_func(&format!("layer_norm_bwd_wb_{sfx}"), "rankalign_layer_norm", ptx::LAYER_NORM)?;
+    let func = dev.get_or_load_custom_func(
+        &format!("layer_norm_bwd_wb_{sfx}"),
+        "rankalign_layer_norm",
+        ptx::LAYER_NORM,
+    )?;
     let mut b = func.builder();
     b.arg(&x);
     b.arg(&dy);
@@ -217,15 +269,22 @@ fn ln_bwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     // SAFETY: matches `layer_norm_bwd_wb_*(const T*, const T*, const double*, T*, int,
     // int)`; one thread per column.
     unsafe { b.launch(blocks(d, 128)) }.w()?;
-    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows * d + 2 * d)))
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from(rows * d + 2 * d),
+    ))
 }
 
-pub fn layer_norm_bwd(eps: f64, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
-    match s1.dtype() {
-        DType::F32 => ln_bwd_typed::<f32>(eps, s1, l1, s2, l2, s3, l3),
-        DType::F64 => ln_bwd_typed::<f64>(eps, s1, l1, s2, l2, s3, l3),
-        dt => candle_core::bail!("layer_norm: CUDA kernels run on f32 or f64, got {dt:?}"),
-    }
+pub fn layer_norm_bwd(
+    eps: f64,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s1, "layer_norm", ln_bwd_typed(eps, s1, l1, s2, l2, s3, l3))
 }
 
 fn form_code(form: PairwiseForm) -> i32 {
@@ -244,7 +303,10 @@ fn pw_fwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (n, m) = l1.shape().dims2()?;
-    let (s, w) = (view::<T>(s1, l1, "weighted_pairwise")?, view::<T>(s2, l2, "weighted_pairwise")?);
+    let (s, w) = (
+        view::<T>(s1, l1, "weighted_pairwise")?,
+        view::<T>(s2, l2, "weighted_pairwise")?,
+    );
     let out = dev.alloc_zeros::<T>(n)?;
     let name = format!("pairwise_fwd_{}", suffix(s1.dtype(), "weighted_pairwise")?);
     let func = dev.get_or_load_custom_func(&name, "rankalign_pairwise", ptx::PAIRWISE)?;
@@ -258,12 +320,14 @@ fn pw_fwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
 }
 
-pub fn pairwise_fwd(form: PairwiseForm, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
-    match s1.dtype() {
-        DType::F32 => pw_fwd_typed::<f32>(form, s1, l1, s2, l2),
-        DType::F64 => pw_fwd_typed::<f64>(form, s1, l1, s2, l2),
-        dt => candle_core::bail!("weighted_pairwise: CUDA kernels run on f32 or f64, got {dt:?}"),
-    }
+pub fn pairwise_fwd(
+    form: PairwiseForm,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s1, "weighted_pairwise", pw_fwd_typed(form, s1, l1, s2, l2))
 }
 
 fn pw_bwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
@@ -275,7 +339,10 @@ fn pw_bwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let len = l1.shape().elem_count();
-    let (s, c) = (view::<T>(s1, l1, "weighted_pairwise")?, view::<T>(s2, l2, "weighted_pairwise")?);
+    let (s, c) = (
+        view::<T>(s1, l1, "weighted_pairwise")?,
+        view::<T>(s2, l2, "weighted_pairwise")?,
+    );
     let out = dev.alloc_zeros::<T>(len)?;
     let name = format!("pairwise_bwd_{}", suffix(s1.dtype(), "weighted_pairwise")?);
     let func = dev.get_or_load_custom_func(&name, "rankalign_pairwise", ptx::PAIRWISE)?;
@@ -289,10 +356,12 @@ fn pw_bwd_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
 }
 
-pub fn pairwise_bwd(form: PairwiseForm, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
-    match s1.dtype() {
-        DType::F32 => pw_bwd_typed::<f32>(form, s1, l1, s2, l2),
-        DType::F64 => pw_bwd_typed::<f64>(form, s1, l1, s2, l2),
-        dt => candle_core::bail!("weighted_pairwise: CUDA kernels run on f32 or f64, got {dt:?}"),
-    }
+pub fn pairwise_bwd(
+    form: PairwiseForm,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(s1, "weighted_pairwise", pw_bwd_typed(form, s1, l1, s2, l2))
 }

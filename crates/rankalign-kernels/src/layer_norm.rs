@@ -31,7 +31,12 @@ fn check(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<usize> {
 
 /// `y = (x − mean) / √(var + eps) · weight + bias` over the last dimension, composed
 /// from candle ops. Half-precision input is normalised in f32 and cast back.
-pub fn layer_norm_reference(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn layer_norm_reference(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     check(xs, weight, bias)?;
     let dtype = xs.dtype();
     let xs = match dtype {
@@ -42,18 +47,27 @@ pub fn layer_norm_reference(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f6
     let centred = xs.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(weight)?.broadcast_add(bias)
+    normed
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
 }
 
 /// LayerNorm over the last dimension, fused for f32 and f64 (other dtypes use the
 /// reference). `xs` is `(.., d)`; `weight` and `bias` are `(d)`.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     check(xs, weight, bias)?;
-    let fused = matches!(xs.dtype(), DType::F32 | DType::F64) && weight.dtype() == xs.dtype() && bias.dtype() == xs.dtype();
+    let fused = matches!(xs.dtype(), DType::F32 | DType::F64)
+        && weight.dtype() == xs.dtype()
+        && bias.dtype() == xs.dtype();
     if !fused || xs.elem_count() == 0 {
         return layer_norm_reference(xs, weight, bias, eps);
     }
-    xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNormOp { eps })
+    xs.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNormOp { eps },
+    )
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -61,7 +75,11 @@ struct LayerNormOp {
     eps: f64,
 }
 
-fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+fn slice<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
     let (a, b) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("layer_norm: {what} must be contiguous")))?;
@@ -110,14 +128,16 @@ fn moments<T: Float>(row: &[T], eps: f64) -> (f64, f64) {
 fn forward<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
     let mut out = vec![T::of(0.0); x.len()];
-    out.par_chunks_mut(d * BLOCK).zip(x.par_chunks(d * BLOCK)).for_each(|(o, xb)| {
-        for (orow, row) in o.chunks_mut(d).zip(xb.chunks(d)) {
-            let (mean, r) = moments(row, eps);
-            for i in 0..d {
-                orow[i] = T::of((row[i].f64() - mean) * r * w[i].f64() + b[i].f64());
+    out.par_chunks_mut(d * BLOCK)
+        .zip(x.par_chunks(d * BLOCK))
+        .for_each(|(o, xb)| {
+            for (orow, row) in o.chunks_mut(d).zip(xb.chunks(d)) {
+                let (mean, r) = moments(row, eps);
+                for i in 0..d {
+                    orow[i] = T::of((row[i].f64() - mean) * r * w[i].f64() + b[i].f64());
+                }
             }
-        }
-    });
+        });
     out
 }
 
@@ -165,10 +185,28 @@ impl CustomOp3 for LayerNormOp {
         "layer_norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let out = match s1.dtype() {
-            DType::F32 => f32::storage(forward(slice::<f32>(s1, l1, "x")?, slice(s2, l2, "weight")?, slice(s3, l3, "bias")?, self.eps)),
-            DType::F64 => f64::storage(forward(slice::<f64>(s1, l1, "x")?, slice(s2, l2, "weight")?, slice(s3, l3, "bias")?, self.eps)),
+            DType::F32 => f32::storage(forward(
+                slice::<f32>(s1, l1, "x")?,
+                slice(s2, l2, "weight")?,
+                slice(s3, l3, "bias")?,
+                self.eps,
+            )),
+            DType::F64 => f64::storage(forward(
+                slice::<f64>(s1, l1, "x")?,
+                slice(s2, l2, "weight")?,
+                slice(s3, l3, "bias")?,
+                self.eps,
+            )),
             dt => candle_core::bail!("layer_norm: fused kernel runs on f32 or f64, got {dt:?}"),
         };
         Ok((out, l1.shape().clone()))
@@ -187,10 +225,18 @@ impl CustomOp3 for LayerNormOp {
         crate::cuda::layer_norm_fwd(self.eps, s1, l1, s2, l2, s3, l3)
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = w.dim(0)?;
         let n = x.elem_count();
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let packed =
+            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let dw = packed.narrow(0, n, d)?;
         let db = packed.narrow(0, n + d, d)?;
@@ -208,12 +254,30 @@ impl CustomOp3 for LayerNormGrad {
         "layer_norm_grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let d = l2.shape().elem_count();
         let n = l1.shape().elem_count();
         let out = match s1.dtype() {
-            DType::F32 => f32::storage(backward(slice::<f32>(s1, l1, "x")?, slice(s2, l2, "weight")?, slice(s3, l3, "gradient")?, self.eps)),
-            DType::F64 => f64::storage(backward(slice::<f64>(s1, l1, "x")?, slice(s2, l2, "weight")?, slice(s3, l3, "gradient")?, self.eps)),
+            DType::F32 => f32::storage(backward(
+                slice::<f32>(s1, l1, "x")?,
+                slice(s2, l2, "weight")?,
+                slice(s3, l3, "gradient")?,
+                self.eps,
+            )),
+            DType::F64 => f64::storage(backward(
+                slice::<f64>(s1, l1, "x")?,
+                slice(s2, l2, "weight")?,
+                slice(s3, l3, "gradient")?,
+                self.eps,
+            )),
             dt => candle_core::bail!("layer_norm: fused kernel runs on f32 or f64, got {dt:?}"),
         };
         Ok((out, Shape::from(n + 2 * d)))

@@ -15,6 +15,7 @@
 //! Architecture invariant: this crate depends on no other workspace crate; every op has
 //! a CPU path and a reference; the CUDA code only adds a device.
 
+mod cpu;
 pub mod layer_norm;
 pub mod pairwise;
 pub mod plackett_luce;

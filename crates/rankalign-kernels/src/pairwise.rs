@@ -18,6 +18,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::{f64_data, storage_of};
+
 /// The clamp on squared distances.
 pub const MIN_SQUARED_DISTANCE: f64 = 1e-12;
 
@@ -48,8 +50,18 @@ impl PairwiseForm {
 }
 
 fn check(a: &Tensor, b: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
-    let (n, d) = a.dims2().map_err(|_| candle_core::Error::Msg(format!("weighted_pairwise: a must be (n, d), got {:?}", a.dims())))?;
-    let (m, d2) = b.dims2().map_err(|_| candle_core::Error::Msg(format!("weighted_pairwise: b must be (m, d), got {:?}", b.dims())))?;
+    let (n, d) = a.dims2().map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "weighted_pairwise: a must be (n, d), got {:?}",
+            a.dims()
+        ))
+    })?;
+    let (m, d2) = b.dims2().map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "weighted_pairwise: b must be (m, d), got {:?}",
+            b.dims()
+        ))
+    })?;
     if d != d2 || w.dims() != [n, m] {
         candle_core::bail!(
             "weighted_pairwise: a {:?} and b {:?} need the same width and weights [{n}, {m}], got {:?}",
@@ -69,7 +81,12 @@ fn squared_distances(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// The weighted mean, composed from candle ops (the reference).
-pub fn weighted_pairwise_reference(a: &Tensor, b: &Tensor, w: &Tensor, form: PairwiseForm) -> Result<Tensor> {
+pub fn weighted_pairwise_reference(
+    a: &Tensor,
+    b: &Tensor,
+    w: &Tensor,
+    form: PairwiseForm,
+) -> Result<Tensor> {
     check(a, b, w)?;
     let s = squared_distances(a, b)?.clamp(MIN_SQUARED_DISTANCE, f64::INFINITY)?;
     let f = match form {
@@ -87,7 +104,10 @@ pub fn weighted_pairwise(a: &Tensor, b: &Tensor, w: &Tensor, form: PairwiseForm)
         return weighted_pairwise_reference(a, b, w, form);
     }
     let s = squared_distances(a, b)?.contiguous()?;
-    let rows = s.apply_op2(&w.to_dtype(a.dtype())?.contiguous()?.detach(), PairwiseReduce { form })?;
+    let rows = s.apply_op2(
+        &w.to_dtype(a.dtype())?.contiguous()?.detach(),
+        PairwiseReduce { form },
+    )?;
     rows.sum_all()? / (n * m) as f64
 }
 
@@ -97,37 +117,32 @@ struct PairwiseReduce {
     form: PairwiseForm,
 }
 
-fn f64_data(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f64>> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("weighted_pairwise: {what} must be contiguous")))?;
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..b].iter().map(|&x| f64::from(x)).collect(),
-        CpuStorage::F64(v) => v[a..b].to_vec(),
-        _ => candle_core::bail!("weighted_pairwise: {what} must be f32 or f64, got {:?}", s.dtype()),
-    })
-}
-
-fn storage(v: Vec<f64>, dtype: DType) -> CpuStorage {
-    match dtype {
-        DType::F32 => CpuStorage::F32(v.into_iter().map(|x| x as f32).collect()),
-        _ => CpuStorage::F64(v),
-    }
-}
-
 impl CustomOp2 for PairwiseReduce {
     fn name(&self) -> &'static str {
         "weighted_pairwise"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, m) = l1.shape().dims2()?;
-        let (s, w) = (f64_data(s1, l1, "distances")?, f64_data(s2, l2, "weights")?);
+        let (s, w) = (
+            f64_data(s1, l1, "weighted_pairwise", "distances")?,
+            f64_data(s2, l2, "weighted_pairwise", "weights")?,
+        );
         let rows: Vec<f64> = (0..n)
             .into_par_iter()
-            .map(|i| (0..m).map(|j| w[i * m + j] * self.form.value(s[i * m + j].max(MIN_SQUARED_DISTANCE))).sum())
+            .map(|i| {
+                (0..m)
+                    .map(|j| w[i * m + j] * self.form.value(s[i * m + j].max(MIN_SQUARED_DISTANCE)))
+                    .sum()
+            })
             .collect();
-        Ok((storage(rows, s1.dtype()), Shape::from(n)))
+        Ok((storage_of(rows, s1.dtype()), Shape::from(n)))
     }
 
     #[cfg(feature = "cuda")]
@@ -141,7 +156,13 @@ impl CustomOp2 for PairwiseReduce {
         crate::cuda::pairwise_fwd(self.form, s1, l1, s2, l2)
     }
 
-    fn bwd(&self, s: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        s: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // ∂/∂s_ij = grad_i · w_ij · f'(s_ij), zero below the clamp.
         let scaled = w.broadcast_mul(&grad.unsqueeze(1)?)?.contiguous()?;
         let ds = s.apply_op2_no_bwd(&scaled, &PairwiseSlope { form: self.form })?;
@@ -159,14 +180,29 @@ impl CustomOp2 for PairwiseSlope {
         "weighted_pairwise_grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (s, c) = (f64_data(s1, l1, "distances")?, f64_data(s2, l2, "weights")?);
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (s, c) = (
+            f64_data(s1, l1, "weighted_pairwise", "distances")?,
+            f64_data(s2, l2, "weighted_pairwise", "weights")?,
+        );
         let out: Vec<f64> = s
             .par_iter()
             .zip(c.par_iter())
-            .map(|(&s, &c)| if s >= MIN_SQUARED_DISTANCE { c * self.form.slope(s) } else { 0.0 })
+            .map(|(&s, &c)| {
+                if s >= MIN_SQUARED_DISTANCE {
+                    c * self.form.slope(s)
+                } else {
+                    0.0
+                }
+            })
             .collect();
-        Ok((storage(out, s1.dtype()), l1.shape().clone()))
+        Ok((storage_of(out, s1.dtype()), l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]

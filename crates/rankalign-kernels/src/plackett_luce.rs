@@ -16,9 +16,11 @@
 //! The reverse cumulative sum is a product with a lower-triangular ones matrix, which
 //! costs O(m²) per row; the fused kernel replaces it with a linear pass.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::cpu::{f64_data, storage_of};
 
 /// The ε that allRank's (and so RankCLIP's) ListMLE adds inside the log.
 pub const PARITY_EPS: f64 = 1e-10;
@@ -34,7 +36,10 @@ pub enum PlMode {
 
 fn check(scores: &Tensor, order: &Tensor, weights: Option<&Tensor>) -> Result<(usize, usize)> {
     let (n, m) = scores.dims2().map_err(|_| {
-        candle_core::Error::Msg(format!("pl_nll: scores must be (n, m), got {:?}", scores.dims()))
+        candle_core::Error::Msg(format!(
+            "pl_nll: scores must be (n, m), got {:?}",
+            scores.dims()
+        ))
     })?;
     if order.dims() != [n, m] || order.dtype() != DType::U32 {
         candle_core::bail!(
@@ -72,14 +77,16 @@ pub fn pl_nll_reference(
         PlMode::Exact => (x.to_dtype(DType::F64)?, 0.0),
     };
     // −inf scores are absent items: their terms are 0 and they add nothing to suffix sums.
-    let absent = x.broadcast_eq(&Tensor::new(f64::NEG_INFINITY, x.device())?.to_dtype(x.dtype())?)?;
+    let absent =
+        x.broadcast_eq(&Tensor::new(f64::NEG_INFINITY, x.device())?.to_dtype(x.dtype())?)?;
     let absent_f = absent.to_dtype(x.dtype())?;
     // The row max as one gathered element, so that with tied maxima its gradient goes to
     // a single entry (as PyTorch's `max(dim)` does), not to every tied entry. A row with
     // no item left shifts by 0 instead of −inf.
     let argmax = x.argmax_keepdim(D::Minus1)?;
     let max = x.gather(&argmax, D::Minus1)?;
-    let max_absent = max.broadcast_eq(&Tensor::new(f64::NEG_INFINITY, x.device())?.to_dtype(x.dtype())?)?;
+    let max_absent =
+        max.broadcast_eq(&Tensor::new(f64::NEG_INFINITY, x.device())?.to_dtype(x.dtype())?)?;
     let max = max_absent.where_cond(&max.zeros_like()?, &max)?;
     let shifted = x.broadcast_sub(&max)?;
     // suffix[k] = Σ_{j ≥ k} e_j = Σ_j e_j · tril[j][k]. Absent positions add 1 inside the
@@ -87,7 +94,9 @@ pub fn pl_nll_reference(
     let tril = Tensor::tril2(m, x.dtype(), x.device())?;
     let suffix = (shifted.exp()?.matmul(&tril)? + &absent_f)?;
     let terms = ((suffix + eps)?.log()? - &shifted)?;
-    let terms = absent.where_cond(&terms.zeros_like()?, &terms)?.to_dtype(dtype)?;
+    let terms = absent
+        .where_cond(&terms.zeros_like()?, &terms)?
+        .to_dtype(dtype)?;
     let terms = match weights {
         Some(w) => terms.broadcast_mul(&w.to_dtype(dtype)?)?,
         None => terms,
@@ -172,13 +181,21 @@ impl PlNll {
                             run_sum += (x[k] - run_max).exp();
                         }
                     }
-                    scratch[k] = if run_sum > 0.0 { run_max + run_sum.ln() } else { f64::NEG_INFINITY };
+                    scratch[k] = if run_sum > 0.0 {
+                        run_max + run_sum.ln()
+                    } else {
+                        f64::NEG_INFINITY
+                    };
                 }
                 let mut acc = 0.0;
                 let mut prev = f64::NEG_INFINITY;
                 for j in 0..m {
                     let l = scratch[j];
-                    acc = if l == f64::NEG_INFINITY || prev == f64::NEG_INFINITY { 0.0 } else { acc * (l - prev).exp() };
+                    acc = if l == f64::NEG_INFINITY || prev == f64::NEG_INFINITY {
+                        0.0
+                    } else {
+                        acc * (l - prev).exp()
+                    };
                     if x[j] == f64::NEG_INFINITY {
                         g[j] = 0.0;
                     } else {
@@ -229,18 +246,6 @@ fn first_max(x: &[f64]) -> Option<usize> {
     best
 }
 
-/// Contiguous f32 or f64 data of a CPU tensor argument, widened to f64.
-fn to_f64(storage: &CpuStorage, layout: &Layout, what: &str) -> Result<Vec<f64>> {
-    let (a, b) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("pl_nll: {what} must be contiguous")))?;
-    Ok(match storage {
-        CpuStorage::F32(v) => v[a..b].iter().map(|&x| f64::from(x)).collect(),
-        CpuStorage::F64(v) => v[a..b].to_vec(),
-        _ => candle_core::bail!("pl_nll: {what} must be f32 or f64, got {:?}", storage.dtype()),
-    })
-}
-
 fn order_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]> {
     let (a, b) = layout
         .contiguous_offsets()
@@ -251,31 +256,33 @@ fn order_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]
     }
 }
 
-fn storage_like(values: Vec<f64>, dtype: DType) -> CpuStorage {
-    match dtype {
-        DType::F32 => CpuStorage::F32(values.into_iter().map(|v| v as f32).collect()),
-        _ => CpuStorage::F64(values),
-    }
-}
-
 impl CustomOp2 for PlNll {
     fn name(&self) -> &'static str {
         "pl_nll"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, m) = l1.shape().dims2()?;
-        let scores = to_f64(s1, l1, "scores")?;
+        let scores = f64_data(s1, l1, "pl_nll", "scores")?;
         let order = order_slice(s2, l2)?;
         let losses: Vec<f64> = (0..n)
             .into_par_iter()
             .map(|i| {
                 let row = &scores[i * m..(i + 1) * m];
-                let x: Vec<f64> = order[i * m..(i + 1) * m].iter().map(|&c| row[c as usize]).collect();
+                let x: Vec<f64> = order[i * m..(i + 1) * m]
+                    .iter()
+                    .map(|&c| row[c as usize])
+                    .collect();
                 self.row_loss(&x)
             })
             .collect();
-        Ok((storage_like(losses, s1.dtype()), Shape::from(n)))
+        Ok((storage_of(losses, s1.dtype()), Shape::from(n)))
     }
 
     #[cfg(feature = "cuda")]
@@ -289,7 +296,13 @@ impl CustomOp2 for PlNll {
         crate::cuda::pl_nll_fwd(self.mode, self.weights.as_deref(), s1, l1, s2, l2)
     }
 
-    fn bwd(&self, scores: &Tensor, order: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        scores: &Tensor,
+        order: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = scores.apply_op3_no_bwd(order, &grad.contiguous()?, &PlNllGrad(self.clone()))?;
         Ok((Some(g), None))
     }
@@ -313,22 +326,24 @@ impl CustomOp3 for PlNllGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, m) = l1.shape().dims2()?;
-        let scores = to_f64(s1, l1, "scores")?;
+        let scores = f64_data(s1, l1, "pl_nll", "scores")?;
         let order = order_slice(s2, l2)?;
-        let upstream = to_f64(s3, l3, "gradient")?;
+        let upstream = f64_data(s3, l3, "pl_nll", "gradient")?;
         let mut out = vec![0f64; n * m];
-        out.par_chunks_mut(m.max(1)).enumerate().for_each(|(i, out_row)| {
-            let row = &scores[i * m..(i + 1) * m];
-            let ord = &order[i * m..(i + 1) * m];
-            let x: Vec<f64> = ord.iter().map(|&c| row[c as usize]).collect();
-            let mut g = vec![0f64; m];
-            let mut scratch = Vec::with_capacity(m);
-            self.0.row_grad(&x, &mut g, &mut scratch);
-            for (k, &c) in ord.iter().enumerate() {
-                out_row[c as usize] += g[k] * upstream[i];
-            }
-        });
-        Ok((storage_like(out, s1.dtype()), Shape::from((n, m))))
+        out.par_chunks_mut(m.max(1))
+            .enumerate()
+            .for_each(|(i, out_row)| {
+                let row = &scores[i * m..(i + 1) * m];
+                let ord = &order[i * m..(i + 1) * m];
+                let x: Vec<f64> = ord.iter().map(|&c| row[c as usize]).collect();
+                let mut g = vec![0f64; m];
+                let mut scratch = Vec::with_capacity(m);
+                self.0.row_grad(&x, &mut g, &mut scratch);
+                for (k, &c) in ord.iter().enumerate() {
+                    out_row[c as usize] += g[k] * upstream[i];
+                }
+            });
+        Ok((storage_of(out, s1.dtype()), Shape::from((n, m))))
     }
 
     #[cfg(feature = "cuda")]
@@ -341,23 +356,41 @@ impl CustomOp3 for PlNllGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::pl_nll_bwd(self.0.mode, self.0.weights.as_deref(), s1, l1, s2, l2, s3, l3)
+        crate::cuda::pl_nll_bwd(
+            self.0.mode,
+            self.0.weights.as_deref(),
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3,
+        )
     }
 }
 
 /// Per-row Plackett–Luce NLL, shape `(n)`: the fused kernel, with the same contract as
 /// [`pl_nll_reference`] (including −inf scores as absent items). f32 and f64 run fused;
 /// other dtypes fall back to the reference.
-pub fn pl_nll(scores: &Tensor, order: &Tensor, mode: PlMode, weights: Option<&Tensor>) -> Result<Tensor> {
+pub fn pl_nll(
+    scores: &Tensor,
+    order: &Tensor,
+    mode: PlMode,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
     let (n, m) = check(scores, order, weights)?;
     if !matches!(scores.dtype(), DType::F32 | DType::F64) {
         return pl_nll_reference(scores, order, mode, weights);
     }
-    let weights = weights.map(|w| w.to_dtype(DType::F64)?.to_vec1::<f64>()).transpose()?;
+    let weights = weights
+        .map(|w| w.to_dtype(DType::F64)?.to_vec1::<f64>())
+        .transpose()?;
     if n == 0 || m == 0 {
         return Tensor::zeros(n, scores.dtype(), scores.device());
     }
-    scores.contiguous()?.apply_op2(&order.contiguous()?, PlNll { mode, weights })
+    scores
+        .contiguous()?
+        .apply_op2(&order.contiguous()?, PlNll { mode, weights })
 }
 
 #[cfg(test)]

@@ -11,24 +11,56 @@ fn check(shape: &[usize], dtype: DType, tol: f64, seed: u64) -> Result<()> {
     let d = *shape.last().unwrap();
     let n: usize = shape.iter().product();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut draw = |k: usize, scale: f64, shift: f64| -> Vec<f64> { (0..k).map(|_| shift + scale * (rng.random::<f64>() * 2.0 - 1.0)).collect() };
-    let (xv, wv, bv, gv) = (draw(n, 3.0, 0.5), draw(d, 1.0, 1.0), draw(d, 0.5, 0.0), draw(n, 1.0, 0.0));
+    let mut draw = |k: usize, scale: f64, shift: f64| -> Vec<f64> {
+        (0..k)
+            .map(|_| shift + scale * (rng.random::<f64>() * 2.0 - 1.0))
+            .collect()
+    };
+    let (xv, wv, bv, gv) = (
+        draw(n, 3.0, 0.5),
+        draw(d, 1.0, 1.0),
+        draw(d, 0.5, 0.0),
+        draw(n, 1.0, 0.0),
+    );
     let run = |fused: bool| -> Result<Vec<Vec<f64>>> {
         let x = Var::from_tensor(&Tensor::from_vec(xv.clone(), shape, &dev)?.to_dtype(dtype)?)?;
         let w = Var::from_tensor(&Tensor::from_vec(wv.clone(), d, &dev)?.to_dtype(dtype)?)?;
         let b = Var::from_tensor(&Tensor::from_vec(bv.clone(), d, &dev)?.to_dtype(dtype)?)?;
-        let y = if fused { layer_norm(&x, &w, &b, 1e-5)? } else { layer_norm_reference(&x, &w, &b, 1e-5)? };
+        let y = if fused {
+            layer_norm(&x, &w, &b, 1e-5)?
+        } else {
+            layer_norm_reference(&x, &w, &b, 1e-5)?
+        };
         let up = Tensor::from_vec(gv.clone(), shape, &dev)?.to_dtype(dtype)?;
         let grads = (&y * &up)?.sum_all()?.backward()?;
-        let flat = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        Ok(vec![flat(&y), flat(grads.get(&x).unwrap()), flat(grads.get(&w).unwrap()), flat(grads.get(&b).unwrap())])
+        let flat = |t: &Tensor| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        Ok(vec![
+            flat(&y),
+            flat(grads.get(&x).unwrap()),
+            flat(grads.get(&w).unwrap()),
+            flat(grads.get(&b).unwrap()),
+        ])
     };
     let (f, r) = (run(true)?, run(false)?);
     for (name, (a, b)) in ["y", "dx", "dw", "db"].iter().zip(f.iter().zip(&r)) {
         // ∂w and ∂b sum over all rows; scale the tolerance with their magnitude.
-        let scale = if name.starts_with("dw") || name.starts_with("db") { (n / d) as f64 } else { 1.0 };
+        let scale = if name.starts_with("dw") || name.starts_with("db") {
+            (n / d) as f64
+        } else {
+            1.0
+        };
         for (i, (u, v)) in a.iter().zip(b).enumerate() {
-            assert!((u - v).abs() <= tol * (scale.sqrt() + v.abs()), "{shape:?} {dtype:?} {name}[{i}]: fused {u} reference {v}");
+            assert!(
+                (u - v).abs() <= tol * (scale.sqrt() + v.abs()),
+                "{shape:?} {dtype:?} {name}[{i}]: fused {u} reference {v}"
+            );
         }
     }
     Ok(())
@@ -36,7 +68,13 @@ fn check(shape: &[usize], dtype: DType, tol: f64, seed: u64) -> Result<()> {
 
 #[test]
 fn fused_matches_reference() -> Result<()> {
-    for (shape, seed) in [(vec![1, 1], 1), (vec![3, 7], 2), (vec![2, 17, 96], 3), (vec![130, 512], 4), (vec![4, 1], 5)] {
+    for (shape, seed) in [
+        (vec![1, 1], 1),
+        (vec![3, 7], 2),
+        (vec![2, 17, 96], 3),
+        (vec![130, 512], 4),
+        (vec![4, 1], 5),
+    ] {
         check(&shape, DType::F64, 1e-10, seed)?;
         check(&shape, DType::F32, 1e-5, seed)?;
     }
@@ -50,15 +88,29 @@ fn gradient_matches_finite_differences() -> Result<()> {
     let w = Tensor::new(&[1.5f64, -0.5, 2.0], &dev)?;
     let b = Tensor::new(&[0.1f64, 0.2, 0.3], &dev)?;
     let up = Tensor::new(&[[1.0f64, -2.0, 0.5], [0.3, 0.9, -1.1]], &dev)?;
-    let f = |x: &[f64]| -> Result<f64> { (layer_norm(&Tensor::from_vec(x.to_vec(), (2, 3), &dev)?, &w, &b, 1e-5)? * &up)?.sum_all()?.to_scalar::<f64>() };
+    let f = |x: &[f64]| -> Result<f64> {
+        (layer_norm(&Tensor::from_vec(x.to_vec(), (2, 3), &dev)?, &w, &b, 1e-5)? * &up)?
+            .sum_all()?
+            .to_scalar::<f64>()
+    };
     let x = Var::from_tensor(&Tensor::from_vec(xv.clone(), (2, 3), &dev)?)?;
-    let g = (layer_norm(&x, &w, &b, 1e-5)? * &up)?.sum_all()?.backward()?.get(&x).unwrap().flatten_all()?.to_vec1::<f64>()?;
+    let g = (layer_norm(&x, &w, &b, 1e-5)? * &up)?
+        .sum_all()?
+        .backward()?
+        .get(&x)
+        .unwrap()
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     for i in 0..xv.len() {
         let (mut a, mut c) = (xv.clone(), xv.clone());
         a[i] += 1e-6;
         c[i] -= 1e-6;
         let fd = (f(&a)? - f(&c)?) / 2e-6;
-        assert!((fd - g[i]).abs() < 1e-6, "x[{i}]: finite difference {fd}, backward {}", g[i]);
+        assert!(
+            (fd - g[i]).abs() < 1e-6,
+            "x[{i}]: finite difference {fd}, backward {}",
+            g[i]
+        );
     }
     Ok(())
 }

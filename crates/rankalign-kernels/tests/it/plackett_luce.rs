@@ -17,7 +17,9 @@ struct Case {
 
 fn random_case(name: &'static str, n: usize, m: usize, scale: f64, seed: u64) -> Case {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let scores = (0..n * m).map(|_| scale * (rng.random::<f64>() * 2.0 - 1.0)).collect();
+    let scores = (0..n * m)
+        .map(|_| scale * (rng.random::<f64>() * 2.0 - 1.0))
+        .collect();
     let order = (0..n)
         .flat_map(|_| {
             let mut p: Vec<u32> = (0..m as u32).collect();
@@ -27,7 +29,13 @@ fn random_case(name: &'static str, n: usize, m: usize, scale: f64, seed: u64) ->
             p
         })
         .collect();
-    Case { name, scores, n, m, order }
+    Case {
+        name,
+        scores,
+        n,
+        m,
+        order,
+    }
 }
 
 fn cases() -> Vec<Case> {
@@ -38,7 +46,13 @@ fn cases() -> Vec<Case> {
         random_case("one column", 5, 1, 3.0, 4),
         random_case("wide", 2, 300, 14.0, 5),
     ];
-    out.push(Case { name: "ties", scores: vec![1.0, 1.0, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0], n: 2, m: 4, order: vec![0, 1, 2, 3, 3, 2, 1, 0] });
+    out.push(Case {
+        name: "ties",
+        scores: vec![1.0, 1.0, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0],
+        n: 2,
+        m: 4,
+        order: vec![0, 1, 2, 3, 3, 2, 1, 0],
+    });
     let mut neg = random_case("-inf entries", 3, 6, 4.0, 6);
     neg.scores[2] = f64::NEG_INFINITY;
     neg.scores[7] = f64::NEG_INFINITY;
@@ -49,7 +63,16 @@ fn cases() -> Vec<Case> {
 }
 
 fn weights(m: usize, on: bool) -> Option<Tensor> {
-    on.then(|| Tensor::from_vec((1..=m).map(|k| 1.0 / ((k + 1) as f64).ln()).collect::<Vec<_>>(), m, &Device::Cpu).unwrap())
+    on.then(|| {
+        Tensor::from_vec(
+            (1..=m)
+                .map(|k| 1.0 / ((k + 1) as f64).ln())
+                .collect::<Vec<_>>(),
+            m,
+            &Device::Cpu,
+        )
+        .unwrap()
+    })
 }
 
 fn compare(case: &Case, mode: PlMode, dtype: DType, weighted: bool, tol: f64) -> Result<()> {
@@ -57,12 +80,31 @@ fn compare(case: &Case, mode: PlMode, dtype: DType, weighted: bool, tol: f64) ->
     let order = Tensor::from_vec(case.order.clone(), (case.n, case.m), &dev)?;
     let w = weights(case.m, weighted);
     let run = |fused: bool| -> Result<(Vec<f64>, Vec<f64>)> {
-        let s = Var::from_tensor(&Tensor::from_vec(case.scores.clone(), (case.n, case.m), &dev)?.to_dtype(dtype)?)?;
-        let rows = if fused { pl_nll(&s, &order, mode, w.as_ref())? } else { pl_nll_reference(&s, &order, mode, w.as_ref())? };
+        let s = Var::from_tensor(
+            &Tensor::from_vec(case.scores.clone(), (case.n, case.m), &dev)?.to_dtype(dtype)?,
+        )?;
+        let rows = if fused {
+            pl_nll(&s, &order, mode, w.as_ref())?
+        } else {
+            pl_nll_reference(&s, &order, mode, w.as_ref())?
+        };
         // Weight rows differently so that the upstream gradient is not uniform.
-        let up = Tensor::from_vec((0..case.n).map(|i| 1.0 + i as f64 * 0.5).collect::<Vec<_>>(), case.n, &dev)?.to_dtype(dtype)?;
+        let up = Tensor::from_vec(
+            (0..case.n)
+                .map(|i| 1.0 + i as f64 * 0.5)
+                .collect::<Vec<_>>(),
+            case.n,
+            &dev,
+        )?
+        .to_dtype(dtype)?;
         let loss = (&rows * &up)?.sum_all()?;
-        let g = loss.backward()?.get(&s).expect("gradient").to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let g = loss
+            .backward()?
+            .get(&s)
+            .expect("gradient")
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         Ok((rows.to_dtype(DType::F64)?.to_vec1::<f64>()?, g))
     };
     let (fv, fg) = run(true)?;
@@ -70,10 +112,16 @@ fn compare(case: &Case, mode: PlMode, dtype: DType, weighted: bool, tol: f64) ->
     let what = format!("{} {mode:?} {dtype:?} weighted={weighted}", case.name);
     for (i, (a, b)) in fv.iter().zip(&rv).enumerate() {
         assert!(a.is_finite(), "{what}: row {i} loss {a}");
-        assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{what}: row {i} fused {a} reference {b}");
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "{what}: row {i} fused {a} reference {b}"
+        );
     }
     for (i, (a, b)) in fg.iter().zip(&rg).enumerate() {
-        assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{what}: grad {i} fused {a} reference {b}");
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "{what}: grad {i} fused {a} reference {b}"
+        );
     }
     Ok(())
 }
@@ -106,20 +154,44 @@ fn fused_matches_reference_f32() -> Result<()> {
 #[test]
 fn fused_gradient_matches_finite_differences() -> Result<()> {
     let dev = Device::Cpu;
-    for (case, mode) in [(random_case("fd", 2, 7, 3.0, 9), PlMode::Exact), (random_case("fd", 2, 7, 3.0, 10), PlMode::Parity)] {
+    for (case, mode) in [
+        (random_case("fd", 2, 7, 3.0, 9), PlMode::Exact),
+        (random_case("fd", 2, 7, 3.0, 10), PlMode::Parity),
+    ] {
         let order = Tensor::from_vec(case.order.clone(), (case.n, case.m), &dev)?;
         let loss_at = |x: &[f64]| -> Result<f64> {
-            pl_nll(&Tensor::from_vec(x.to_vec(), (case.n, case.m), &dev)?, &order, mode, None)?.sum_all()?.to_scalar::<f64>()
+            pl_nll(
+                &Tensor::from_vec(x.to_vec(), (case.n, case.m), &dev)?,
+                &order,
+                mode,
+                None,
+            )?
+            .sum_all()?
+            .to_scalar::<f64>()
         };
-        let s = Var::from_tensor(&Tensor::from_vec(case.scores.clone(), (case.n, case.m), &dev)?)?;
-        let g = pl_nll(&s, &order, mode, None)?.sum_all()?.backward()?.get(&s).unwrap().flatten_all()?.to_vec1::<f64>()?;
+        let s = Var::from_tensor(&Tensor::from_vec(
+            case.scores.clone(),
+            (case.n, case.m),
+            &dev,
+        )?)?;
+        let g = pl_nll(&s, &order, mode, None)?
+            .sum_all()?
+            .backward()?
+            .get(&s)
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         let h = 1e-6;
         for i in 0..case.scores.len() {
             let (mut up, mut down) = (case.scores.clone(), case.scores.clone());
             up[i] += h;
             down[i] -= h;
             let fd = (loss_at(&up)? - loss_at(&down)?) / (2.0 * h);
-            assert!((fd - g[i]).abs() < 1e-6, "{mode:?} entry {i}: finite difference {fd}, backward {}", g[i]);
+            assert!(
+                (fd - g[i]).abs() < 1e-6,
+                "{mode:?} entry {i}: finite difference {fd}, backward {}",
+                g[i]
+            );
         }
     }
     Ok(())
@@ -130,11 +202,21 @@ fn bad_shapes_name_the_op_and_shapes() {
     let dev = Device::Cpu;
     let s = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
     let order = Tensor::zeros((2, 4), DType::U32, &dev).unwrap();
-    let err = pl_nll(&s, &order, PlMode::Exact, None).unwrap_err().to_string();
-    assert!(err.contains("pl_nll") && err.contains("[2, 3]") && err.contains("[2, 4]"), "{err}");
+    let err = pl_nll(&s, &order, PlMode::Exact, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("pl_nll") && err.contains("[2, 3]") && err.contains("[2, 4]"),
+        "{err}"
+    );
     let v = Tensor::zeros(3, DType::F32, &dev).unwrap();
-    let err = pl_nll(&v, &order, PlMode::Exact, None).unwrap_err().to_string();
-    assert!(err.contains("pl_nll: scores must be (n, m), got [3]"), "{err}");
+    let err = pl_nll(&v, &order, PlMode::Exact, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("pl_nll: scores must be (n, m), got [3]"),
+        "{err}"
+    );
 }
 
 /// The exact form stays finite and correct where f32 exponentials underflow.

@@ -216,12 +216,25 @@ fn listmle_matches_reference() {
         if want.is_finite() {
             close(name, "loss", got, want, 1e-10, 1e-12);
             let grads = loss.backward().unwrap();
-            close_all(name, "dP", grads.get(&p).unwrap(), &case["grad_P"], 1e-10, 1e-12);
+            close_all(
+                name,
+                "dP",
+                grads.get(&p).unwrap(),
+                &case["grad_P"],
+                1e-10,
+                1e-12,
+            );
         } else {
             // The authors' code has no mask, so a −inf score makes its term (and the loss)
             // +inf. rankalign treats −inf as an absent item: finite loss, zero gradient there.
             assert!(got.is_finite(), "{name}: {got}");
-            let g = loss.backward().unwrap().get(&p).unwrap().to_vec2::<f64>().unwrap();
+            let g = loss
+                .backward()
+                .unwrap()
+                .get(&p)
+                .unwrap()
+                .to_vec2::<f64>()
+                .unwrap();
             let pm = matrix(&case["P"], DType::F64).to_vec2::<f64>().unwrap();
             for (gr, pr) in g.iter().zip(&pm) {
                 for (gv, pv) in gr.iter().zip(pr) {
