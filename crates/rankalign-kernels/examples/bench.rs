@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Result, Tensor, Var};
 use rankalign_kernels::{
-    PairwiseForm, PlMode, layer_norm, layer_norm_reference, pl_nll, pl_nll_reference,
+    PairwiseForm, PlMode, layer_norm, layer_norm_reference, pl_nll, pl_nll_reference, pl_order,
     weighted_pairwise, weighted_pairwise_reference,
 };
 
@@ -104,12 +104,17 @@ fn main() -> Result<()> {
         &[128, 512, 1024, 2048]
     };
     for &b in sizes {
+        // Scores and reference scores like scaled similarities; the sort by the reference
+        // (with a tie-breaking column permutation) is part of every measured run, as
+        // PyTorch's shuffle + sort is part of its.
         let scores = Var::from_tensor(&(random((b, b), 1)? * 14.0)?)?;
-        let order = permutations(b, b)?;
+        let reference = random((b, b), 9)?;
+        let perm: Vec<u32> = permutations(1, b)?.flatten_all()?.to_vec1::<u32>()?;
         let size = format!("{b}x{b}");
         for (imp, fused) in [("fused", true), ("candle", false)] {
             let (t, p) = measure(
                 || {
+                    let order = pl_order(&reference, &perm)?;
                     let rows = if fused {
                         pl_nll(&scores, &order, PlMode::Parity, None)?
                     } else {
@@ -152,7 +157,6 @@ fn main() -> Result<()> {
         let x = Var::from_tensor(&random((rows, d), 5)?)?;
         let w = Var::from_tensor(&(random((1, d), 6)?.squeeze(0)? + 1.0)?)?;
         let bias = Var::from_tensor(&random((1, d), 7)?.squeeze(0)?)?;
-        let up = random((rows, d), 8)?;
         for (imp, fused) in [("fused", true), ("candle", false)] {
             let (t, p) = measure(
                 || {
@@ -161,7 +165,8 @@ fn main() -> Result<()> {
                     } else {
                         layer_norm_reference(&x, &w, &bias, 1e-5)?
                     };
-                    (y * &up)?.sum_all()?.backward()?;
+                    // Upstream gradient of ones, as PyTorch's `y.backward(ones_like(y))`.
+                    y.backward()?;
                     Ok(())
                 },
                 warmup,

@@ -25,7 +25,7 @@ mod cuda;
 
 pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use pairwise::{PairwiseForm, weighted_pairwise, weighted_pairwise_reference};
-pub use plackett_luce::{PlMode, pl_nll, pl_nll_reference};
+pub use plackett_luce::{PlMode, pl_nll, pl_nll_reference, pl_order};
 
 /// Rows of `xs` `(.., d)` divided by their L2 norm.
 pub fn l2_normalize(xs: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {

@@ -208,12 +208,15 @@ impl PlNll {
             PlMode::Parity => {
                 let argmax = first_max(x);
                 let max = argmax.map_or(0.0, |a| x[a]);
-                // scratch[k] = c_k = Σ_{present j ≥ k} exp(x_j − max).
+                // g[k] = exp(x_k − max) for now; scratch[k] = c_k = Σ_{present j ≥ k} g[j].
                 let mut c = 0.0;
                 for k in (0..m).rev() {
-                    if x[k] != f64::NEG_INFINITY {
-                        c += (x[k] - max).exp();
-                    }
+                    g[k] = if x[k] != f64::NEG_INFINITY {
+                        (x[k] - max).exp()
+                    } else {
+                        0.0
+                    };
+                    c += g[k];
                     scratch[k] = c;
                 }
                 let (mut b, mut via_max) = (0.0, 0.0);
@@ -225,7 +228,7 @@ impl PlNll {
                     let denom = scratch[j] + PARITY_EPS;
                     b += self.mu(j) / denom;
                     via_max += self.mu(j) * PARITY_EPS / denom;
-                    g[j] = -self.mu(j) + (x[j] - max).exp() * b;
+                    g[j] = -self.mu(j) + g[j] * b;
                 }
                 if let Some(a) = argmax {
                     g[a] += via_max;
@@ -256,6 +259,26 @@ fn order_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]
     }
 }
 
+/// Row `i` of `scores` gathered in `order`, widened to f64, into `x`.
+fn gather_row(scores: &CpuStorage, offset: usize, order: &[u32], x: &mut Vec<f64>) {
+    x.clear();
+    match scores {
+        CpuStorage::F32(v) => x.extend(order.iter().map(|&c| f64::from(v[offset + c as usize]))),
+        CpuStorage::F64(v) => x.extend(order.iter().map(|&c| v[offset + c as usize])),
+        _ => unreachable!("invariant: checked f32/f64 before gathering"),
+    }
+}
+
+fn float_offset(s: &CpuStorage, l: &Layout, what: &str) -> Result<usize> {
+    let (a, _) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("pl_nll: {what} must be contiguous")))?;
+    match s.dtype() {
+        DType::F32 | DType::F64 => Ok(a),
+        dt => candle_core::bail!("pl_nll: {what} must be f32 or f64, got {dt:?}"),
+    }
+}
+
 impl CustomOp2 for PlNll {
     fn name(&self) -> &'static str {
         "pl_nll"
@@ -269,17 +292,13 @@ impl CustomOp2 for PlNll {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, m) = l1.shape().dims2()?;
-        let scores = f64_data(s1, l1, "pl_nll", "scores")?;
+        let offset = float_offset(s1, l1, "scores")?;
         let order = order_slice(s2, l2)?;
         let losses: Vec<f64> = (0..n)
             .into_par_iter()
-            .map(|i| {
-                let row = &scores[i * m..(i + 1) * m];
-                let x: Vec<f64> = order[i * m..(i + 1) * m]
-                    .iter()
-                    .map(|&c| row[c as usize])
-                    .collect();
-                self.row_loss(&x)
+            .map_init(Vec::new, |x, i| {
+                gather_row(s1, offset + i * m, &order[i * m..(i + 1) * m], x);
+                self.row_loss(x)
             })
             .collect();
         Ok((storage_of(losses, s1.dtype()), Shape::from(n)))
@@ -311,6 +330,52 @@ impl CustomOp2 for PlNll {
 /// `(scores, order, upstream (n)) → ∂loss/∂scores (n, m)`.
 struct PlNllGrad(PlNll);
 
+/// Scratch buffers of one worker thread.
+#[derive(Default)]
+struct RowScratch {
+    x: Vec<f64>,
+    g: Vec<f64>,
+    stats: Vec<f64>,
+    acc: Vec<f64>,
+}
+
+impl PlNllGrad {
+    /// Gradients of all rows; `of` converts to the output element type.
+    fn rows<T: Copy + Send + Sync>(
+        &self,
+        s1: &CpuStorage,
+        offset: usize,
+        order: &[u32],
+        upstream: &[f64],
+        m: usize,
+        of: fn(f64) -> T,
+    ) -> Vec<T> {
+        let n = upstream.len();
+        let mut out = vec![of(0.0); n * m];
+        out.par_chunks_mut(m.max(1)).enumerate().for_each_init(
+            RowScratch::default,
+            |sc, (i, out_row)| {
+                let ord = &order[i * m..(i + 1) * m];
+                gather_row(s1, offset + i * m, ord, &mut sc.x);
+                sc.g.clear();
+                sc.g.resize(m, 0.0);
+                self.0.row_grad(&sc.x, &mut sc.g, &mut sc.stats);
+                // Scatter back to columns; a column repeated in `order` sums, as a gather's
+                // backward does.
+                sc.acc.clear();
+                sc.acc.resize(m, 0.0);
+                for (k, &c) in ord.iter().enumerate() {
+                    sc.acc[c as usize] += sc.g[k] * upstream[i];
+                }
+                for (o, &a) in out_row.iter_mut().zip(&sc.acc) {
+                    *o = of(a);
+                }
+            },
+        );
+        out
+    }
+}
+
 impl CustomOp3 for PlNllGrad {
     fn name(&self) -> &'static str {
         "pl_nll_grad"
@@ -326,24 +391,14 @@ impl CustomOp3 for PlNllGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, m) = l1.shape().dims2()?;
-        let scores = f64_data(s1, l1, "pl_nll", "scores")?;
+        let offset = float_offset(s1, l1, "scores")?;
         let order = order_slice(s2, l2)?;
         let upstream = f64_data(s3, l3, "pl_nll", "gradient")?;
-        let mut out = vec![0f64; n * m];
-        out.par_chunks_mut(m.max(1))
-            .enumerate()
-            .for_each(|(i, out_row)| {
-                let row = &scores[i * m..(i + 1) * m];
-                let ord = &order[i * m..(i + 1) * m];
-                let x: Vec<f64> = ord.iter().map(|&c| row[c as usize]).collect();
-                let mut g = vec![0f64; m];
-                let mut scratch = Vec::with_capacity(m);
-                self.0.row_grad(&x, &mut g, &mut scratch);
-                for (k, &c) in ord.iter().enumerate() {
-                    out_row[c as usize] += g[k] * upstream[i];
-                }
-            });
-        Ok((storage_of(out, s1.dtype()), Shape::from((n, m))))
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.rows(s1, offset, order, &upstream, m, |v| v as f32)),
+            _ => CpuStorage::F64(self.rows(s1, offset, order, &upstream, m, |v| v)),
+        };
+        Ok((out, Shape::from((n, m))))
     }
 
     #[cfg(feature = "cuda")]
@@ -366,6 +421,129 @@ impl CustomOp3 for PlNllGrad {
             s3,
             l3,
         )
+    }
+}
+
+/// The order that sorts each row of `reference` `(n, m)` descending, ties broken by
+/// `perm` (an item earlier in `perm` comes first): `(n, m)` u32, ready for [`pl_nll`].
+///
+/// This is the authors' "shuffle the columns with one random permutation, then sort"
+/// made reproducible: with the permutation given, the result is a pure function of the
+/// input. Rows are sorted in parallel on the host; the reference gets no gradient.
+pub fn pl_order(reference: &Tensor, perm: &[u32]) -> Result<Tensor> {
+    let (n, m) = reference.dims2().map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "pl_order: reference must be (n, m), got {:?}",
+            reference.dims()
+        ))
+    })?;
+    if perm.len() != m {
+        candle_core::bail!(
+            "pl_order: permutation of length {} for {m} columns",
+            perm.len()
+        )
+    }
+    let mut rank_in_perm = vec![u32::MAX; m];
+    for (pos, &c) in perm.iter().enumerate() {
+        match rank_in_perm.get_mut(c as usize) {
+            Some(slot) if *slot == u32::MAX => *slot = pos as u32,
+            _ => candle_core::bail!(
+                "pl_order: the permutation is not one of 0..{m} (entry {c} at {pos})"
+            ),
+        }
+    }
+    // Stable LSD radix sort on order-preserving integer keys, with the items fed in
+    // `perm` order: descending by value, ties in `perm` order. O(m) per row.
+    let mut order = vec![0u32; n * m];
+    match reference.dtype() {
+        DType::F64 => {
+            let values = reference.flatten_all()?.to_vec1::<f64>()?;
+            order.par_chunks_mut(m.max(1)).enumerate().for_each_init(
+                RadixScratch::default,
+                |sc, (i, row_order)| {
+                    let row = &values[i * m..(i + 1) * m];
+                    radix_order(perm, |c| !f64_key(row[c as usize]), 8, sc, row_order);
+                },
+            );
+        }
+        _ => {
+            let values = reference
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            order.par_chunks_mut(m.max(1)).enumerate().for_each_init(
+                RadixScratch::default,
+                |sc, (i, row_order)| {
+                    let row = &values[i * m..(i + 1) * m];
+                    radix_order(
+                        perm,
+                        |c| u64::from(!f32_key(row[c as usize])),
+                        4,
+                        sc,
+                        row_order,
+                    );
+                },
+            );
+        }
+    }
+    Tensor::from_vec(order, (n, m), reference.device())
+}
+
+/// An unsigned key whose order is the float order (−0 and NaN placed as `total_cmp`).
+fn f32_key(v: f32) -> u32 {
+    let b = v.to_bits();
+    if b >> 31 == 1 { !b } else { b | 0x8000_0000 }
+}
+
+fn f64_key(v: f64) -> u64 {
+    let b = v.to_bits();
+    if b >> 63 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000_0000_0000
+    }
+}
+
+#[derive(Default)]
+struct RadixScratch {
+    items: Vec<(u64, u32)>,
+    swap: Vec<(u64, u32)>,
+}
+
+/// Sort the columns listed in `perm` by `key` ascending, stably, with `bytes` 8-bit
+/// passes, into `out`.
+fn radix_order(
+    perm: &[u32],
+    key: impl Fn(u32) -> u64,
+    bytes: usize,
+    sc: &mut RadixScratch,
+    out: &mut [u32],
+) {
+    sc.items.clear();
+    sc.items.extend(perm.iter().map(|&c| (key(c), c)));
+    sc.swap.clear();
+    sc.swap.resize(sc.items.len(), (0, 0));
+    for pass in 0..bytes {
+        let shift = 8 * pass;
+        let mut counts = [0usize; 257];
+        for &(k, _) in &sc.items {
+            counts[((k >> shift) & 0xFF) as usize + 1] += 1;
+        }
+        if counts[1..].iter().any(|&c| c == sc.items.len()) {
+            continue; // every key has the same byte here
+        }
+        for b in 0..256 {
+            counts[b + 1] += counts[b];
+        }
+        for &item in &sc.items {
+            let slot = &mut counts[((item.0 >> shift) & 0xFF) as usize];
+            sc.swap[*slot] = item;
+            *slot += 1;
+        }
+        std::mem::swap(&mut sc.items, &mut sc.swap);
+    }
+    for (o, &(_, c)) in out.iter_mut().zip(&sc.items) {
+        *o = c;
     }
 }
 

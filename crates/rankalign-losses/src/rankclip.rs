@@ -19,11 +19,11 @@
 //! realises it (`/32` on the sum). `w(e)` is the code's ramp
 //! `clamp(3·(e − 1)/(E − 1), 0, 2)` over epochs, absent from the paper.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-use rankalign_kernels::{PlMode, pl_nll};
+use rankalign_kernels::{PlMode, pl_nll, pl_order};
 use serde::{Deserialize, Serialize};
 
 use crate::info_nce::clip_loss;
@@ -194,26 +194,6 @@ pub struct RankClipTerms {
     pub inmodal: Tensor,
 }
 
-/// The order that sorts each row of `reference` descending, ties broken by `perm`
-/// (earlier in `perm` first): `(n, m)` u32.
-pub fn reference_order(reference: &Tensor, perm: &[u32]) -> Result<Tensor> {
-    let (n, m) = reference.dims2()?;
-    if perm.len() != m {
-        candle_core::bail!(
-            "listmle: permutation of length {} for {m} columns",
-            perm.len()
-        )
-    }
-    let values = reference.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-    let mut order = Vec::with_capacity(n * m);
-    for row in &values {
-        let mut idx = perm.to_vec();
-        idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
-        order.extend_from_slice(&idx);
-    }
-    Tensor::from_vec(order, (n, m), reference.device())
-}
-
 /// `ListMLE(P, R)`: the mean over rows of the Plackett–Luce NLL of `P` in `R`'s order.
 pub fn listmle(
     pred: &Tensor,
@@ -229,7 +209,7 @@ pub fn listmle(
             reference.dims()
         )
     }
-    let order = reference_order(reference, perm)?;
+    let order = pl_order(reference, perm)?;
     let mode = match mode {
         RankMode::Parity => PlMode::Parity,
         RankMode::Exact => PlMode::Exact,

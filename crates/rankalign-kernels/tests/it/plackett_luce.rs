@@ -229,3 +229,25 @@ fn exact_form_is_stable_at_scale_100() -> Result<()> {
     assert!((v - 100.0).abs() < 1e-4, "{v}");
     Ok(())
 }
+
+#[test]
+fn order_sorts_descending_and_breaks_ties_by_the_permutation() -> Result<()> {
+    use rankalign_kernels::pl_order;
+    let dev = Device::Cpu;
+    let r = Tensor::new(&[[0.5f32, 2.0, 0.5, 1.0], [1.0, 1.0, 1.0, 1.0]], &dev)?;
+    let order = pl_order(&r, &[3, 2, 1, 0])?.to_vec2::<u32>()?;
+    assert_eq!(order, vec![vec![1, 3, 2, 0], vec![3, 2, 1, 0]]);
+    let order = pl_order(&r, &[0, 1, 2, 3])?.to_vec2::<u32>()?;
+    assert_eq!(order[1], vec![0, 1, 2, 3]);
+    let err = pl_order(&r, &[0, 0, 1, 2]).unwrap_err().to_string();
+    assert!(
+        err.contains("pl_order") && err.contains("not one of 0..4"),
+        "{err}"
+    );
+    let err = pl_order(&r, &[0, 1]).unwrap_err().to_string();
+    assert!(
+        err.contains("permutation of length 2 for 4 columns"),
+        "{err}"
+    );
+    Ok(())
+}
