@@ -529,7 +529,7 @@ fn radix_order(
         for &(k, _) in &sc.items {
             counts[((k >> shift) & 0xFF) as usize + 1] += 1;
         }
-        if counts[1..].iter().any(|&c| c == sc.items.len()) {
+        if counts[1..].contains(&sc.items.len()) {
             continue; // every key has the same byte here
         }
         for b in 0..256 {
