@@ -17,6 +17,7 @@
 
 mod cpu;
 pub mod layer_norm;
+pub mod order;
 pub mod pairwise;
 pub mod plackett_luce;
 
@@ -24,8 +25,9 @@ pub mod plackett_luce;
 mod cuda;
 
 pub use layer_norm::{layer_norm, layer_norm_reference};
+pub use order::pl_order;
 pub use pairwise::{PairwiseForm, weighted_pairwise, weighted_pairwise_reference};
-pub use plackett_luce::{PlMode, pl_nll, pl_nll_reference, pl_order};
+pub use plackett_luce::{PlMode, pl_nll, pl_nll_reference};
 
 /// Rows of `xs` `(.., d)` divided by their L2 norm.
 pub fn l2_normalize(xs: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
