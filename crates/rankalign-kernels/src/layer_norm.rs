@@ -117,27 +117,29 @@ impl Float for f64 {
     }
 }
 
-/// Mean and `1/√(var + eps)` of a row.
+/// Mean and `1/√(var + eps)` of a row, in one pass with f64 accumulators.
 fn moments<T: Float>(row: &[T], eps: f64) -> (f64, f64) {
     let d = row.len() as f64;
-    let mean = row.iter().map(|v| v.f64()).sum::<f64>() / d;
-    let var = row.iter().map(|v| (v.f64() - mean).powi(2)).sum::<f64>() / d;
+    let (sum, sq) = row.iter().fold((0.0, 0.0), |(s, q), v| {
+        let v = v.f64();
+        (s + v, q + v * v)
+    });
+    let mean = sum / d;
+    let var = (sq / d - mean * mean).max(0.0);
     (mean, 1.0 / (var + eps).sqrt())
 }
 
 fn forward<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
     let mut out = vec![T::of(0.0); x.len()];
-    out.par_chunks_mut(d * BLOCK)
-        .zip(x.par_chunks(d * BLOCK))
-        .for_each(|(o, xb)| {
-            for (orow, row) in o.chunks_mut(d).zip(xb.chunks(d)) {
-                let (mean, r) = moments(row, eps);
-                for i in 0..d {
-                    orow[i] = T::of((row[i].f64() - mean) * r * w[i].f64() + b[i].f64());
-                }
+    out.par_chunks_mut(d * BLOCK).zip(x.par_chunks(d * BLOCK)).for_each(|(o, xb)| {
+        for (orow, row) in o.chunks_mut(d).zip(xb.chunks(d)) {
+            let (mean, r) = moments(row, eps);
+            for (((o, &xv), &wv), &bv) in orow.iter_mut().zip(row).zip(w).zip(b) {
+                *o = T::of((xv.f64() - mean) * r * wv.f64() + bv.f64());
             }
-        });
+        }
+    });
     out
 }
 
@@ -150,21 +152,22 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
         .zip(x.par_chunks(d * BLOCK).zip(dy.par_chunks(d * BLOCK)))
         .map(|(dxb, (xb, dyb))| {
             let mut part = vec![0f64; 2 * d];
+            let (dw, db) = part.split_at_mut(d);
             for ((dxr, xr), dyr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(dyb.chunks(d)) {
                 let (mean, r) = moments(xr, eps);
                 let (mut mg, mut mgx) = (0.0, 0.0);
-                for i in 0..d {
-                    let xh = (xr[i].f64() - mean) * r;
-                    let g = dyr[i].f64() * w[i].f64();
+                for ((((&xv, &gv), &wv), dwi), dbi) in xr.iter().zip(dyr).zip(w).zip(dw.iter_mut()).zip(db.iter_mut()) {
+                    let xh = (xv.f64() - mean) * r;
+                    let g = gv.f64() * wv.f64();
                     mg += g;
                     mgx += g * xh;
-                    part[i] += dyr[i].f64() * xh;
-                    part[d + i] += dyr[i].f64();
+                    *dwi += gv.f64() * xh;
+                    *dbi += gv.f64();
                 }
                 let (mg, mgx) = (mg / d as f64, mgx / d as f64);
-                for i in 0..d {
-                    let xh = (xr[i].f64() - mean) * r;
-                    dxr[i] = T::of(r * (dyr[i].f64() * w[i].f64() - mg - xh * mgx));
+                for (((o, &xv), &gv), &wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+                    let xh = (xv.f64() - mean) * r;
+                    *o = T::of(r * (gv.f64() * wv.f64() - mg - xh * mgx));
                 }
             }
             part
