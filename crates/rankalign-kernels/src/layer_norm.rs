@@ -132,14 +132,16 @@ fn moments<T: Float>(row: &[T], eps: f64) -> (f64, f64) {
 fn forward<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
     let mut out = vec![T::of(0.0); x.len()];
-    out.par_chunks_mut(d * BLOCK).zip(x.par_chunks(d * BLOCK)).for_each(|(o, xb)| {
-        for (orow, row) in o.chunks_mut(d).zip(xb.chunks(d)) {
-            let (mean, r) = moments(row, eps);
-            for (((o, &xv), &wv), &bv) in orow.iter_mut().zip(row).zip(w).zip(b) {
-                *o = T::of((xv.f64() - mean) * r * wv.f64() + bv.f64());
+    out.par_chunks_mut(d * BLOCK)
+        .zip(x.par_chunks(d * BLOCK))
+        .for_each(|(o, xb)| {
+            for (orow, row) in o.chunks_mut(d).zip(xb.chunks(d)) {
+                let (mean, r) = moments(row, eps);
+                for (((o, &xv), &wv), &bv) in orow.iter_mut().zip(row).zip(w).zip(b) {
+                    *o = T::of((xv.f64() - mean) * r * wv.f64() + bv.f64());
+                }
             }
-        }
-    });
+        });
     out
 }
 
@@ -156,7 +158,13 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
             for ((dxr, xr), dyr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(dyb.chunks(d)) {
                 let (mean, r) = moments(xr, eps);
                 let (mut mg, mut mgx) = (0.0, 0.0);
-                for ((((&xv, &gv), &wv), dwi), dbi) in xr.iter().zip(dyr).zip(w).zip(dw.iter_mut()).zip(db.iter_mut()) {
+                for ((((&xv, &gv), &wv), dwi), dbi) in xr
+                    .iter()
+                    .zip(dyr)
+                    .zip(w)
+                    .zip(dw.iter_mut())
+                    .zip(db.iter_mut())
+                {
                     let xh = (xv.f64() - mean) * r;
                     let g = gv.f64() * wv.f64();
                     mg += g;

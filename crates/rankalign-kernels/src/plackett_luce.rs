@@ -128,52 +128,19 @@ impl PlNll {
         self.weights.as_ref().map_or(1.0, |w| w[k])
     }
 
-    /// Loss of one row; `x` is the row gathered in order.
-    fn row_loss(&self, x: &[f64]) -> f64 {
+    /// Suffix statistics of the present items into `out`, position by position: exact,
+    /// `L_k` = log-sum-exp of the items at `k..` (−inf if none), by a running max; parity,
+    /// `c_k = Σ_{j ≥ k} exp(x_j − max)`, with each `exp(x_k − max)` also left in `exps`.
+    fn suffix(&self, x: &[f64], max: f64, out: &mut Vec<f64>, exps: &mut [f64]) {
         let m = x.len();
-        match self.mode {
-            PlMode::Exact => {
-                let (mut run_max, mut run_sum, mut loss) = (f64::NEG_INFINITY, 0.0, 0.0);
-                for k in (0..m).rev() {
-                    if x[k] == f64::NEG_INFINITY {
-                        continue;
-                    }
-                    if x[k] > run_max {
-                        run_sum = run_sum * (run_max - x[k]).exp() + 1.0;
-                        run_max = x[k];
-                    } else {
-                        run_sum += (x[k] - run_max).exp();
-                    }
-                    loss += self.mu(k) * (run_max + run_sum.ln() - x[k]);
-                }
-                loss
-            }
-            PlMode::Parity => {
-                let max = first_max(x).map_or(0.0, |a| x[a]);
-                let (mut c, mut loss) = (0.0, 0.0);
-                for k in (0..m).rev() {
-                    if x[k] == f64::NEG_INFINITY {
-                        continue;
-                    }
-                    c += (x[k] - max).exp();
-                    loss += self.mu(k) * ((c + PARITY_EPS).ln() - (x[k] - max));
-                }
-                loss
-            }
-        }
-    }
-
-    /// Gradient of one row's loss with respect to `x` (in order), into `g`.
-    fn row_grad(&self, x: &[f64], g: &mut [f64], scratch: &mut Vec<f64>) {
-        let m = x.len();
-        scratch.clear();
-        scratch.resize(m, f64::NEG_INFINITY);
-        match self.mode {
-            PlMode::Exact => {
-                // scratch[k] = L_k, the log-sum-exp of the present items at k.. (−inf if none).
-                let (mut run_max, mut run_sum) = (f64::NEG_INFINITY, 0.0);
-                for k in (0..m).rev() {
-                    if x[k] != f64::NEG_INFINITY {
+        out.clear();
+        out.resize(m, f64::NEG_INFINITY);
+        let (mut run_max, mut run_sum) = (f64::NEG_INFINITY, 0.0);
+        for k in (0..m).rev() {
+            let present = x[k] != f64::NEG_INFINITY;
+            match self.mode {
+                PlMode::Exact => {
+                    if present {
                         if x[k] > run_max {
                             run_sum = run_sum * (run_max - x[k]).exp() + 1.0;
                             run_max = x[k];
@@ -181,12 +148,46 @@ impl PlNll {
                             run_sum += (x[k] - run_max).exp();
                         }
                     }
-                    scratch[k] = if run_sum > 0.0 {
+                    out[k] = if run_sum > 0.0 {
                         run_max + run_sum.ln()
                     } else {
                         f64::NEG_INFINITY
                     };
                 }
+                PlMode::Parity => {
+                    exps[k] = if present { (x[k] - max).exp() } else { 0.0 };
+                    run_sum += exps[k];
+                    out[k] = run_sum;
+                }
+            }
+        }
+    }
+
+    /// Loss of one row; `x` is the row gathered in order.
+    fn row_loss(&self, x: &[f64], sc: &mut RowScratch) -> f64 {
+        let max = first_max(x).map_or(0.0, |a| x[a]);
+        sc.g.clear();
+        sc.g.resize(x.len(), 0.0);
+        self.suffix(x, max, &mut sc.stats, &mut sc.g);
+        let term = |k: usize| match self.mode {
+            PlMode::Exact => sc.stats[k] - x[k],
+            PlMode::Parity => (sc.stats[k] + PARITY_EPS).ln() - (x[k] - max),
+        };
+        (0..x.len())
+            .filter(|&k| x[k] != f64::NEG_INFINITY)
+            .map(|k| self.mu(k) * term(k))
+            .sum()
+    }
+
+    /// Gradient of one row's loss with respect to `x` (in order), into `g`.
+    fn row_grad(&self, x: &[f64], g: &mut [f64], scratch: &mut Vec<f64>) {
+        let m = x.len();
+        let argmax = first_max(x);
+        let max = argmax.map_or(0.0, |a| x[a]);
+        // Parity leaves exp(x_k − max) in g; exact leaves g untouched.
+        self.suffix(x, max, scratch, g);
+        match self.mode {
+            PlMode::Exact => {
                 let mut acc = 0.0;
                 let mut prev = f64::NEG_INFINITY;
                 for j in 0..m {
@@ -206,19 +207,6 @@ impl PlNll {
                 }
             }
             PlMode::Parity => {
-                let argmax = first_max(x);
-                let max = argmax.map_or(0.0, |a| x[a]);
-                // g[k] = exp(x_k − max) for now; scratch[k] = c_k = Σ_{present j ≥ k} g[j].
-                let mut c = 0.0;
-                for k in (0..m).rev() {
-                    g[k] = if x[k] != f64::NEG_INFINITY {
-                        (x[k] - max).exp()
-                    } else {
-                        0.0
-                    };
-                    c += g[k];
-                    scratch[k] = c;
-                }
                 let (mut b, mut via_max) = (0.0, 0.0);
                 for j in 0..m {
                     if x[j] == f64::NEG_INFINITY {
@@ -296,9 +284,12 @@ impl CustomOp2 for PlNll {
         let order = order_slice(s2, l2)?;
         let losses: Vec<f64> = (0..n)
             .into_par_iter()
-            .map_init(Vec::new, |x, i| {
-                gather_row(s1, offset + i * m, &order[i * m..(i + 1) * m], x);
-                self.row_loss(x)
+            .map_init(RowScratch::default, |sc, i| {
+                let mut x = std::mem::take(&mut sc.x);
+                gather_row(s1, offset + i * m, &order[i * m..(i + 1) * m], &mut x);
+                let loss = self.row_loss(&x, sc);
+                sc.x = x;
+                loss
             })
             .collect();
         Ok((storage_of(losses, s1.dtype()), Shape::from(n)))

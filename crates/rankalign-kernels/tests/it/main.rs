@@ -4,3 +4,19 @@
 mod layer_norm;
 mod pairwise;
 mod plackett_luce;
+
+/// Central differences `(f(x + h·e_i) − f(x − h·e_i)) / 2h` for every coordinate `i`.
+pub fn central_differences(
+    f: impl Fn(&[f64]) -> candle_core::Result<f64>,
+    x: &[f64],
+    h: f64,
+) -> candle_core::Result<Vec<f64>> {
+    (0..x.len())
+        .map(|i| {
+            let (mut up, mut down) = (x.to_vec(), x.to_vec());
+            up[i] += h;
+            down[i] -= h;
+            Ok((f(&up)? - f(&down)?) / (2.0 * h))
+        })
+        .collect()
+}

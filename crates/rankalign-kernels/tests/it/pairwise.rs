@@ -112,11 +112,10 @@ fn gradient_matches_finite_differences() -> Result<()> {
             .unwrap()
             .flatten_all()?
             .to_vec1::<f64>()?;
-        for i in 0..av.len() {
-            let (mut u, mut v) = (av.clone(), av.clone());
-            u[i] += 1e-6;
-            v[i] -= 1e-6;
-            let fd = (f(&u)? - f(&v)?) / 2e-6;
+        for (i, fd) in crate::central_differences(f, &av, 1e-6)?
+            .into_iter()
+            .enumerate()
+        {
             assert!(
                 (fd - g[i]).abs() < 1e-6,
                 "{form:?} a[{i}]: {fd} vs {}",

@@ -181,12 +181,10 @@ fn fused_gradient_matches_finite_differences() -> Result<()> {
             .unwrap()
             .flatten_all()?
             .to_vec1::<f64>()?;
-        let h = 1e-6;
-        for i in 0..case.scores.len() {
-            let (mut up, mut down) = (case.scores.clone(), case.scores.clone());
-            up[i] += h;
-            down[i] -= h;
-            let fd = (loss_at(&up)? - loss_at(&down)?) / (2.0 * h);
+        for (i, fd) in crate::central_differences(loss_at, &case.scores, 1e-6)?
+            .into_iter()
+            .enumerate()
+        {
             assert!(
                 (fd - g[i]).abs() < 1e-6,
                 "{mode:?} entry {i}: finite difference {fd}, backward {}",
