@@ -3,8 +3,8 @@
 //!
 //! `candle_nn::LayerNorm` dispatches contiguous input to a fused op that has no
 //! backward, so gradients stop there without an error (with the stock CLIP only 29 of
-//! 78 variables got gradients). Forward, per row: mean and biased variance accumulated in
-//! f64, `y = (x − μ)·r·w + b` with `r = 1/√(σ² + ε)`. Backward, per row, with
+//! 78 variables got gradients). Forward, per row: mean and biased variance (two passes,
+//! in the element type), `y = (x − μ)·r·w + b` with `r = 1/√(σ² + ε)`. Backward, per row, with
 //! `x̂ = (x − μ)·r` and `g = ∂y·w`: `∂x = r·(g − mean(g) − x̂·mean(g·x̂))`; `∂w = Σ ∂y·x̂`
 //! and `∂b = Σ ∂y` over rows, summed in fixed blocks in a fixed order so that results do
 //! not depend on thread scheduling (resume is bit-exact).
@@ -86,59 +86,46 @@ fn slice<'a, T: candle_core::WithDType>(
     Ok(&s.as_slice::<T>()?[a..b])
 }
 
-/// Float element types the CPU kernels run on.
-trait Float: candle_core::WithDType + Copy + Send + Sync {
-    fn f64(self) -> f64;
-    fn of(v: f64) -> Self;
+/// Float element types the CPU kernels run on; the arithmetic is done in the element
+/// type itself (f32 for f32 input, as PyTorch does), which lets the loops vectorise.
+trait Float: candle_core::WithDType + num_traits::Float + std::iter::Sum + Send + Sync {
     fn storage(v: Vec<Self>) -> CpuStorage;
+    fn of_usize(n: usize) -> Self {
+        Self::from(n).expect("invariant: row widths fit any float")
+    }
 }
 
 impl Float for f32 {
-    fn f64(self) -> f64 {
-        f64::from(self)
-    }
-    fn of(v: f64) -> Self {
-        v as f32
-    }
     fn storage(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(v)
     }
 }
 
 impl Float for f64 {
-    fn f64(self) -> f64 {
-        self
-    }
-    fn of(v: f64) -> Self {
-        v
-    }
     fn storage(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F64(v)
     }
 }
 
-/// Mean and `1/√(var + eps)` of a row, in one pass with f64 accumulators.
-fn moments<T: Float>(row: &[T], eps: f64) -> (f64, f64) {
-    let d = row.len() as f64;
-    let (sum, sq) = row.iter().fold((0.0, 0.0), |(s, q), v| {
-        let v = v.f64();
-        (s + v, q + v * v)
-    });
-    let mean = sum / d;
-    let var = (sq / d - mean * mean).max(0.0);
-    (mean, 1.0 / (var + eps).sqrt())
+/// Mean and `1/√(var + eps)` of a row (two passes: the centred variance does not cancel).
+fn moments<T: Float>(row: &[T], eps: f64) -> (T, T) {
+    let d = T::of_usize(row.len());
+    let mean = row.iter().copied().sum::<T>() / d;
+    let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / d;
+    let eps = T::from(eps).unwrap_or_else(T::zero);
+    (mean, (var + eps).sqrt().recip())
 }
 
 fn forward<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
-    let mut out = vec![T::of(0.0); x.len()];
+    let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(d * BLOCK)
         .zip(x.par_chunks(d * BLOCK))
         .for_each(|(o, xb)| {
             for (orow, row) in o.chunks_mut(d).zip(xb.chunks(d)) {
                 let (mean, r) = moments(row, eps);
                 for (((o, &xv), &wv), &bv) in orow.iter_mut().zip(row).zip(w).zip(b) {
-                    *o = T::of((xv.f64() - mean) * r * wv.f64() + bv.f64());
+                    *o = (xv - mean) * r * wv + bv;
                 }
             }
         });
@@ -148,16 +135,17 @@ fn forward<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
 /// `(∂x, ∂w, ∂b)` packed as one vector of `rows·d + 2d`.
 fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
     let d = w.len();
-    let mut dx = vec![T::of(0.0); x.len()];
-    let partials: Vec<Vec<f64>> = dx
+    let dt = T::of_usize(d);
+    let mut dx = vec![T::zero(); x.len()];
+    let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(d * BLOCK)
         .zip(x.par_chunks(d * BLOCK).zip(dy.par_chunks(d * BLOCK)))
         .map(|(dxb, (xb, dyb))| {
-            let mut part = vec![0f64; 2 * d];
+            let mut part = vec![T::zero(); 2 * d];
             let (dw, db) = part.split_at_mut(d);
             for ((dxr, xr), dyr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(dyb.chunks(d)) {
                 let (mean, r) = moments(xr, eps);
-                let (mut mg, mut mgx) = (0.0, 0.0);
+                let (mut mg, mut mgx) = (T::zero(), T::zero());
                 for ((((&xv, &gv), &wv), dwi), dbi) in xr
                     .iter()
                     .zip(dyr)
@@ -165,29 +153,29 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
                     .zip(dw.iter_mut())
                     .zip(db.iter_mut())
                 {
-                    let xh = (xv.f64() - mean) * r;
-                    let g = gv.f64() * wv.f64();
-                    mg += g;
-                    mgx += g * xh;
-                    *dwi += gv.f64() * xh;
-                    *dbi += gv.f64();
+                    let xh = (xv - mean) * r;
+                    let g = gv * wv;
+                    mg = mg + g;
+                    mgx = mgx + g * xh;
+                    *dwi = *dwi + gv * xh;
+                    *dbi = *dbi + gv;
                 }
-                let (mg, mgx) = (mg / d as f64, mgx / d as f64);
+                let (mg, mgx) = (mg / dt, mgx / dt);
                 for (((o, &xv), &gv), &wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
-                    let xh = (xv.f64() - mean) * r;
-                    *o = T::of(r * (gv.f64() * wv.f64() - mg - xh * mgx));
+                    *o = r * (gv * wv - mg - (xv - mean) * r * mgx);
                 }
             }
             part
         })
         .collect();
+    // Block partials added in block order, in f64.
     let mut sums = vec![0f64; 2 * d];
     for part in &partials {
         for (s, p) in sums.iter_mut().zip(part) {
-            *s += p;
+            *s += p.to_f64().unwrap_or(f64::NAN);
         }
     }
-    dx.extend(sums.into_iter().map(T::of));
+    dx.extend(sums.into_iter().map(|v| T::from(v).unwrap_or_else(T::nan)));
     dx
 }
 
