@@ -88,7 +88,9 @@ fn slice<'a, T: candle_core::WithDType>(
 
 /// Float element types the CPU kernels run on; the arithmetic is done in the element
 /// type itself (f32 for f32 input, as PyTorch does), which lets the loops vectorise.
-trait Float: candle_core::WithDType + num_traits::Float + std::iter::Sum + Send + Sync {
+trait Float:
+    candle_core::WithDType + num_traits::Float + std::ops::AddAssign + std::iter::Sum + Send + Sync
+{
     fn storage(v: Vec<Self>) -> CpuStorage;
     fn of_usize(n: usize) -> Self {
         Self::from(n).expect("invariant: row widths fit any float")
@@ -155,10 +157,10 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
                 {
                     let xh = (xv - mean) * r;
                     let g = gv * wv;
-                    mg = mg + g;
-                    mgx = mgx + g * xh;
-                    *dwi = *dwi + gv * xh;
-                    *dbi = *dbi + gv;
+                    mg += g;
+                    mgx += g * xh;
+                    *dwi += gv * xh;
+                    *dbi += gv;
                 }
                 let (mg, mgx) = (mg / dt, mgx / dt);
                 for (((o, &xv), &gv), &wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {

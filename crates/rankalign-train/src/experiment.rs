@@ -104,13 +104,22 @@ pub fn run_experiment(
     let report = run_dir.join("report.md");
     write_report(&report, exp, &outcomes, wall_secs)?;
     let summary = run_dir.join("summary.json");
-    let json = serde_json::to_string_pretty(
-        &outcomes
-            .iter()
-            .map(|o| (&o.name, &o.eval, o.median_step_ms, o.train_secs))
-            .collect::<Vec<_>>(),
-    )
-    .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let rows: Vec<serde_json::Value> = outcomes
+        .iter()
+        .map(|o| {
+            serde_json::json!({
+                "variant": o.name,
+                "eval": o.eval,
+                "steps": o.steps,
+                "final_loss": o.final_loss,
+                "median_step_ms": o.median_step_ms,
+                "train_secs": o.train_secs,
+                "data_wait_ms": o.total_data_wait_ms,
+            })
+        })
+        .collect();
+    let json =
+        serde_json::to_string_pretty(&rows).map_err(|e| TrainError::Invalid(e.to_string()))?;
     std::fs::write(&summary, json).map_err(io_err(&summary))?;
     Ok(ExperimentOutcome {
         run_dir,
