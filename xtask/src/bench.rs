@@ -172,9 +172,10 @@ fn render(rows: &[Row], threads: usize, torch_note: &str, quick: bool) -> String
     s.push_str("# Kernel benchmarks\n\n");
     s.push_str(&format!(
         "Forward + backward, median of {} runs after {} warm-up runs, {threads} thread(s) for every column, on {} ({}). \
-         Peak memory is the growth of the process's resident set during one run (VmHWM after a reset), the same method for \
-         Rust and Python; both run with `MALLOC_MMAP_THRESHOLD_=1GiB MALLOC_TRIM_THRESHOLD_=4GiB`, so freed memory is reused \
-         rather than faulted in again (memory already held by the process does not count as growth). Ratios are the other column's time divided by the fused time (above 1× = fused is faster).\n\n",
+Peak memory is the growth of live heap bytes during one run over those live before it: \
+         exact on the Rust side (a counting allocator), from the profiler's per-op allocation events on the PyTorch side \
+         (`profile_memory=True`). Both programs run with `MALLOC_MMAP_THRESHOLD_=1GiB MALLOC_TRIM_THRESHOLD_=4GiB`, so \
+         that neither pays page faults for every large temporary. Ratios are the other column's time divided by the fused time (above 1× = fused is faster).\n\n",
         if quick { 3 } else { 15 },
         if quick { 1 } else { 3 },
         cpu_model(),

@@ -1,10 +1,17 @@
 //! Benchmarks of the fused kernels against their composed-candle references: forward +
 //! backward time (median of several runs after warm-up) and peak resident memory.
 //!
+//! Peak memory is exact: a counting global allocator tracks live heap bytes, and the
+//! peak growth over the live bytes before the run is reported.
+//!
 //! Prints one JSON object per line. `cargo xtask bench` runs this next to the PyTorch
 //! script `benches/torch_reference.py` with the same thread count and writes the table.
 //! Usage: `bench [--quick]`.
 
+#![allow(unsafe_code)] // the counting allocator below
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use candle_core::{Device, Result, Tensor, Var};
@@ -13,30 +20,34 @@ use rankalign_kernels::{
     weighted_pairwise, weighted_pairwise_reference,
 };
 
-/// A `kB` field of `/proc/self/status` in bytes (Linux; 0 elsewhere).
-fn status_bytes(key: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+/// The system allocator, counting live bytes and their high-water mark.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call forwards to `System` with the same layout; the counters are only
+// bookkeeping and never affect the pointers returned.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded unchanged to the system allocator.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
 }
 
-/// Resident-set high-water mark since the last reset.
-fn peak_rss() -> u64 {
-    status_bytes("VmHWM:")
-}
-
-fn rss() -> u64 {
-    status_bytes("VmRSS:")
-}
-
-fn reset_peak() {
-    // Writing 5 to clear_refs resets VmHWM to the current RSS.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 /// Median seconds and peak extra memory of `f` after `warmup` runs.
 fn measure(mut f: impl FnMut() -> Result<()>, warmup: usize, runs: usize) -> Result<(f64, u64)> {
@@ -46,12 +57,12 @@ fn measure(mut f: impl FnMut() -> Result<()>, warmup: usize, runs: usize) -> Res
     let mut times = Vec::with_capacity(runs);
     let mut peak = 0;
     for _ in 0..runs {
-        reset_peak();
-        let base = rss();
+        let base = LIVE.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
         let t = Instant::now();
         f()?;
         times.push(t.elapsed().as_secs_f64());
-        peak = peak.max(peak_rss().saturating_sub(base));
+        peak = peak.max(PEAK.load(Ordering::Relaxed).saturating_sub(base) as u64);
     }
     times.sort_by(f64::total_cmp);
     Ok((times[times.len() / 2], peak))
