@@ -2,6 +2,7 @@
 //! parameter trained, divergence handling, and clear errors on bad input.
 
 mod config_errors;
+mod export;
 mod gradients;
 mod resume;
 

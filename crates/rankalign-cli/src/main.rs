@@ -51,6 +51,19 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Write a trained variant in the Hugging Face `CLIPModel` layout
+    /// (`config.json` + `model.safetensors`, loadable by `CLIPModel.from_pretrained`).
+    Export {
+        /// The experiment directory, e.g. `runs/digits-clip-vs-rankclip`.
+        #[arg(long)]
+        run: PathBuf,
+        /// The variant to export, e.g. `rankclip`.
+        #[arg(long)]
+        variant: String,
+        /// The directory to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Fix candle's and rayon's thread count before any of their pools start.
@@ -91,6 +104,11 @@ fn main() -> Result<()> {
                 set_compute_threads(per_run);
             }
             train(&exp, &device, overwrite, stop_after, per_run, concurrent)
+        }
+        Command::Export { run, variant, out } => {
+            let ckpt = rankalign_train::export::export_run(&run, &variant, &out)?;
+            eprintln!("rankalign: wrote {} from {}", out.display(), ckpt.display());
+            Ok(())
         }
     }
 }

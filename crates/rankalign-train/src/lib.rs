@@ -9,12 +9,14 @@
 //!   NaN guard, metrics JSONL, progress;
 //! - [`eval`]: zero-shot classification, retrieval, alignment and uniformity;
 //! - [`experiment`]: every variant of a config, side by side, and the report;
-//! - [`report`]: `report.md` and the loss-curve PNG.
+//! - [`report`]: `report.md` and the loss-curve PNG;
+//! - [`export`]: checkpoints in the Hugging Face `CLIPModel` layout, out and in.
 
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
 pub mod experiment;
+pub mod export;
 pub mod optim;
 pub mod report;
 pub mod schedule;
