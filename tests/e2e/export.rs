@@ -77,3 +77,90 @@ fn export_round_trips() {
     let err = load_hf(&dir, &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("config.json"), "{err}");
 }
+
+/// A run can start from an exported (HF-layout) model; the weights stay trainable, and a
+/// directory with a tensor missing is refused by name.
+#[test]
+fn training_starts_from_an_hf_directory() {
+    let dir = scratch("init-from");
+    let cfg =
+        ExperimentConfig::parse(&tiny_config("first", &dir, VARIANT), Path::new("x.toml")).unwrap();
+    run_experiment(
+        &cfg,
+        &Device::Cpu,
+        &RunOptions {
+            stop_after: Some(4),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let hf = dir.join("hf");
+    export_run(&dir.join("first"), "clip", &hf).unwrap();
+
+    let text = tiny_config("second", &dir, VARIANT).replace(
+        "[model.clip]",
+        &format!("[model]\ninit_from = \"{}\"\n\n[model.clip]", hf.display()),
+    );
+    let second = ExperimentConfig::parse(&text, Path::new("y.toml")).unwrap();
+    let out = run_experiment(
+        &second,
+        &Device::Cpu,
+        &RunOptions {
+            stop_after: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // The first step of the second run starts where the first run ended: its loss is
+    // that of trained weights, below a fresh model's.
+    let fresh = run_experiment(
+        &ExperimentConfig::parse(&tiny_config("fresh", &dir, VARIANT), Path::new("z.toml"))
+            .unwrap(),
+        &Device::Cpu,
+        &RunOptions {
+            stop_after: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let first_loss = |o: &rankalign_train::ExperimentOutcome| o.variants[0].history[0].loss;
+    assert!(
+        first_loss(&out) != first_loss(&fresh),
+        "init_from had no effect"
+    );
+    let ckpt = candle_core::safetensors::load(
+        dir.join("second/clip/checkpoints/step-00000001/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        ckpt.len(),
+        46,
+        "exactly the model's parameters are trained and saved"
+    );
+
+    // Remove one tensor: the error names it and the directory.
+    let weights = hf.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    tensors.remove("text_projection.weight");
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let third = ExperimentConfig::parse(
+        &text.replace("name = \"second\"", "name = \"third\""),
+        Path::new("y.toml"),
+    )
+    .unwrap();
+    let err = run_experiment(
+        &third,
+        &Device::Cpu,
+        &RunOptions {
+            stop_after: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("text_projection.weight") && err.contains("hf"),
+        "{err}"
+    );
+}

@@ -6,6 +6,9 @@
 //! stream keyed by `(seed, name)`: values do not depend on the order in which modules
 //! are built. Parameters already in the map (e.g. loaded from a checkpoint) are reused.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap, var_builder::SimpleBackend};
 use rand::{Rng, SeedableRng};
@@ -16,6 +19,9 @@ use rand_chacha::ChaCha8Rng;
 pub struct SeededVarMap {
     map: VarMap,
     seed: u64,
+    /// Names the model asked for, and names that came from [`SeededVarMap::preload`].
+    requested: Arc<Mutex<HashSet<String>>>,
+    preloaded: Arc<Mutex<HashSet<String>>>,
 }
 
 impl SeededVarMap {
@@ -23,7 +29,69 @@ impl SeededVarMap {
         Self {
             map: VarMap::new(),
             seed,
+            requested: Arc::default(),
+            preloaded: Arc::default(),
         }
+    }
+
+    /// Start from pretrained values: each tensor becomes a trainable variable under its
+    /// name, and the model built afterwards uses it instead of a fresh draw. Call before
+    /// building the model; the model's `VarBuilder` then checks every shape.
+    pub fn preload(
+        &self,
+        tensors: impl IntoIterator<Item = (String, Tensor)>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<()> {
+        let mut data = self
+            .map
+            .data()
+            .lock()
+            .expect("invariant: var map lock is never poisoned");
+        let mut preloaded = self
+            .preloaded
+            .lock()
+            .expect("invariant: lock is never poisoned");
+        for (name, t) in tensors {
+            data.insert(
+                name.clone(),
+                Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)?,
+            );
+            preloaded.insert(name);
+        }
+        Ok(())
+    }
+
+    /// After building a model on preloaded values: fail, naming them, if the model asked
+    /// for parameters that were not preloaded (they would silently start random), and
+    /// drop preloaded tensors the model did not use.
+    pub fn finish_preload(&self) -> Result<()> {
+        let requested = self
+            .requested
+            .lock()
+            .expect("invariant: lock is never poisoned");
+        let preloaded = self
+            .preloaded
+            .lock()
+            .expect("invariant: lock is never poisoned");
+        let mut missing: Vec<&String> = requested
+            .iter()
+            .filter(|n| !preloaded.contains(*n))
+            .collect();
+        if !missing.is_empty() {
+            missing.sort();
+            candle_core::bail!(
+                "the checkpoint has no tensor for {} parameter(s): {missing:?}",
+                missing.len()
+            )
+        }
+        let mut data = self
+            .map
+            .data()
+            .lock()
+            .expect("invariant: var map lock is never poisoned");
+        data.retain(|k, _| requested.contains(k));
+        Ok(())
     }
 
     /// The underlying map: save/load, and the list of trainable variables.
@@ -85,6 +153,10 @@ fn sample(init: &Init, shape: &Shape, rng: &mut ChaCha8Rng) -> Vec<f32> {
 
 impl SimpleBackend for SeededVarMap {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.requested
+            .lock()
+            .expect("invariant: lock is never poisoned")
+            .insert(name.to_string());
         let mut data = self
             .map
             .data()

@@ -70,6 +70,11 @@ pub struct ModelConfig {
     pub preset: Option<String>,
     #[serde(default)]
     pub clip: Option<ClipConfig>,
+    /// Start from the weights of a Hugging Face `CLIPModel` directory (`config.json` +
+    /// `model.safetensors`, e.g. one written by `rankalign export`) instead of a random
+    /// initialisation. Its shape must be the model's.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
 }
 
 impl ModelConfig {

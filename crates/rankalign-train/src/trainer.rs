@@ -151,7 +151,29 @@ pub fn train_variant(
     let device = &shared.device;
     let clip_cfg = exp.model.resolve().map_err(TrainError::Invalid)?;
     let vm = SeededVarMap::new(mix_seed(&[exp.seed, 0x30DE1]));
-    let model = ClipModel::new(&clip_cfg, vm.var_builder(DType::F32, device))?;
+    if let Some(dir) = &exp.model.init_from {
+        let (shape, tensors) = crate::export::load_hf(dir, device)?;
+        if shape != clip_cfg {
+            return Err(TrainError::Checkpoint {
+                path: dir.clone(),
+                msg: format!("its shape {shape:?} is not the configured model's {clip_cfg:?}"),
+            });
+        }
+        vm.preload(tensors, DType::F32, device)?;
+    }
+    let model = ClipModel::new(&clip_cfg, vm.var_builder(DType::F32, device)).and_then(|m| {
+        if exp.model.init_from.is_some() {
+            vm.finish_preload()?;
+        }
+        Ok(m)
+    });
+    let model = model.map_err(|e| match &exp.model.init_from {
+        Some(dir) => TrainError::Checkpoint {
+            path: dir.clone(),
+            msg: e.to_string(),
+        },
+        None => e.into(),
+    })?;
     let vars = vm.named_vars();
     let logit_scale: Var = vars
         .iter()
