@@ -3,6 +3,8 @@
 //! - [`vit`]: CLIP's vision transformer (patch embedding, class token, pre-LN, post-LN);
 //! - [`text`]: CLIP's causal text transformer (QuickGELU, pooled at the EOT token);
 //! - [`clip`]: the two towers, their projections and the learned `logit_scale`;
+//! - [`convert`]: OpenAI / open_clip checkpoint keys into ours (fused q/k/v split,
+//!   projections transposed);
 //! - [`params`]: a seeded `VarMap` backend, so that initialisation is reproducible and
 //!   every parameter — `logit_scale` and `class_embedding` included — is a trainable `Var`.
 //!
@@ -11,6 +13,7 @@
 //! `CLIPModel` state-dict keys, so a checkpoint in that layout loads by name.
 
 pub mod clip;
+pub mod convert;
 pub mod layers;
 pub mod params;
 pub mod text;

@@ -1,8 +1,8 @@
 //! Model shapes and presets: parameter counts against the published checkpoints, the
 //! HF key layout, output shapes, errors on wrong input, and a forward pass against
-//! Hugging Face `transformers.CLIPModel` on its own checkpoint.
+//! Hugging Face `transformers.CLIPModel` and open_clip on their own checkpoints.
 
-mod hf_parity;
+mod parity;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;

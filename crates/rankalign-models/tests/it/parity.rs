@@ -1,6 +1,7 @@
-//! Our CLIP loads a checkpoint written by Hugging Face `CLIPModel.save_pretrained`
-//! (random weights, small config; `tests/fixtures/gen_hf_clip.py`) and computes the
-//! reference's image features, text features and logits.
+//! Our CLIP loads checkpoints written by Hugging Face `CLIPModel.save_pretrained` and by
+//! open_clip (OpenAI key layout, converted), with random weights and small configs
+//! (`tests/fixtures/gen_hf_clip.py`, `gen_open_clip.py`), and computes the references'
+//! image features, text features and logits.
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -118,4 +119,58 @@ fn a_missing_or_misshaped_tensor_is_named() -> Result<()> {
         "{err}"
     );
     Ok(())
+}
+
+/// An open_clip (OpenAI layout) checkpoint, converted to our names, computes open_clip's
+/// image and text features (`tests/fixtures/gen_open_clip.py`).
+#[test]
+fn matches_open_clip_forward_pass() -> Result<()> {
+    let dev = Device::Cpu;
+    let state =
+        candle_core::safetensors::load(format!("{FIXTURES}/open_clip_small.safetensors"), &dev)?;
+    let io =
+        candle_core::safetensors::load(format!("{FIXTURES}/open_clip_small_io.safetensors"), &dev)?;
+    let cfg = small();
+    let weights = rankalign_models::convert::openai_to_hf(state)?;
+    let model = ClipModel::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev))?;
+    let ids = io["input_ids"].to_dtype(DType::U32)?;
+    let (b, s) = ids.dims2()?;
+    // open_clip pools at argmax(ids): the EOT, the largest id.
+    let eot = ids.argmax(1)?.to_vec1::<u32>()?;
+    let eot = Tensor::from_vec(
+        eot.iter()
+            .enumerate()
+            .map(|(i, &p)| i as u32 * s as u32 + p)
+            .collect::<Vec<_>>(),
+        b,
+        &dev,
+    )?;
+    let e_img = max_abs_diff(
+        &model.encode_image(&io["pixel_values"])?,
+        &io["image_features"],
+    )?;
+    let e_txt = max_abs_diff(&model.encode_text(&ids, &eot)?, &io["text_features"])?;
+    eprintln!("parity with open_clip, max |Δ|: image {e_img:e}, text {e_txt:e}");
+    assert!(
+        e_img < 1e-4 && e_txt < 1e-4,
+        "image {e_img:e}, text {e_txt:e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn unknown_checkpoint_keys_are_named() {
+    let dev = Device::Cpu;
+    let mut state = std::collections::HashMap::new();
+    state.insert(
+        "visual.layer1.0.conv1.weight".to_string(),
+        Tensor::zeros(1, DType::F32, &dev).unwrap(),
+    );
+    let err = rankalign_models::convert::openai_to_hf(state)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("visual.layer1.0.conv1.weight") && err.contains("ResNet"),
+        "{err}"
+    );
 }
