@@ -164,3 +164,94 @@ fn training_starts_from_an_hf_directory() {
         "{err}"
     );
 }
+
+/// `embed` writes unit-norm rows in input order, equal to the model's own forward pass on
+/// the transformed images; an unreadable image is named.
+#[test]
+fn embed_writes_normalised_rows_and_names_bad_files() {
+    use rankalign_train::data::Image;
+    use rankalign_train::data::batch::collate_images;
+    let dir = scratch("embed");
+    let cfg =
+        ExperimentConfig::parse(&tiny_config("run", &dir, VARIANT), Path::new("x.toml")).unwrap();
+    run_experiment(
+        &cfg,
+        &Device::Cpu,
+        &RunOptions {
+            stop_after: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let hf = dir.join("hf");
+    export_run(&dir.join("run"), "clip", &hf).unwrap();
+    // Two images of other sizes than the model's 24 px, written as PNG.
+    let mut paths = Vec::new();
+    for (i, (w, h)) in [(40usize, 30usize), (24, 50)].iter().enumerate() {
+        let data: Vec<u8> = (0..w * h * 3)
+            .map(|k| ((k * 7 + i * 91) % 256) as u8)
+            .collect();
+        let p = dir.join(format!("img{i}.png"));
+        image::save_buffer(
+            &p,
+            &data,
+            *w as u32,
+            *h as u32,
+            image::ExtendedColorType::Rgb8,
+        )
+        .unwrap();
+        paths.push(p);
+    }
+    let texts = vec![
+        "a 3".to_string(),
+        "two digits, a 4 above a 1".to_string(),
+        "an 8".to_string(),
+    ];
+    let out = dir.join("emb/out.safetensors");
+    let bar = indicatif::ProgressBar::hidden();
+    let (n, m) =
+        rankalign_train::embed::embed(&hf, &paths, &texts, &out, 1, &bar, &Device::Cpu).unwrap();
+    assert_eq!((n, m), (2, 3));
+    let t = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(t["image_embeds"].dims(), [2, 16]);
+    assert_eq!(t["text_embeds"].dims(), [3, 16]);
+    for norm in t["text_embeds"]
+        .sqr()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+    {
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+    // Row 1 is the second image through the same transform and model.
+    let (shape, tensors) = load_hf(&hf, &Device::Cpu).unwrap();
+    let model = ClipModel::new(
+        &shape,
+        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let img = Image::open(&paths[1]).unwrap().clip_eval(24);
+    let x = model
+        .encode_image(&collate_images(&[&img], 24, &Device::Cpu).unwrap())
+        .unwrap();
+    let x = x
+        .broadcast_div(&x.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap())
+        .unwrap();
+    let want = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let got = t["image_embeds"].get(1).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(want, got);
+    assert!(
+        std::fs::read_to_string(dir.join("emb/out.safetensors.json"))
+            .unwrap()
+            .contains("img1.png")
+    );
+
+    let bad = dir.join("broken.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    let err = rankalign_train::embed::embed(&hf, &[bad], &[], &out, 4, &bar, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("broken.png") && err.contains("image"), "{err}");
+}

@@ -51,6 +51,24 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Embed images and texts with a model in the Hugging Face layout: L2-normalised
+    /// `image_embeds`, `text_embeds` and `logit_scale` in one safetensors file.
+    Embed {
+        /// A `CLIPModel` directory (config.json + model.safetensors), e.g. from `export`.
+        #[arg(long)]
+        model: PathBuf,
+        /// Image files or directories of PNG/JPEG files.
+        #[arg(long, num_args = 1..)]
+        images: Vec<PathBuf>,
+        /// A text file with one text per line.
+        #[arg(long)]
+        texts: Option<PathBuf>,
+        /// The safetensors file to write (an index `<out>.json` goes beside it).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+    },
     /// Write a trained variant in the Hugging Face `CLIPModel` layout
     /// (`config.json` + `model.safetensors`, loadable by `CLIPModel.from_pretrained`).
     Export {
@@ -104,6 +122,53 @@ fn main() -> Result<()> {
                 set_compute_threads(per_run);
             }
             train(&exp, &device, overwrite, stop_after, per_run, concurrent)
+        }
+        Command::Embed {
+            model,
+            images,
+            texts,
+            out,
+            batch_size,
+        } => {
+            let images = rankalign_train::embed::image_files(&images)?;
+            let texts: Vec<String> = match &texts {
+                Some(p) => std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?
+                    .lines()
+                    .map(str::to_string)
+                    .filter(|l| !l.trim().is_empty())
+                    .collect(),
+                None => Vec::new(),
+            };
+            if images.is_empty() && texts.is_empty() {
+                anyhow::bail!("embed: nothing to do; give --images and/or --texts");
+            }
+            let bar = if std::io::stderr().is_terminal() {
+                indicatif::ProgressBar::new(0)
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "embedding [{bar:30}] {pos}/{len} {per_sec} ETA {eta}",
+                )
+                .expect("invariant: the template is valid")
+                .progress_chars("=> "),
+            );
+            let (n, m) = rankalign_train::embed::embed(
+                &model,
+                &images,
+                &texts,
+                &out,
+                batch_size,
+                &bar,
+                &candle_core::Device::Cpu,
+            )?;
+            eprintln!(
+                "rankalign: {n} image and {m} text embeddings written to {}",
+                out.display()
+            );
+            Ok(())
         }
         Command::Export { run, variant, out } => {
             let ckpt = rankalign_train::export::export_run(&run, &variant, &out)?;

@@ -1,4 +1,5 @@
-//! A plain RGB8 image and the few drawing operations the synthetic datasets need.
+//! A plain RGB8 image, the few drawing operations the synthetic datasets need, and
+//! CLIP's evaluation transform for image files.
 
 /// Row-major RGB8 pixels.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,6 +33,65 @@ impl Image {
                     *px = (*px).max((v * u16::from(tint) / 255) as u8);
                 }
             }
+        }
+    }
+}
+
+impl Image {
+    /// Decode a PNG or JPEG file; errors name the file.
+    pub fn open(path: &std::path::Path) -> Result<Self, crate::DataError> {
+        let img = image::ImageReader::open(path)
+            .map_err(|source| crate::DataError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .with_guessed_format()
+            .map_err(|source| crate::DataError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .decode()
+            .map_err(|e| crate::DataError::Format {
+                path: path.to_path_buf(),
+                line: None,
+                msg: format!("not a readable PNG or JPEG image: {e}"),
+            })?
+            .to_rgb8();
+        let (width, height) = (img.width() as usize, img.height() as usize);
+        Ok(Self {
+            width,
+            height,
+            data: img.into_raw(),
+        })
+    }
+
+    /// CLIP's evaluation transform up to normalisation: resize so that the shorter side
+    /// is `size` (bicubic, Catmull–Rom, a = −0.5, as PIL's `BICUBIC`), then crop the
+    /// centre `size × size`. Normalisation happens in collation.
+    ///
+    /// PIL antialiases when shrinking by widening the kernel; the `image` crate does the
+    /// same, but rounds differently between its two passes, so pixels can differ from
+    /// torchvision's by a few grey levels (documented tolerance: the L2-normalised
+    /// embeddings, not the pixels, are what users compare).
+    pub fn clip_eval(&self, size: usize) -> Self {
+        let (w, h) = (self.width as f64, self.height as f64);
+        let scale = size as f64 / w.min(h);
+        let (nw, nh) = (
+            ((w * scale).round() as u32).max(size as u32),
+            ((h * scale).round() as u32).max(size as u32),
+        );
+        let src =
+            image::RgbImage::from_raw(self.width as u32, self.height as u32, self.data.clone())
+                .expect("invariant: data holds width·height RGB pixels");
+        let resized =
+            image::imageops::resize(&src, nw, nh, image::imageops::FilterType::CatmullRom);
+        let (x0, y0) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
+        let cropped =
+            image::imageops::crop_imm(&resized, x0, y0, size as u32, size as u32).to_image();
+        Self {
+            width: size,
+            height: size,
+            data: cropped.into_raw(),
         }
     }
 }

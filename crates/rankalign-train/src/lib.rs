@@ -10,10 +10,12 @@
 //! - [`eval`]: zero-shot classification, retrieval, alignment and uniformity;
 //! - [`experiment`]: every variant of a config, side by side, and the report;
 //! - [`report`]: `report.md` and the loss-curve PNG;
-//! - [`export`]: checkpoints in the Hugging Face `CLIPModel` layout, out and in.
+//! - [`export`]: checkpoints in the Hugging Face `CLIPModel` layout, out and in;
+//! - [`embed`]: L2-normalised image and text embeddings of such a model, to a file.
 
 pub mod checkpoint;
 pub mod config;
+pub mod embed;
 pub mod eval;
 pub mod experiment;
 pub mod export;
