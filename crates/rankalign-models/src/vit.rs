@@ -48,6 +48,19 @@ impl VitConfig {
         }
     }
 
+    /// OpenAI CLIP ViT-L/14 at 224 px.
+    pub fn l14_224() -> Self {
+        Self {
+            image_size: 224,
+            patch_size: 14,
+            channels: 3,
+            width: 1024,
+            layers: 24,
+            heads: 16,
+            mlp_dim: 4096,
+        }
+    }
+
     pub fn grid(&self) -> usize {
         self.image_size / self.patch_size
     }

@@ -49,8 +49,9 @@ fn params(cfg: &ClipConfig) -> Vec<(String, Vec<usize>)> {
     rec.0.lock().unwrap().clone()
 }
 
-/// 149,620,737 is the parameter count of `openai/clip-vit-base-patch16` (and
-/// 151,277,313 of `-patch32`) as Hugging Face's `CLIPModel` reports it.
+/// 149,620,737 is the parameter count of `openai/clip-vit-base-patch16` (151,277,313 of
+/// `-patch32`, 427,616,513 of `clip-vit-large-patch14`) as Hugging Face's `CLIPModel`
+/// reports it.
 #[test]
 fn vit_b_presets_have_the_published_parameter_counts() {
     let count = |cfg: &ClipConfig| {
@@ -61,6 +62,7 @@ fn vit_b_presets_have_the_published_parameter_counts() {
     };
     assert_eq!(count(&ClipConfig::vit_b16()), 149_620_737);
     assert_eq!(count(&ClipConfig::vit_b32()), 151_277_313);
+    assert_eq!(count(&ClipConfig::vit_l14()), 427_616_513);
 }
 
 #[test]
