@@ -72,3 +72,19 @@ fn a_cuda_device_without_cuda_is_explained() {
     let (ok, err) = rankalign(&["train", "--device", "tpu"]);
     assert!(!ok && err.contains("expected cpu, cuda or cuda:N"), "{err}");
 }
+
+/// Every config shipped in `configs/` parses and validates.
+#[test]
+fn shipped_configs_are_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            rankalign_train::ExperimentConfig::load(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "{n} configs");
+}
