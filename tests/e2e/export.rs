@@ -9,24 +9,14 @@ use rankalign_train::export::{export_run, load_hf};
 use rankalign_train::models::ClipModel;
 use rankalign_train::{ExperimentConfig, RunOptions, run_experiment};
 
-use crate::{scratch, tiny_config};
+use crate::{scratch, tiny_config, train_tiny};
 
 const VARIANT: &str = "[[variant]]\nname = \"clip\"\nloss = { kind = \"clip\" }\n";
 
 #[test]
 fn export_round_trips() {
     let dir = scratch("export");
-    let cfg =
-        ExperimentConfig::parse(&tiny_config("run", &dir, VARIANT), Path::new("x.toml")).unwrap();
-    run_experiment(
-        &cfg,
-        &Device::Cpu,
-        &RunOptions {
-            stop_after: Some(4),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (cfg, _) = train_tiny(&dir, "run", VARIANT, 4);
     let out = dir.join("hf");
     let ckpt = export_run(&dir.join("run"), "clip", &out).unwrap();
     assert!(ckpt.ends_with("step-00000004"));
@@ -83,17 +73,7 @@ fn export_round_trips() {
 #[test]
 fn training_starts_from_an_hf_directory() {
     let dir = scratch("init-from");
-    let cfg =
-        ExperimentConfig::parse(&tiny_config("first", &dir, VARIANT), Path::new("x.toml")).unwrap();
-    run_experiment(
-        &cfg,
-        &Device::Cpu,
-        &RunOptions {
-            stop_after: Some(4),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    train_tiny(&dir, "first", VARIANT, 4);
     let hf = dir.join("hf");
     export_run(&dir.join("first"), "clip", &hf).unwrap();
 
@@ -172,17 +152,7 @@ fn embed_writes_normalised_rows_and_names_bad_files() {
     use rankalign_train::data::Image;
     use rankalign_train::data::batch::collate_images;
     let dir = scratch("embed");
-    let cfg =
-        ExperimentConfig::parse(&tiny_config("run", &dir, VARIANT), Path::new("x.toml")).unwrap();
-    run_experiment(
-        &cfg,
-        &Device::Cpu,
-        &RunOptions {
-            stop_after: Some(2),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    train_tiny(&dir, "run", VARIANT, 2);
     let hf = dir.join("hf");
     export_run(&dir.join("run"), "clip", &hf).unwrap();
     // Two images of other sizes than the model's 24 px, written as PNG.

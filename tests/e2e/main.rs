@@ -16,6 +16,30 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// The tiny experiment `name` under `dir` with one `variant` table, trained for
+/// `steps` steps (then stopped with a checkpoint, as an interrupted run).
+pub fn train_tiny(
+    dir: &std::path::Path,
+    name: &str,
+    variant: &str,
+    steps: usize,
+) -> (
+    rankalign_train::ExperimentConfig,
+    rankalign_train::ExperimentOutcome,
+) {
+    let cfg = rankalign_train::ExperimentConfig::parse(
+        &tiny_config(name, dir, variant),
+        std::path::Path::new("tiny.toml"),
+    )
+    .unwrap();
+    let opts = rankalign_train::RunOptions {
+        stop_after: Some(steps),
+        ..Default::default()
+    };
+    let out = rankalign_train::run_experiment(&cfg, &candle_core::Device::Cpu, &opts).unwrap();
+    (cfg, out)
+}
+
 /// A config small enough to train in seconds: 24 px scenes, one-layer 32-wide towers.
 pub fn tiny_config(name: &str, out_dir: &std::path::Path, extra_variant: &str) -> String {
     format!(

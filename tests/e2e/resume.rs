@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::Device;
 use rankalign_train::{ExperimentConfig, RunOptions, run_experiment};
 
-use crate::{scratch, tiny_config};
+use crate::{scratch, tiny_config, train_tiny};
 
 const VARIANT: &str = "[[variant]]\nname = \"rankclip\"\nloss = { kind = \"rankclip\" }\n";
 
@@ -100,17 +100,7 @@ fn stop_and_resume_equals_uninterrupted() {
 #[test]
 fn a_changed_config_is_not_resumed_silently() {
     let dir = scratch("changed");
-    let cfg =
-        ExperimentConfig::parse(&tiny_config("run", &dir, VARIANT), Path::new("a.toml")).unwrap();
-    run_experiment(
-        &cfg,
-        &Device::Cpu,
-        &RunOptions {
-            stop_after: Some(4),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (cfg, _) = train_tiny(&dir, "run", VARIANT, 4);
     let mut other = cfg.clone();
     other.optim.lr = 5e-4;
     let err = run_experiment(&other, &Device::Cpu, &RunOptions::default())
@@ -137,17 +127,7 @@ fn a_changed_config_is_not_resumed_silently() {
 #[test]
 fn a_nan_loss_stops_with_the_step_and_keeps_the_checkpoint() {
     let dir = scratch("nan");
-    let cfg =
-        ExperimentConfig::parse(&tiny_config("run", &dir, VARIANT), Path::new("a.toml")).unwrap();
-    run_experiment(
-        &cfg,
-        &Device::Cpu,
-        &RunOptions {
-            stop_after: Some(4),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (cfg, _) = train_tiny(&dir, "run", VARIANT, 4);
     // Poison the saved logit_scale: the resumed step 4 computes a NaN loss.
     let ckpt = dir.join("run/rankclip/checkpoints/step-00000004/model.safetensors");
     let mut tensors = candle_core::safetensors::load(&ckpt, &Device::Cpu).unwrap();
