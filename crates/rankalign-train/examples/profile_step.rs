@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use rankalign_train::data::{
     ClipTokenizer, Dataset, DigitScenes, Digits, SceneConfig, Split, collate_pairs,
 };
@@ -74,8 +74,8 @@ fn main() -> anyhow::Result<()> {
         let txt = model.encode_text(&batch.ids, &batch.eot)?;
         let t2 = Instant::now();
         let loss = if it % 2 == 0 {
-            let v = rankalign_kernels_l2(&img)?;
-            let t = rankalign_kernels_l2(&txt)?;
+            let v = rankalign_train::kernels::l2_normalize(&img)?;
+            let t = rankalign_train::kernels::l2_normalize(&txt)?;
             clip_loss(&(v.matmul(&t.t()?)? * 14.0)?)?
         } else {
             rankclip_loss(
@@ -107,8 +107,4 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn rankalign_kernels_l2(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_div(&x.sqr()?.sum_keepdim(1)?.sqrt()?)
 }

@@ -148,9 +148,13 @@ pub fn evaluate(
     let si = embed_images(model, &scene_images, cfg.batch_size, device)?;
     let st = embed_texts(model, &captions, tokenizer, cfg.batch_size, device)?;
     let s = si.matmul(&st.t()?)?.to_vec2::<f32>()?;
-    let st_rows = si.matmul(&st.t()?)?.t()?.to_vec2::<f32>()?;
     let i2t: Vec<usize> = (0..r).map(|i| rank_in(&s[i], i)).collect();
-    let t2i: Vec<usize> = (0..r).map(|j| rank_in(&st_rows[j], j)).collect();
+    let t2i: Vec<usize> = (0..r)
+        .map(|j| {
+            let column: Vec<f32> = s.iter().map(|row| row[j]).collect();
+            rank_in(&column, j)
+        })
+        .collect();
 
     Ok(EvalReport {
         zero_shot_top1: recall(&ranks, 1),
