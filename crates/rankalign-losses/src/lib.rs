@@ -4,6 +4,8 @@
 //! - [`rankclip`]: RankCLIP (Zhang et al., ICCV 2025): InfoNCE plus list-wise
 //!   Plackett–Luce consistency between the cross-modal and in-modal similarity
 //!   rankings, in the authors' parity form or the exact form;
+//! - [`ordinal`]: L2RCLIP's L_cop / L_scop and asymmetric contrastive loss, and
+//!   OrdinalCLIP's cross-entropy + KL, as the authors' code computes them;
 //! - [`LossConfig`]: the serialisable choice between them (RankCLIP_I and RankCLIP_C
 //!   are RankCLIP configurations).
 //!
@@ -11,9 +13,11 @@
 //! autograd differentiates. Architecture invariant: no model, data or training code here.
 
 pub mod info_nce;
+pub mod ordinal;
 pub mod rankclip;
 
 pub use info_nce::clip_loss;
+pub use ordinal::{CopWeights, OrdinalForm, cop_stage1, cross_entropy, ordinal_kl, scop, sup_con};
 pub use rankclip::{
     ListPerms, RankClipConfig, RankClipTerms, RankDecay, RankMode, WeightSchedule, rankclip_loss,
 };

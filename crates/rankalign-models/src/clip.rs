@@ -161,6 +161,17 @@ impl ClipModel {
             .forward(&self.text_model.forward(ids, eot)?)
     }
 
+    /// Unnormalised text embeddings `(b, embed_dim)` from token embeddings; see
+    /// [`TextTransformer::forward_embeds`].
+    pub fn encode_text_embeds(&self, embeds: &Tensor, eot: &Tensor) -> Result<Tensor> {
+        self.text_projection
+            .forward(&self.text_model.forward_embeds(embeds, eot)?)
+    }
+
+    pub fn text_model(&self) -> &TextTransformer {
+        &self.text_model
+    }
+
     /// The raw temperature parameter (a scalar); the similarity scale is its `exp`.
     pub fn logit_scale(&self) -> &Tensor {
         &self.logit_scale

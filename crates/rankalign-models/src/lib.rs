@@ -5,6 +5,8 @@
 //! - [`clip`]: the two towers, their projections and the learned `logit_scale`;
 //! - [`convert`]: OpenAI / open_clip checkpoint keys into ours (fused q/k/v split,
 //!   projections transposed);
+//! - [`prompt`]: learned prompts for ordinal ranks (CoOp context, OrdinalCLIP
+//!   interpolation, L2RCLIP's RankFormer);
 //! - [`params`]: a seeded `VarMap` backend, so that initialisation is reproducible and
 //!   every parameter — `logit_scale` and `class_embedding` included — is a trainable `Var`.
 //!
@@ -16,10 +18,12 @@ pub mod clip;
 pub mod convert;
 pub mod layers;
 pub mod params;
+pub mod prompt;
 pub mod text;
 pub mod vit;
 
 pub use clip::{ClipConfig, ClipModel};
 pub use params::SeededVarMap;
+pub use prompt::{PromptLearner, PromptTokens, RankFormer, RankFormerConfig, RankSlotConfig};
 pub use text::{TextConfig, TextTransformer};
 pub use vit::{VisionTransformer, VitConfig};

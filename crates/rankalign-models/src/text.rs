@@ -103,14 +103,28 @@ impl TextTransformer {
         &self.cfg
     }
 
+    /// Token embeddings `(b, s, width)` of `ids` `(b, s)`, the input a learned prompt
+    /// edits before [`TextTransformer::forward_embeds`].
+    pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        self.token_embedding.forward(ids)
+    }
+
     /// `ids`: `(b, s)` u32 with `s ≤ context_length`; `eot`: `(b)` u32 flat indices
     /// `row · s + position` of each row's EOT token. Returns `(b, width)`.
     pub fn forward(&self, ids: &Tensor, eot: &Tensor) -> Result<Tensor> {
-        let (b, s) = ids.dims2()?;
-        if s > self.cfg.context_length {
+        self.forward_embeds(&self.embed_tokens(ids)?, eot)
+    }
+
+    /// As [`TextTransformer::forward`], from token embeddings `(b, s, width)` instead of
+    /// ids: prompt learning (CoOp, OrdinalCLIP, L2RCLIP) replaces some of them.
+    pub fn forward_embeds(&self, xs: &Tensor, eot: &Tensor) -> Result<Tensor> {
+        let (b, s, w) = xs.dims3()?;
+        if s > self.cfg.context_length || w != self.cfg.width {
             candle_core::bail!(
-                "text tower: {s} tokens exceed the context length {}",
-                self.cfg.context_length
+                "text tower: embeddings {:?} need at most {} tokens of width {}",
+                xs.dims(),
+                self.cfg.context_length,
+                self.cfg.width
             )
         }
         if eot.dims() != [b] || eot.dtype() != DType::U32 {
@@ -120,7 +134,6 @@ impl TextTransformer {
                 eot.dims()
             )
         }
-        let xs = self.token_embedding.forward(ids)?;
         let xs = xs.broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
         let mask = self.mask.narrow(0, 0, s)?.narrow(1, 0, s)?.contiguous()?;
         let xs = self.encoder.forward(&xs, Some(&mask))?;

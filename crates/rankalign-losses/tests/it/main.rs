@@ -4,6 +4,8 @@
 //! 100, both modes, all μ weightings, ties with explicit permutations, B = 1, and
 //! ListMLE alone (ties, a −inf score, gaps where ε dominates).
 
+mod ordinal;
+
 use candle_core::{DType, Device, Tensor, Var};
 use rankalign_losses::rankclip::listmle;
 use rankalign_losses::{
