@@ -326,7 +326,10 @@ impl PromptLearner {
                     })
                     .collect();
                 let idx = Tensor::from_vec(idx, k, embeds.device())?;
-                let anchors = embeds.narrow(1, 1 + l, t)?.index_select(&idx, 0)?;
+                let anchors = embeds
+                    .narrow(1, 1 + l, t)?
+                    .contiguous()?
+                    .index_select(&idx, 0)?;
                 RankSlot::Interpolated {
                     delta: vb.get_with_hints((k, t, d), "base_offset", Init::Const(0.0))?,
                     weights,

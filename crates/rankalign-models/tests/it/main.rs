@@ -3,6 +3,7 @@
 //! Hugging Face `transformers.CLIPModel` and open_clip on their own checkpoints.
 
 mod parity;
+mod prompt;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
