@@ -6,6 +6,10 @@
 //! - [`ordinal`]: *ordinal digits*, images whose rank is the digit value or the count
 //!   of digits;
 //! - [`tokenize`]: CLIP's BPE tokenizer through the `tokenizers` crate;
+//! - [`lists`]: parsers for the real ordinal benchmarks' data lists (MORPH II, CLAP2015,
+//!   Adience, HCI, CrowdBeauty, OrdinalCLIP's format) and raw label → rank mapping;
+//! - [`protocols`]: seeded index sampling for k-fold, per-class splits, few-shot and
+//!   distribution shift;
 //! - [`batch`]: collation into tensors (CLIP normalisation, padded token ids, EOT indices);
 //! - [`loader`]: deterministic batches by step, assembled ahead of time on a rayon pool.
 //!
@@ -16,9 +20,11 @@
 
 pub mod batch;
 pub mod image;
+pub mod lists;
 pub mod loader;
 pub mod mnist;
 pub mod ordinal;
+pub mod protocols;
 pub mod scenes;
 pub mod tokenize;
 
@@ -26,9 +32,11 @@ use std::path::PathBuf;
 
 pub use batch::{Batch, CLIP_MEAN, CLIP_STD, collate_images, collate_pairs};
 pub use image::Image;
+pub use lists::{LabelRange, ListEntry};
 pub use loader::{BatchPlan, Prefetcher};
 pub use mnist::Digits;
 pub use ordinal::{OrdinalDigits, OrdinalTask};
+pub use protocols::{Fold, SplitIndices};
 pub use scenes::{DigitScenes, SceneConfig, SceneItem};
 pub use tokenize::ClipTokenizer;
 

@@ -1,6 +1,8 @@
 //! CLIP towers for rankalign, trainable from a candle `VarMap`.
 //!
 //! - [`vit`]: CLIP's vision transformer (patch embedding, class token, pre-LN, post-LN);
+//! - [`resnet`]: CLIP's ModifiedResNet image tower (RN50) under OpenAI's `visual.*` keys,
+//!   with BatchNorm train and eval modes;
 //! - [`text`]: CLIP's causal text transformer (QuickGELU, pooled at the EOT token);
 //! - [`clip`]: the two towers, their projections and the learned `logit_scale`;
 //! - [`convert`]: OpenAI / open_clip checkpoint keys into ours (fused q/k/v split,
@@ -12,18 +14,21 @@
 //!
 //! Architecture invariant: models do no file IO and know nothing of datasets or losses.
 //! Weights arrive through `VarBuilder`, and `pp()` paths are the Hugging Face
-//! `CLIPModel` state-dict keys, so a checkpoint in that layout loads by name.
+//! `CLIPModel` state-dict keys (OpenAI's for the ResNet tower), so a checkpoint in that
+//! layout loads by name.
 
 pub mod clip;
 pub mod convert;
 pub mod layers;
 pub mod params;
 pub mod prompt;
+pub mod resnet;
 pub mod text;
 pub mod vit;
 
 pub use clip::{ClipConfig, ClipModel};
 pub use params::SeededVarMap;
 pub use prompt::{PromptLearner, PromptTokens, RankFormer, RankFormerConfig, RankSlotConfig};
+pub use resnet::{ModifiedResNet, ResNetConfig};
 pub use text::{TextConfig, TextTransformer};
 pub use vit::{VisionTransformer, VitConfig};

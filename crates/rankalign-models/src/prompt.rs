@@ -13,7 +13,7 @@
 //! longest) and a per-rank mask says which of its positions hold template tokens. Only
 //! those positions change; the EOT and padding embeddings stay as tokenized, so the
 //! text tower still pools at each rank's own EOT. How the slot is formed is the
-//! [`RankSlot`]:
+//! [`RankSlotConfig`]:
 //!
 //! - `Fixed`: the template embeddings as they are (zero-shot CLIP);
 //! - `Learned`: template embeddings plus a learned offset per rank (CoOp as an ordinal
@@ -241,6 +241,7 @@ pub enum RankSlotConfig {
         bases: usize,
         interpolation: Interpolation,
     },
+    #[serde(rename = "rankformer")]
     RankFormer(RankFormerConfig),
 }
 

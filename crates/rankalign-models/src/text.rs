@@ -112,6 +112,13 @@ impl TextTransformer {
     /// `ids`: `(b, s)` u32 with `s ≤ context_length`; `eot`: `(b)` u32 flat indices
     /// `row · s + position` of each row's EOT token. Returns `(b, width)`.
     pub fn forward(&self, ids: &Tensor, eot: &Tensor) -> Result<Tensor> {
+        let (_, s) = ids.dims2()?;
+        if s > self.cfg.context_length {
+            candle_core::bail!(
+                "text tower: {s} tokens exceed the context length {}",
+                self.cfg.context_length
+            )
+        }
         self.forward_embeds(&self.embed_tokens(ids)?, eot)
     }
 

@@ -1,5 +1,7 @@
 //! Integration tests of the data crate: tokenizer ids against open_clip, determinism of
-//! the datasets, and clear errors on bad files.
+//! the datasets, clear errors on bad files, dataset list parsers and protocol sampling.
 
 mod files;
+mod lists;
+mod protocols;
 mod tokenizer;

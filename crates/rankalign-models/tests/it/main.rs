@@ -4,6 +4,7 @@
 
 mod parity;
 mod prompt;
+mod resnet;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
