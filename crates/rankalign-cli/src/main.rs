@@ -13,6 +13,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressDrawTarget};
+use rankalign_train::ordinal::{OrdinalConfig, OrdinalOptions, run_ordinal};
 use rankalign_train::trainer::{LogFn, StepRecord};
 use rankalign_train::{ExperimentConfig, RunOptions, run_experiment};
 
@@ -107,11 +108,28 @@ fn main() -> Result<()> {
             device,
         } => {
             let device = parse_device(&device)?;
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if is_ordinal(&config)? {
+                let mut cfg = OrdinalConfig::load(&config)?;
+                if let Some(dir) = out_dir {
+                    cfg.out_dir = dir;
+                }
+                let concurrent = cfg.parallel_runs.max(1);
+                let per_run = threads.unwrap_or((cores / concurrent).max(1));
+                if std::env::var_os("RAYON_NUM_THREADS").is_none() || threads.is_some() {
+                    set_compute_threads(per_run);
+                }
+                if stop_after.is_some() {
+                    anyhow::bail!(
+                        "--stop-after applies to pre-training experiments; an ordinal experiment resumes run by run"
+                    );
+                }
+                return train_ordinal(&cfg, &device, overwrite);
+            }
             let mut exp = ExperimentConfig::load(&config)?;
             if let Some(dir) = out_dir {
                 exp.out_dir = dir;
             }
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             let concurrent = if exp.train.parallel_variants {
                 exp.variants.len().max(1)
             } else {
@@ -176,6 +194,74 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Whether a config file is an ordinal experiment (`kind = "ordinal"` at the top).
+fn is_ordinal(path: &std::path::Path) -> Result<bool> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let doc: toml::Table = match text.parse() {
+        Ok(t) => t,
+        // Let the strict parser report the syntax error with its line.
+        Err(_) => return Ok(false),
+    };
+    Ok(doc.get("kind").and_then(|k| k.as_str()) == Some("ordinal"))
+}
+
+fn train_ordinal(cfg: &OrdinalConfig, device: &candle_core::Device, overwrite: bool) -> Result<()> {
+    let folds_note = match &cfg.data {
+        rankalign_train::ordinal::config::OrdinalDataConfig::Digits { .. } => {
+            "ordinal digits".to_string()
+        }
+        rankalign_train::ordinal::config::OrdinalDataConfig::List(l) => {
+            format!("{:?} lists", l.format)
+        }
+    };
+    eprintln!(
+        "rankalign: {} — {} method(s) × {} seed(s) on {folds_note}, {} run(s) at a time",
+        cfg.name,
+        cfg.methods.len(),
+        cfg.seeds.len(),
+        cfg.parallel_runs
+    );
+    let terminal = std::io::stderr().is_terminal();
+    let progress = MultiProgress::with_draw_target(if terminal {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let opts = OrdinalOptions {
+        overwrite,
+        progress: Some(progress),
+    };
+    let out =
+        run_ordinal(cfg, device, &opts).with_context(|| format!("experiment {}", cfg.name))?;
+    let mut rows: Vec<(&str, Vec<&rankalign_train::ordinal::RunResult>)> = Vec::new();
+    for m in &cfg.methods {
+        rows.push((
+            m.name.as_str(),
+            out.results.iter().filter(|r| r.method == m.name).collect(),
+        ));
+    }
+    for (name, rs) in rows {
+        let n = rs.len().max(1) as f64;
+        let mean = |f: &dyn Fn(&rankalign_train::ordinal::RunResult) -> f64| {
+            rs.iter().map(|r| f(r)).sum::<f64>() / n
+        };
+        eprintln!(
+            "  {name:<14} MAE {:.3}  Acc {:5.1}%  OS {:5.1}%  ({} run(s))",
+            mean(&|r| r.scores.mae_max),
+            mean(&|r| r.scores.acc_max),
+            mean(&|r| r.scores.os),
+            rs.len()
+        );
+    }
+    eprintln!(
+        "rankalign: finished in {:.0} s; report: {}",
+        out.wall_secs,
+        out.report.display()
+    );
+    Ok(())
 }
 
 /// `cpu`, `cuda` or `cuda:N`.

@@ -9,6 +9,8 @@
 //!   NaN guard, metrics JSONL, progress;
 //! - [`eval`]: zero-shot classification, retrieval, alignment and uniformity;
 //! - [`experiment`]: every variant of a config, side by side, and the report;
+//! - [`ordinal`]: L2RCLIP and its baselines (zero-shot, CoOp, OrdinalCLIP, L2RCLIP-I)
+//!   on ordinal tasks, over seeds and folds, with MAE / accuracy / OS and heatmaps;
 //! - [`report`]: `report.md` and the loss-curve PNG;
 //! - [`export`]: checkpoints in the Hugging Face `CLIPModel` layout, out and in;
 //! - [`embed`]: L2-normalised image and text embeddings of such a model, to a file.
@@ -20,6 +22,7 @@ pub mod eval;
 pub mod experiment;
 pub mod export;
 pub mod optim;
+pub mod ordinal;
 pub mod report;
 pub mod schedule;
 pub mod trainer;

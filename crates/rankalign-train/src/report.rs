@@ -10,7 +10,7 @@ use crate::config::ExperimentConfig;
 use crate::trainer::VariantOutcome;
 use crate::{Result, TrainError, io_err};
 
-fn register_fonts() {
+pub(crate) fn register_fonts() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // The embedded DejaVu Sans makes plots independent of the system's fonts.
