@@ -4,6 +4,7 @@
 mod config_errors;
 mod export;
 mod gradients;
+mod ordinal;
 mod resume;
 
 use std::path::PathBuf;

@@ -73,18 +73,34 @@ fn a_cuda_device_without_cuda_is_explained() {
     assert!(!ok && err.contains("expected cpu, cuda or cuda:N"), "{err}");
 }
 
-/// Every config shipped in `configs/` parses and validates.
+/// Every config shipped in `configs/` (and its subdirectories) parses and validates, as
+/// a pre-training or an ordinal experiment by its `kind`.
 #[test]
 fn shipped_configs_are_valid() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs");
-    let mut n = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            rankalign_train::ExperimentConfig::load(&path)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            n += 1;
+    let root = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs"));
+    let (mut pretraining, mut ordinal) = (0, 0);
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                if text.lines().any(|l| l.trim() == "kind = \"ordinal\"") {
+                    rankalign_train::ordinal::OrdinalConfig::load(&path)
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    ordinal += 1;
+                } else {
+                    rankalign_train::ExperimentConfig::load(&path)
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    pretraining += 1;
+                }
+            }
         }
     }
-    assert!(n >= 3, "{n} configs");
+    assert!(
+        pretraining >= 3 && ordinal >= 9,
+        "{pretraining} + {ordinal} configs"
+    );
 }

@@ -1,0 +1,333 @@
+//! The ordinal pipeline end to end on a tiny random model: every method (zero-shot,
+//! CoOp, OrdinalCLIP, L2RCLIP, L2RCLIP-I) on ordinal digits with a report and heatmaps;
+//! run-by-run resumption; a benchmark-format list of real image files through the
+//! leave-one-out protocol with flips; and clear errors for bad configs and bad lists.
+
+use std::path::Path;
+
+use rankalign_train::ordinal::{OrdinalConfig, OrdinalOptions, run_ordinal};
+
+use crate::scratch;
+
+const MODEL: &str = r#"
+[model.clip]
+embed_dim = 16
+logit_scale_init = 2.6592600369327779
+
+[model.clip.vision]
+image_size = 24
+patch_size = 12
+channels = 3
+width = 32
+layers = 1
+heads = 2
+mlp_dim = 64
+
+[model.clip.text]
+vocab_size = 49408
+context_length = 24
+width = 32
+layers = 1
+heads = 2
+mlp_dim = 64
+"#;
+
+const METHODS: &str = r#"
+[stage1]
+epochs = 2
+batch_size = 16
+lr = 1e-3
+warmup_epochs = 1
+
+[stage2]
+epochs = 2
+batch_size = 16
+lr = 1e-3
+milestones = [1]
+
+[eval]
+batch_size = 16
+
+[[method]]
+name = "zero-shot"
+recipe = { kind = "zero-shot" }
+
+[[method]]
+name = "coop"
+recipe = { kind = "coop" }
+
+[[method]]
+name = "ordinalclip"
+recipe = { kind = "ordinalclip", slot = { kind = "interpolated", bases = 2, interpolation = "inv-prop" } }
+
+[[method]]
+name = "l2rclip"
+recipe = { kind = "l2rclip", slot = { kind = "rankformer", heads = 2, alpha = 0.5 } }
+
+[[method]]
+name = "l2rclip-i"
+recipe = { kind = "l2rclip", form = "paper", slot = { kind = "interpolated", bases = 2, interpolation = "linear" } }
+"#;
+
+fn digits_config(out: &Path, name: &str) -> String {
+    format!(
+        r#"
+kind = "ordinal"
+name = "{name}"
+out_dir = "{out}"
+seeds = [1, 2]
+parallel_runs = 2
+
+[data]
+source = "digits"
+task = "digit-count"
+seed = 3
+image_size = 24
+train_size = 48
+test_size = 20
+
+[prompt]
+template = "{{rank}} digits."
+n_ctx = 2
+{MODEL}
+{METHODS}
+"#,
+        out = out.display()
+    )
+}
+
+fn parse(text: &str) -> OrdinalConfig {
+    OrdinalConfig::parse(text, Path::new("ordinal.toml")).unwrap()
+}
+
+#[test]
+fn every_method_trains_reports_and_resumes_run_by_run() {
+    let dir = scratch("ordinal-digits");
+    let cfg = parse(&digits_config(&dir, "tiny-ordinal"));
+    let out = run_ordinal(&cfg, &candle_core::Device::Cpu, &OrdinalOptions::default()).unwrap();
+    assert_eq!(out.results.len(), 5 * 2);
+    for r in &out.results {
+        let s = &r.scores;
+        assert!(s.mae_max >= 0.0 && s.mae_max <= 3.0, "{r:?}");
+        assert!((0.0..=100.0).contains(&s.acc_max) && (0.0..=100.0).contains(&s.os));
+        assert_eq!(s.test_images, 20);
+        assert_eq!(r.similarity.len(), 16);
+        let (s1, s2) = (r.stage1_steps, r.stage2_steps);
+        match r.method.as_str() {
+            "zero-shot" => assert_eq!((s1, s2), (0, 0)),
+            "coop" | "ordinalclip" => assert_eq!((s1, s2), (0, 2 * 3)),
+            _ => assert_eq!((s1, s2), (2 * 3, 2 * 3)),
+        }
+        let run = dir
+            .join("tiny-ordinal")
+            .join(&r.method)
+            .join("digits")
+            .join(format!("seed-{}", r.seed));
+        assert!(run.join("heatmap.png").exists() && run.join("result.json").exists());
+    }
+    let report = std::fs::read_to_string(&out.report).unwrap();
+    for m in ["zero-shot", "coop", "ordinalclip", "l2rclip", "l2rclip-i"] {
+        assert!(report.contains(&format!("| {m} |")), "{report}");
+    }
+    assert!(report.contains("heatmap.png"));
+
+    // Started again, every run is found done and nothing retrains.
+    let again = run_ordinal(&cfg, &candle_core::Device::Cpu, &OrdinalOptions::default()).unwrap();
+    for (a, b) in out.results.iter().zip(&again.results) {
+        assert_eq!(a.scores, b.scores);
+        assert_eq!(a.secs, b.secs, "{} was retrained", a.method);
+    }
+    // A changed method retrains that method only, and a run with the same settings
+    // reproduces its scores exactly.
+    let changed = digits_config(&dir, "tiny-ordinal").replace("alpha = 0.5", "alpha = 0.25");
+    let third = run_ordinal(
+        &parse(&changed),
+        &candle_core::Device::Cpu,
+        &OrdinalOptions::default(),
+    )
+    .unwrap();
+    for (a, b) in out.results.iter().zip(&third.results) {
+        if a.method == "l2rclip" {
+            assert_ne!(a.secs, b.secs);
+        } else {
+            assert_eq!(a.secs, b.secs, "{}", a.method);
+        }
+    }
+    let fresh = run_ordinal(
+        &parse(&digits_config(&scratch("ordinal-digits-2"), "tiny-ordinal")),
+        &candle_core::Device::Cpu,
+        &OrdinalOptions::default(),
+    )
+    .unwrap();
+    for (a, b) in out.results.iter().zip(&fresh.results) {
+        assert_eq!(a.scores, b.scores, "{} is not reproducible", a.method);
+    }
+}
+
+fn write_image(path: &Path, shade: u8) {
+    let img = image::RgbImage::from_fn(30, 26, |x, y| {
+        image::Rgb([shade, (x * 8) as u8, (y * 9) as u8])
+    });
+    img.save(path).unwrap();
+}
+
+/// Adience-format lists over real PNG files, two folds, flips on.
+#[test]
+fn benchmark_lists_train_through_their_protocol() {
+    let dir = scratch("ordinal-lists");
+    let images = dir.join("faces");
+    std::fs::create_dir_all(images.join("u1")).unwrap();
+    let mut lists = Vec::new();
+    for f in 0..2 {
+        let mut text = String::new();
+        for i in 0..12 {
+            let name = format!("u1/landmark_aligned_face.{f}{i}.x.jpg");
+            let group = i % 4;
+            write_image(
+                &images.join(&name).with_extension("png"),
+                (group * 60) as u8,
+            );
+            text.push_str(&format!(
+                "{} {group}\n",
+                Path::new(&name).with_extension("png").display()
+            ));
+        }
+        let list = dir.join(format!("simplified_adience_{f}.txt"));
+        std::fs::write(&list, text).unwrap();
+        lists.push(list);
+    }
+    let cfg_text = format!(
+        r#"
+kind = "ordinal"
+name = "tiny-adience"
+out_dir = "{out}"
+seeds = [1]
+parallel_runs = 1
+
+[data]
+source = "list"
+format = "adience"
+image_root = "{root}"
+labels = {{ min = 0, max = 3 }}
+seed = 0
+image_size = 24
+flip = true
+
+[data.protocol]
+kind = "leave-one-out"
+files = ["{a}", "{b}"]
+
+[prompt]
+template = "a face in age group {{rank}}."
+ranks = ["one", "two", "three", "four"]
+n_ctx = 2
+{MODEL}
+{METHODS}
+"#,
+        out = dir.display(),
+        root = images.display(),
+        a = lists[0].display(),
+        b = lists[1].display()
+    );
+    let out = run_ordinal(
+        &parse(&cfg_text),
+        &candle_core::Device::Cpu,
+        &OrdinalOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(out.results.len(), 5 * 2);
+    assert!(
+        out.results
+            .iter()
+            .all(|r| r.train_images == 12 && r.scores.test_images == 12)
+    );
+    let folds: std::collections::BTreeSet<_> = out.results.iter().map(|r| r.fold.clone()).collect();
+    assert_eq!(
+        folds.into_iter().collect::<Vec<_>>(),
+        vec!["fold0", "fold1"]
+    );
+
+    // A bad line names the list file and the line; a missing image names the image.
+    std::fs::write(&lists[1], "u1/a.png 2\nu1/b.png seven\n").unwrap();
+    let err = run_ordinal(
+        &parse(&cfg_text),
+        &candle_core::Device::Cpu,
+        &OrdinalOptions {
+            overwrite: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("simplified_adience_1.txt:2"), "{err}");
+    std::fs::write(&lists[1], "u1/missing.png 2\n").unwrap();
+    let err = run_ordinal(
+        &parse(&cfg_text),
+        &candle_core::Device::Cpu,
+        &OrdinalOptions {
+            overwrite: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("missing.png"), "{err}");
+}
+
+#[test]
+fn bad_ordinal_configs_name_the_key() {
+    let dir = scratch("ordinal-errors");
+    let good = digits_config(&dir, "bad");
+    let cases = [
+        (
+            good.replace("template = \"{rank} digits.\"", "template = \"digits.\""),
+            "prompt.template",
+        ),
+        (
+            good.replace("heads = 2, alpha = 0.5", "heads = 3, alpha = 0.5"),
+            "heads 3 must divide",
+        ),
+        (
+            good.replace(
+                "bases = 2, interpolation = \"inv-prop\"",
+                "bases = 9, interpolation = \"inv-prop\"",
+            ),
+            "bases must be in 1..=4",
+        ),
+        (good.replace("seeds = [1, 2]", "seeds = []"), "seeds"),
+        (
+            good.replace("lr = 1e-3\nwarmup", "lr = -1.0\nwarmup"),
+            "stage1.lr",
+        ),
+        (
+            good.replace("n_ctx = 2", "n_ctx = 2\nranks = [\"a\"]"),
+            "prompt.ranks has 1 words for 4 ranks",
+        ),
+        (
+            good.replace("kind = \"ordinal\"", "kind = \"ordinal\"\nseedz = 3"),
+            "seedz",
+        ),
+    ];
+    for (text, want) in cases {
+        let err = OrdinalConfig::parse(&text, Path::new("bad.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad.toml") && err.contains(want),
+            "{want}: {err}"
+        );
+    }
+    // Too many context tokens for the 24-token tower: an error at run time, not a panic.
+    let long = good.replace("n_ctx = 2", "n_ctx = 30");
+    let err = run_ordinal(
+        &parse(&long),
+        &candle_core::Device::Cpu,
+        &OrdinalOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("context tokens") && err.contains("24"),
+        "{err}"
+    );
+}
