@@ -106,23 +106,29 @@ pub fn plot_heatmap(path: &Path, s: &[f32], ranks: &[String], title: &str) -> Re
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0..m, 0..m)
+        .build_cartesian_2d((0..m - 1).into_segmented(), (0..m - 1).into_segmented())
         .map_err(|e| err(e.to_string()))?;
-    let step = (m / 12).max(1);
-    let label = |v: &usize| {
-        if *v < m && v % step == 0 {
-            ranks[*v].clone()
-        } else {
-            String::new()
+    let step = m.div_ceil(12).max(1);
+    // `(0..m - 1).into_segmented()` has m cells. Labels sit at cell centres; row 0 is
+    // drawn at the top, as a matrix is printed.
+    let name = |v: &SegmentValue<usize>, flip: bool| match v {
+        SegmentValue::CenterOf(i) if *i < m => {
+            let r = if flip { m - 1 - i } else { *i };
+            if r % step == 0 {
+                ranks[r].clone()
+            } else {
+                String::new()
+            }
         }
+        _ => String::new(),
     };
     chart
         .configure_mesh()
         .disable_mesh()
         .x_labels(m)
         .y_labels(m)
-        .x_label_formatter(&label)
-        .y_label_formatter(&|v| label(&(m.saturating_sub(1).saturating_sub(*v))))
+        .x_label_formatter(&|v| name(v, false))
+        .y_label_formatter(&|v| name(v, true))
         .x_desc(format!("rank (cosine {lo:.3} blue … {hi:.3} red)"))
         .draw()
         .map_err(|e| err(e.to_string()))?;
@@ -130,9 +136,14 @@ pub fn plot_heatmap(path: &Path, s: &[f32], ranks: &[String], title: &str) -> Re
         .draw_series((0..m).flat_map(|i| {
             (0..m).map(move |j| {
                 let t = f64::from(s[i * m + j] - lo) / span;
-                // Row i at the top, as a matrix is printed.
                 let y = m - 1 - i;
-                Rectangle::new([(j, y), (j + 1, y + 1)], colour(t).filled())
+                Rectangle::new(
+                    [
+                        (SegmentValue::Exact(j), SegmentValue::Exact(y)),
+                        (SegmentValue::Exact(j + 1), SegmentValue::Exact(y + 1)),
+                    ],
+                    colour(t).filled(),
+                )
             })
         }))
         .map_err(|e| err(e.to_string()))?;
@@ -171,5 +182,19 @@ mod tests {
         let s = [1.0, 0.2, 0.5, 0.2, 1.0, 0.3, 0.5, 0.3, 1.0];
         // Pairs: (0,0): 1 > .2 ✓; (0,1): .2 > .5 ✗; (1,1): 1 > .3 ✓.
         assert!((ordinality_score(&s, 3) - 200.0 / 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn heatmap_is_a_png() {
+        let m = 10;
+        let s: Vec<f32> = (0..m * m)
+            .map(|k| 1.0 - ((k / m) as f32 - (k % m) as f32).abs() * 0.15)
+            .collect();
+        let ranks: Vec<String> = (0..m).map(|r| r.to_string()).collect();
+        let path =
+            std::env::temp_dir().join(format!("rankalign-heatmap-{}.png", std::process::id()));
+        plot_heatmap(&path, &s, &ranks, "test").unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
     }
 }
