@@ -153,8 +153,11 @@ fn every_method_trains_reports_and_resumes_run_by_run() {
             assert_eq!(a.secs, b.secs, "{}", a.method);
         }
     }
+    // A fresh experiment, one run at a time instead of two, reproduces every score.
+    let serial = digits_config(&scratch("ordinal-digits-2"), "tiny-ordinal")
+        .replace("parallel_runs = 2", "parallel_runs = 1");
     let fresh = run_ordinal(
-        &parse(&digits_config(&scratch("ordinal-digits-2"), "tiny-ordinal")),
+        &parse(&serial),
         &candle_core::Device::Cpu,
         &OrdinalOptions::default(),
     )
@@ -330,4 +333,63 @@ fn bad_ordinal_configs_name_the_key() {
         err.contains("context tokens") && err.contains("24"),
         "{err}"
     );
+}
+
+/// From a pretrained (here: exported random) model: zero-shot runs once, L2RCLIP shares
+/// the cached stage-1 features across seeds, and the language side stays frozen.
+#[test]
+fn runs_from_a_pretrained_model_share_its_frozen_parts() {
+    use std::collections::HashMap;
+
+    let dir = scratch("ordinal-pretrained");
+    let text = digits_config(&dir, "from-pretrained");
+    let cfg = parse(&text);
+    let clip = cfg.model.resolve().unwrap();
+    let vm = rankalign_train::models::SeededVarMap::new(11);
+    rankalign_train::models::ClipModel::new(
+        &clip,
+        vm.var_builder(candle_core::DType::F32, &candle_core::Device::Cpu),
+    )
+    .unwrap();
+    let tensors: HashMap<String, candle_core::Tensor> = vm
+        .named_vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    let model_dir = dir.join("pretrained");
+    rankalign_train::export::export_hf(&clip, &tensors, &model_dir).unwrap();
+    let with_init = text.replace(
+        "[model.clip]",
+        &format!(
+            "[model]\ninit_from = \"{}\"\n\n[model.clip]",
+            model_dir.display()
+        ),
+    );
+    let out = run_ordinal(
+        &parse(&with_init),
+        &candle_core::Device::Cpu,
+        &OrdinalOptions::default(),
+    )
+    .unwrap();
+    let count = |m: &str| out.results.iter().filter(|r| r.method == m).count();
+    assert_eq!(
+        count("zero-shot"),
+        1,
+        "zero-shot from fixed weights runs once"
+    );
+    assert_eq!(count("l2rclip"), 2);
+    // The pretrained directory is untouched: training works on copies.
+    let (_, after) =
+        rankalign_train::export::load_hf(&model_dir, &candle_core::Device::Cpu).unwrap();
+    for (k, v) in &tensors {
+        let d = (v - &after[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{k}");
+    }
 }

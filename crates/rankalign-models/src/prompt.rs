@@ -4,28 +4,31 @@
 //! Each of the `M` ranks has a prompt whose token sequence is
 //!
 //! ```text
-//! [SOT]  G_1 … G_L  t_1 … t_T  [EOT] pad…
+//! [SOT]  G_1 … G_L  p_1 … p_P  r_1 … r_h  s_1 … [EOT] pad…
 //! ```
 //!
 //! where `G` are `L` context tokens shared by all ranks (CoOp's "end" layout; Zhou et al.
-//! 2022) and `t` are the tokens of the rank's template text, e.g. "the digit 7." — the
-//! *rank slot*. Templates may tokenize to different lengths; the slot is `T` wide (the
-//! longest) and a per-rank mask says which of its positions hold template tokens. Only
-//! those positions change; the EOT and padding embeddings stay as tokenized, so the
-//! text tower still pools at each rank's own EOT. How the slot is formed is the
+//! 2022), `p` and `s` the template's tokens before and after the rank ("a photo of",
+//! "years old face."), and `r` the rank's own tokens ("thirty one") — the *rank slot*,
+//! the "ranking tokens of length h" of the L2RCLIP paper. Ranks may tokenize to different
+//! lengths: the slot is `T` wide (the longest rank), starts at the same position for
+//! every rank, and a per-rank mask says which of its positions hold rank tokens. Only
+//! those change; the template's other tokens, the EOT and padding stay as tokenized, so
+//! the text tower still pools at each rank's own EOT. How the slot is formed is the
 //! [`RankSlotConfig`]:
 //!
-//! - `Fixed`: the template embeddings as they are (zero-shot CLIP);
-//! - `Learned`: template embeddings plus a learned offset per rank (CoOp as an ordinal
+//! - `Fixed`: the rank embeddings as they are (zero-shot CLIP);
+//! - `Learned`: rank embeddings plus a learned offset per rank (CoOp as an ordinal
 //!   baseline, and L2RCLIP's "fine-tune the templates" ablation);
 //! - `Interpolated`: OrdinalCLIP (Li et al. 2022): `K` learned base slots, each rank a
 //!   fixed convex mix of them ([`interpolation_weights`]);
-//! - `RankFormer`: L2RCLIP (Wang et al. 2023): frozen templates `R` refined as
-//!   `R' = (1 − α)·R + α·FFN(TSA(LN(R)))`, where TSA attends across the `M` templates at
-//!   each token position ([`RankFormer`]).
+//! - `RankFormer`: L2RCLIP (Wang et al. 2023): frozen rank embeddings `R` refined as
+//!   `R' = (1 − α)·R + α·FFN(TSA(LN(R)))`, where TSA attends across the `M` ranks at
+//!   each slot position ([`RankFormer`]).
 //!
-//! The learned offsets start at zero, so every learned slot starts at the templates
-//! (weight decay pulls them back towards the templates, not towards zero). See
+//! Learned offsets start at zero, so CoOp's slot starts at the rank embeddings and weight
+//! decay pulls it back towards them; OrdinalCLIP's bases start at the embeddings of the
+//! ranks nearest their anchors, and the RankFormer at `(1 − α)R`. See
 //! `docs/decisions.md` for each choice the L2RCLIP paper leaves open.
 
 use candle_core::{Device, Module, Result, Tensor};
@@ -37,37 +40,56 @@ use crate::layers::{Attention, BiasInit, EncoderInit, LayerNorm, Linear, WeightI
 /// Token ids of every rank's prompt, with the layout's positions.
 #[derive(Clone, Debug)]
 pub struct PromptTokens {
-    /// `(m, s)` u32: `[SOT] X×L template [EOT] 0…`.
+    /// `(m, s)` u32: `[SOT] X×L prefix rank suffix [EOT] 0…`.
     pub ids: Tensor,
     /// `(m)` u32 flat EOT indices `row · s + position`.
     pub eot: Tensor,
     /// Context tokens `L`.
     pub n_ctx: usize,
-    /// Width `T` of the rank slot (the longest template).
+    /// Position of every rank's first rank token (`1 + L +` the template prefix).
+    pub slot_start: usize,
+    /// Width `T` of the rank slot (the longest rank).
     pub slot_len: usize,
-    /// Template tokens of each rank.
-    pub template_lens: Vec<usize>,
+    /// Rank tokens of each rank.
+    pub rank_lens: Vec<usize>,
 }
 
 impl PromptTokens {
-    /// From each rank's full token row (`SOT`, `n_ctx` placeholder tokens, the
-    /// template's tokens, `EOT`).
-    pub fn new(rows: &[Vec<u32>], n_ctx: usize, device: &Device) -> Result<Self> {
+    /// From each rank's full token row — `SOT`, `n_ctx` placeholder tokens, the
+    /// template's `prefix_len` tokens before the rank, the rank's `rank_lens[i]`
+    /// tokens, the rest of the template, `EOT` — e.g. "a photo of | thirty one | years
+    /// old face." with `prefix_len` 3 and rank length 2.
+    pub fn new(
+        rows: &[Vec<u32>],
+        n_ctx: usize,
+        prefix_len: usize,
+        rank_lens: &[usize],
+        device: &Device,
+    ) -> Result<Self> {
         if rows.len() < 2 {
             candle_core::bail!("prompts: need at least 2 ranks, got {}", rows.len())
         }
+        if rank_lens.len() != rows.len() {
+            candle_core::bail!(
+                "prompts: {} rank lengths for {} ranks",
+                rank_lens.len(),
+                rows.len()
+            )
+        }
+        let slot_start = 1 + n_ctx + prefix_len;
         let s = rows.iter().map(Vec::len).max().unwrap_or(0);
-        let mut template_lens = Vec::with_capacity(rows.len());
-        for (i, r) in rows.iter().enumerate() {
-            if r.len() < n_ctx + 3 {
+        for (i, (r, &len)) in rows.iter().zip(rank_lens).enumerate() {
+            if len == 0 || r.len() < slot_start + len + 1 {
                 candle_core::bail!(
-                    "prompts: rank {i} has {} tokens, fewer than SOT + {n_ctx} context + 1 template token + EOT",
+                    "prompts: rank {i} has {} tokens, fewer than SOT + {n_ctx} context + {prefix_len} prefix + {len} rank token(s) + EOT (and a rank needs at least one token)",
                     r.len()
                 )
             }
-            template_lens.push(r.len() - n_ctx - 2);
         }
-        let slot_len = *template_lens.iter().max().unwrap_or(&1);
+        let slot_len = rank_lens.iter().copied().max().unwrap_or(1);
+        if slot_start + slot_len > s {
+            candle_core::bail!("prompts: the rank slot ends after the longest prompt")
+        }
         let mut ids = vec![0u32; rows.len() * s];
         let mut eot = Vec::with_capacity(rows.len());
         for (i, r) in rows.iter().enumerate() {
@@ -79,20 +101,21 @@ impl PromptTokens {
             ids: Tensor::from_vec(ids, (m, s), device)?,
             eot: Tensor::from_vec(eot, m, device)?,
             n_ctx,
+            slot_start,
             slot_len,
-            template_lens,
+            rank_lens: rank_lens.to_vec(),
         })
     }
 
     pub fn num_ranks(&self) -> usize {
-        self.template_lens.len()
+        self.rank_lens.len()
     }
 
-    /// `(m, T, 1)`: 1 where the slot holds a template token of that rank.
+    /// `(m, T, 1)`: 1 where the slot holds a rank token of that rank.
     fn slot_mask(&self, device: &Device) -> Result<Tensor> {
         let t = self.slot_len;
         let v: Vec<f32> = self
-            .template_lens
+            .rank_lens
             .iter()
             .flat_map(|&len| (0..t).map(move |j| if j < len { 1.0 } else { 0.0 }))
             .collect();
@@ -285,7 +308,7 @@ impl PromptLearner {
                 tokens.ids.dims()
             )
         }
-        let (l, t) = (tokens.n_ctx, tokens.slot_len);
+        let (l, t, start) = (tokens.n_ctx, tokens.slot_len, tokens.slot_start);
         let context = (l > 0)
             .then(|| {
                 vb.get_with_hints(
@@ -328,7 +351,7 @@ impl PromptLearner {
                     .collect();
                 let idx = Tensor::from_vec(idx, k, embeds.device())?;
                 let anchors = embeds
-                    .narrow(1, 1 + l, t)?
+                    .narrow(1, start, t)?
                     .contiguous()?
                     .index_select(&idx, 0)?;
                 RankSlot::Interpolated {
@@ -360,8 +383,12 @@ impl PromptLearner {
     /// Prompt embeddings `(m, s, d)` for the text tower's `forward_embeds`.
     pub fn forward(&self) -> Result<Tensor> {
         let (m, s, d) = self.embeds.dims3()?;
-        let (l, t) = (self.tokens.n_ctx, self.tokens.slot_len);
-        let templates = self.embeds.narrow(1, 1 + l, t)?;
+        let (l, t, start) = (
+            self.tokens.n_ctx,
+            self.tokens.slot_len,
+            self.tokens.slot_start,
+        );
+        let templates = self.embeds.narrow(1, start, t)?;
         let slot = match &self.slot {
             RankSlot::Fixed => templates.clone(),
             RankSlot::Learned(offset) => (&templates + offset.broadcast_mul(&self.mask)?)?,
@@ -382,10 +409,13 @@ impl PromptLearner {
         if let Some(ctx) = &self.context {
             parts.push(ctx.unsqueeze(0)?.broadcast_as((m, l, d))?);
         }
+        if start > 1 + l {
+            parts.push(self.embeds.narrow(1, 1 + l, start - 1 - l)?);
+        }
         parts.push(slot);
-        let rest = s - 1 - l - t;
+        let rest = s - start - t;
         if rest > 0 {
-            parts.push(self.embeds.narrow(1, 1 + l + t, rest)?);
+            parts.push(self.embeds.narrow(1, start + t, rest)?);
         }
         Tensor::cat(&parts, 1)
     }

@@ -1,6 +1,7 @@
 //! L2RCLIP's and OrdinalCLIP's losses against a float64 PyTorch re-expression of the
-//! official loss functions (`tests/fixtures/gen_l2rclip.py` → `l2rclip_cases.json`;
-//! the script checked it against the official code itself): values and gradients for
+//! official loss functions (`tests/fixtures/gen_l2rclip.py` → `l2rclip_cases.json`; the
+//! script checks each re-expression against plain-Python loops, and was run once against
+//! the official functions, patched only for the removed `addmm_` overload): values and gradients for
 //! L_cop, L_scop, the asymmetric contrastive loss, cross-entropy and OrdinalCLIP's KL.
 //! The paper form (log of squared distances) has no official code; it is checked by
 //! central finite differences.

@@ -76,7 +76,7 @@ fn learner(
     slot: &RankSlotConfig,
     seed: u64,
 ) -> Result<(PromptLearner, SeededVarMap)> {
-    let tokens = PromptTokens::new(&rows(n_ctx), n_ctx, &Device::Cpu)?;
+    let tokens = PromptTokens::new(&rows(n_ctx), n_ctx, 0, &[2, 3, 2], &Device::Cpu)?;
     let embeds = f.model.text_model().embed_tokens(&tokens.ids)?;
     let pm = SeededVarMap::new(seed);
     let p = PromptLearner::new(
@@ -102,7 +102,7 @@ fn fixed_prompts_are_the_tokenized_templates() -> Result<()> {
     );
     let tokens = p.tokens().clone();
     assert_eq!(tokens.slot_len, 3);
-    assert_eq!(tokens.template_lens, vec![2, 3, 2]);
+    assert_eq!(tokens.rank_lens, vec![2, 3, 2]);
     let direct = f.model.encode_text(&tokens.ids, &tokens.eot)?;
     let via = p.text_features(|e, eot| f.model.encode_text_embeds(e, eot))?;
     assert_eq!(max_diff(&direct, &via)?, 0.0);
@@ -130,6 +130,41 @@ fn layout_keeps_sot_eot_and_padding() -> Result<()> {
         )?,
         0.0
     );
+    Ok(())
+}
+
+#[test]
+fn a_template_prefix_stays_frozen_and_the_slot_starts_after_it() -> Result<()> {
+    let f = tiny()?;
+    // "a | 7 | ." and "a | 1 7 | ." after two context tokens: prefix 1, ranks 1 and 2.
+    let rows = vec![
+        vec![SOT, X, X, 320, 275, 269, EOT],
+        vec![SOT, X, X, 320, 272, 275, 269, EOT],
+    ];
+    let tokens = PromptTokens::new(&rows, 2, 1, &[1, 2], &Device::Cpu)?;
+    assert_eq!((tokens.slot_start, tokens.slot_len), (4, 2));
+    let embeds = f.model.text_model().embed_tokens(&tokens.ids)?;
+    let pm = SeededVarMap::new(1);
+    let p = PromptLearner::new(
+        tokens,
+        embeds.clone(),
+        &RankSlotConfig::Learned,
+        pm.var_builder(DType::F32, &Device::Cpu),
+    )?;
+    for (name, v) in pm.named_vars() {
+        if name == "rank_offset" {
+            v.set(&v.as_tensor().ones_like()?)?;
+        }
+    }
+    let e = p.forward()?;
+    let changed = (&e - &embeds)?.abs()?.sum(2)?.to_vec2::<f32>()?;
+    // The context (1, 2) and the rank tokens move: rank 0's one (4), rank 1's two (4, 5).
+    // SOT, the prefix (3), the suffix and EOT stay.
+    for (row, moved) in changed.iter().zip([vec![1, 2, 4], vec![1, 2, 4, 5]]) {
+        for (pos, &c) in row.iter().enumerate() {
+            assert_eq!(c > 0.0, moved.contains(&pos), "{row:?} at {pos}");
+        }
+    }
     Ok(())
 }
 
@@ -244,11 +279,11 @@ fn gradients_reach_every_learnable_part_through_the_text_tower() -> Result<()> {
 
 #[test]
 fn bad_prompts_are_errors() {
-    let e = PromptTokens::new(&rows(0)[..1], 0, &Device::Cpu)
+    let e = PromptTokens::new(&rows(0)[..1], 0, 0, &[2], &Device::Cpu)
         .unwrap_err()
         .to_string();
     assert!(e.contains("at least 2 ranks"), "{e}");
-    let e = PromptTokens::new(&rows(0), 4, &Device::Cpu)
+    let e = PromptTokens::new(&rows(0), 4, 0, &[2, 3, 2], &Device::Cpu)
         .unwrap_err()
         .to_string();
     assert!(e.contains("rank 0"), "{e}");

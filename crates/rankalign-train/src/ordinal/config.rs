@@ -292,6 +292,31 @@ fn yes() -> bool {
     true
 }
 
+impl Protocol {
+    /// Every list file the protocol reads.
+    pub fn files(&self) -> Vec<&PathBuf> {
+        match self {
+            Protocol::Files { folds } => folds
+                .iter()
+                .flat_map(|f| f.train.iter().chain(&f.test))
+                .collect(),
+            Protocol::LeaveOneOut { files, .. }
+            | Protocol::Column { files }
+            | Protocol::KFold { files, .. }
+            | Protocol::Hci { files, .. } => files.iter().collect(),
+        }
+    }
+
+    /// The fold (or split) indices chosen, if the protocol picks some.
+    fn chosen(&self) -> Option<&Vec<usize>> {
+        match self {
+            Protocol::LeaveOneOut { folds, .. } | Protocol::KFold { folds, .. } => folds.as_ref(),
+            Protocol::Hci { splits, .. } => splits.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 impl OrdinalDataConfig {
     pub fn image_size(&self) -> usize {
         match self {
@@ -375,6 +400,13 @@ impl OrdinalConfig {
 
     /// Check every value; the message lists each problem with its key.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        // Everything below allocates per rank.
+        if self.data.num_ranks() > 10_000 {
+            return Err(format!(
+                "data: {} ranks is more than 10000",
+                self.data.num_ranks()
+            ));
+        }
         let mut errs = Vec::new();
         let mut need = |ok: bool, msg: String| {
             if !ok {
@@ -412,6 +444,18 @@ impl OrdinalConfig {
                 need(*test_size >= 1, "data.test_size must be at least 1".into());
             }
             OrdinalDataConfig::List(l) => {
+                need(
+                    self.prompt.ranks.is_some()
+                        || !matches!(l.format, ListFormat::Adience | ListFormat::Oc),
+                    "prompt.ranks: Adience and OrdinalCLIP lists label groups, not numbers; name each rank".into(),
+                );
+                if let Some(ix) = l.protocol.chosen() {
+                    let mut seen = std::collections::HashSet::new();
+                    need(
+                        ix.iter().all(|i| seen.insert(*i)),
+                        format!("data.protocol: fold/split indices {ix:?} repeat"),
+                    );
+                }
                 let empty = match &l.protocol {
                     Protocol::Files { folds } => {
                         folds.is_empty()
@@ -505,8 +549,21 @@ impl OrdinalConfig {
             );
             let slot = match &meth.recipe {
                 Recipe::ZeroShot => None,
-                Recipe::Coop { slot } | Recipe::Ordinalclip { slot, .. } => Some(slot),
+                Recipe::Coop { slot } => Some(slot),
+                Recipe::Ordinalclip { slot, kl_weight } => {
+                    need(
+                        kl_weight.is_finite() && *kl_weight >= 0.0,
+                        format!("method[{i}].recipe.kl_weight must be >= 0, got {kl_weight}"),
+                    );
+                    Some(slot)
+                }
                 Recipe::L2rclip(r) => {
+                    need(
+                        !(matches!(r.slot, RankSlotConfig::Fixed) && self.prompt.n_ctx == 0),
+                        format!(
+                            "method[{i}].recipe: a fixed slot without context tokens leaves stage 1 nothing to train"
+                        ),
+                    );
                     for (k, w) in [
                         ("contrastive_weight", r.contrastive_weight),
                         ("cop_weight", r.cop_weight),

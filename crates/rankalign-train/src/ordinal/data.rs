@@ -180,7 +180,7 @@ fn parse(format: ListFormat, path: &Path) -> Result<Vec<ListEntry>> {
             .into_iter()
             .map(|e| ListEntry {
                 label: e.middle_label(),
-                split: lists::split_from_file_name(&e.path),
+                split: lists::split_from_file_name(path),
                 path: e.path,
             })
             .collect(),

@@ -24,11 +24,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rankalign_data::{ClipTokenizer, mix_seed};
 use rankalign_kernels::l2_normalize;
-use rankalign_models::{ClipConfig, ClipModel, SeededVarMap};
+use rankalign_models::{ClipConfig, ClipModel, PromptTokens, SeededVarMap};
 
 pub use config::OrdinalConfig;
 pub use run::RunResult;
@@ -55,7 +57,40 @@ pub(crate) struct Context {
     flip: bool,
 }
 
+/// The model's variables, with the text tower, its projection and `logit_scale` handed
+/// out detached: they stay in the map (and in checkpoints) but no gradient is computed
+/// for them, as PyTorch's `requires_grad_(False)`.
+struct FrozenText(SeededVarMap);
+
+/// Whether a parameter belongs to the frozen language side.
+pub fn is_frozen(name: &str) -> bool {
+    name.starts_with("text_model.") || name.starts_with("text_projection.") || name == "logit_scale"
+}
+
+impl SimpleBackend for FrozenText {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.0.get(s, name, h, dtype, dev)?;
+        Ok(if is_frozen(name) { t.detach() } else { t })
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.0.get_unchecked(name, dtype, dev)?;
+        Ok(if is_frozen(name) { t.detach() } else { t })
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
+}
+
 impl Context {
+    /// A model on the pretrained weights (or a seeded initialisation) whose language
+    /// side is frozen.
     fn build_model(&self, vm: &SeededVarMap) -> Result<ClipModel> {
         if let Some(w) = &self.weights {
             vm.preload(
@@ -64,52 +99,95 @@ impl Context {
                 &self.device,
             )?;
         }
-        let model = ClipModel::new(&self.clip, vm.var_builder(DType::F32, &self.device))?;
+        let vb = VarBuilder::from_backend(
+            Box::new(FrozenText(vm.clone())),
+            DType::F32,
+            self.device.clone(),
+        );
+        let model = ClipModel::new(&self.clip, vb)?;
         if self.weights.is_some() {
             vm.finish_preload()?;
         }
         Ok(model)
     }
 
-    /// Token rows `[SOT] X×n_ctx template [EOT]` of every rank.
-    fn prompt_rows(&self, n_ctx: usize) -> Result<Vec<Vec<u32>>> {
+    /// Every rank's prompt `[SOT] X×n_ctx prefix rank suffix [EOT]` as token ids, with
+    /// the positions of the rank's own tokens. The template must tokenize as its prefix,
+    /// the rank words and its suffix one after the other (true when `{rank}` stands
+    /// between spaces or punctuation).
+    fn prompt_tokens(&self, n_ctx: usize) -> Result<PromptTokens> {
         let ctx_len = self.tokenizer.context_length();
-        self.cfg
-            .rank_texts()
-            .iter()
-            .map(|text| {
-                let prompt = format!("{}{text}", "X ".repeat(n_ctx));
-                let ids = self.tokenizer.encode(&prompt)?;
-                let plain = self.tokenizer.encode(text)?;
-                if plain.len() + n_ctx > ctx_len || ids.len() != plain.len() + n_ctx {
-                    return Err(TrainError::Invalid(format!(
-                        "prompt {text:?} with {n_ctx} context tokens needs {} tokens; the text tower takes {ctx_len}",
-                        plain.len() + n_ctx
-                    )));
-                }
-                Ok(ids)
-            })
-            .collect()
+        let template = &self.cfg.prompt.template;
+        let (prefix, suffix) = template.split_once("{rank}").ok_or_else(|| {
+            TrainError::Invalid(format!("prompt.template {template:?} has no {{rank}}"))
+        })?;
+        let inner = |text: &str| -> Result<Vec<u32>> {
+            let ids = self.tokenizer.encode(text)?;
+            Ok(ids[1..ids.len().saturating_sub(1).max(1)].to_vec())
+        };
+        let (p, s, x) = (inner(prefix)?, inner(suffix)?, inner("X")?);
+        let mut rows = Vec::new();
+        let mut rank_lens = Vec::new();
+        for word in self.cfg.rank_words() {
+            let r = inner(&word)?;
+            let text = template.replace("{rank}", &word);
+            let need = 2 + n_ctx + p.len() + r.len() + s.len();
+            if need > ctx_len {
+                return Err(TrainError::Invalid(format!(
+                    "prompt {text:?} with {n_ctx} context tokens needs {need} tokens; the text tower takes {ctx_len}"
+                )));
+            }
+            let ids = self
+                .tokenizer
+                .encode(&format!("{}{text}", "X ".repeat(n_ctx)))?;
+            let mut want = vec![rankalign_data::tokenize::SOT];
+            for _ in 0..n_ctx {
+                want.extend(&x);
+            }
+            want.extend(&p);
+            want.extend(&r);
+            want.extend(&s);
+            want.push(rankalign_data::tokenize::EOT);
+            if ids != want || r.is_empty() {
+                return Err(TrainError::Invalid(format!(
+                    "prompt.template {template:?}: {text:?} does not tokenize as prefix, rank {word:?} and suffix; put a space or punctuation on both sides of {{rank}}"
+                )));
+            }
+            rows.push(ids);
+            rank_lens.push(r.len());
+        }
+        Ok(PromptTokens::new(
+            &rows,
+            n_ctx,
+            p.len(),
+            &rank_lens,
+            &self.device,
+        )?)
     }
 
-    /// Normalised features of fold `i`'s training images under the pretrained image
-    /// encoder (L2RCLIP's stage 1 caches them once, without augmentation).
-    fn train_features(&self, i: usize) -> Result<Tensor> {
+    /// Normalised features of `set`'s images under `model`, without augmentation.
+    fn encode(&self, model: &ClipModel, set: &data::OrdinalSet) -> Result<Tensor> {
+        let all: Vec<usize> = (0..set.len()).collect();
+        let mut parts = Vec::new();
+        for chunk in all.chunks(self.cfg.eval.batch_size) {
+            let px = set.pixels(chunk, None, &self.device)?;
+            parts.push(l2_normalize(&model.encode_image(&px)?.detach())?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Stage 1's image features of fold `i`'s training images under the run's frozen
+    /// encoder. With pretrained weights every run starts from the same encoder, so the
+    /// features are computed once per fold and shared; from a seeded initialisation they
+    /// are the run's own.
+    fn stage1_features(&self, i: usize, model: &ClipModel) -> Result<Tensor> {
+        if self.weights.is_none() {
+            return self.encode(model, &self.folds[i].train);
+        }
         self.features[i]
             .get_or_init(|| {
-                let compute = || -> Result<Tensor> {
-                    let vm = SeededVarMap::new(0);
-                    let model = self.build_model(&vm)?;
-                    let set = &self.folds[i].train;
-                    let all: Vec<usize> = (0..set.len()).collect();
-                    let mut parts = Vec::new();
-                    for chunk in all.chunks(self.cfg.eval.batch_size) {
-                        let px = set.pixels(chunk, None, &self.device)?;
-                        parts.push(l2_normalize(&model.encode_image(&px)?.detach())?);
-                    }
-                    Ok(Tensor::cat(&parts, 0)?)
-                };
-                compute().map_err(|e| e.to_string())
+                self.encode(model, &self.folds[i].train)
+                    .map_err(|e| e.to_string())
             })
             .clone()
             .map_err(TrainError::Invalid)
@@ -125,11 +203,44 @@ pub struct OrdinalOutcome {
     pub wall_secs: f64,
 }
 
-fn digest(cfg: &OrdinalConfig, method: usize, fold: &str, seed: u64) -> Result<String> {
+/// Size and modification time of a file, or `missing`.
+fn stamp(path: &Path) -> String {
+    match std::fs::metadata(path) {
+        Ok(m) => format!(
+            "{}:{:?}",
+            m.len(),
+            m.modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        ),
+        Err(_) => "missing".into(),
+    }
+}
+
+/// Everything a run's result depends on: the settings, the method, the fold and seed,
+/// the pretrained weights' and list files' stamps, the device and the code version.
+fn digest(
+    cfg: &OrdinalConfig,
+    method: usize,
+    fold: &str,
+    seed: u64,
+    device: &Device,
+) -> Result<String> {
+    let weights = cfg
+        .model
+        .init_from
+        .as_ref()
+        .map(|d| stamp(&d.join("model.safetensors")));
+    let lists: Vec<String> = match &cfg.data {
+        config::OrdinalDataConfig::Digits { .. } => Vec::new(),
+        config::OrdinalDataConfig::List(l) => l.protocol.files().iter().map(|f| stamp(f)).collect(),
+    };
     let shared = serde_json::json!({
         "data": cfg.data, "model": cfg.model, "prompt": cfg.prompt,
-        "stage1": cfg.stage1, "stage2": cfg.stage2, "eval": cfg.eval,
+        "stage1": cfg.stage1, "stage2": cfg.stage2,
         "method": cfg.methods[method], "fold": fold, "seed": seed,
+        "weights": weights, "lists": lists, "device": format!("{:?}", device.location()),
+        "version": env!("CARGO_PKG_VERSION"),
     });
     let text = serde_json::to_string(&shared).map_err(|e| TrainError::Invalid(e.to_string()))?;
     Ok(format!(
@@ -199,9 +310,17 @@ pub fn run_ordinal(
 
     // Every (method, fold, seed), methods outermost so that the report fills in order.
     let mut jobs = Vec::new();
+    // Zero-shot from pretrained weights has nothing random: one run per fold.
     for m in 0..cfg.methods.len() {
+        let once =
+            matches!(cfg.methods[m].recipe, config::Recipe::ZeroShot) && ctx.weights.is_some();
+        let seeds = if once {
+            &cfg.seeds[..1]
+        } else {
+            &cfg.seeds[..]
+        };
         for f in 0..ctx.folds.len() {
-            for &s in &cfg.seeds {
+            for &s in seeds {
                 jobs.push((m, f, s));
             }
         }
@@ -296,7 +415,7 @@ fn run_job(
         .join(fold)
         .join(format!("seed-{seed}"));
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let digest = digest(cfg, m, fold, seed)?;
+    let digest = digest(cfg, m, fold, seed, &ctx.device)?;
     let result_path = dir.join("result.json");
     if let Ok(text) = std::fs::read_to_string(&result_path)
         && let Ok(done) = serde_json::from_str::<RunResult>(&text)
@@ -495,6 +614,44 @@ mod report {
             let (m, s) = super::mean_std(&[1.0, 2.0, 3.0]);
             assert!((m - 2.0).abs() < 1e-12 && (s - 1.0).abs() < 1e-12);
             assert_eq!(super::mean_std(&[4.0]), (4.0, 0.0));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+    use rankalign_models::{ClipConfig, ClipModel, SeededVarMap};
+
+    use super::{FrozenText, is_frozen};
+
+    /// The language side gets no gradient; every vision parameter does.
+    #[test]
+    fn the_text_tower_and_logit_scale_are_frozen() {
+        let dev = Device::Cpu;
+        let vm = SeededVarMap::new(4);
+        let vb =
+            VarBuilder::from_backend(Box::new(FrozenText(vm.clone())), DType::F32, dev.clone());
+        let model = ClipModel::new(&ClipConfig::tiny(), vb).unwrap();
+        let pixels = Tensor::randn(0f32, 1.0, (2, 3, 48, 48), &dev).unwrap();
+        let ids = Tensor::new(&[[49406u32, 320, 49407], [49406, 321, 49407]], &dev).unwrap();
+        let eot = Tensor::new(&[2u32, 5], &dev).unwrap();
+        let v = model.encode_image(&pixels).unwrap();
+        let t = model.encode_text(&ids, &eot).unwrap();
+        let loss = v
+            .matmul(&t.t().unwrap())
+            .unwrap()
+            .broadcast_mul(&model.logit_scale().exp().unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = vm.named_vars();
+        assert!(vars.iter().any(|(n, _)| n.starts_with("text_model.")));
+        for (name, var) in vars {
+            let got = grads.get(&var).is_some();
+            assert_eq!(got, !is_frozen(&name), "{name}");
         }
     }
 }

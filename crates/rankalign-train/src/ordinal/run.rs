@@ -20,7 +20,7 @@ use indicatif::ProgressBar;
 use rankalign_data::{BatchPlan, Prefetcher, mix_seed};
 use rankalign_kernels::l2_normalize;
 use rankalign_losses::{cop_stage1, cross_entropy, ordinal_kl, scop, sup_con};
-use rankalign_models::{ClipModel, PromptLearner, PromptTokens, RankSlotConfig, SeededVarMap};
+use rankalign_models::{ClipModel, PromptLearner, RankSlotConfig, SeededVarMap};
 use serde::{Deserialize, Serialize};
 
 use super::Context;
@@ -53,6 +53,9 @@ struct LogLine<'a> {
     stage: &'a str,
     step: usize,
     lr: f64,
+    /// The prompts' learning rate where it differs (joint training).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lr_prompt: Option<f64>,
     loss: f64,
 }
 
@@ -120,7 +123,13 @@ impl Job<'_> {
         (y, t)
     }
 
-    fn record(&mut self, stage: &str, step: usize, lr: f64, loss: f64) -> Result<()> {
+    fn record(
+        &mut self,
+        stage: &str,
+        (step, last): (usize, usize),
+        (lr, lr_prompt): (f64, Option<f64>),
+        loss: f64,
+    ) -> Result<()> {
         if !loss.is_finite() {
             return Err(TrainError::Diverged {
                 step,
@@ -129,13 +138,14 @@ impl Job<'_> {
             });
         }
         self.bar.inc(1);
-        if step % 10 == 0 {
+        if step % 10 == 0 || step + 1 == last {
             self.bar
                 .set_message(format!("{} {stage} loss {loss:.3}", self.name));
             let line = serde_json::to_string(&LogLine {
                 stage,
                 step,
                 lr,
+                lr_prompt,
                 loss,
             })
             .map_err(|e| TrainError::Invalid(e.to_string()))?;
@@ -202,7 +212,7 @@ impl Job<'_> {
             }
             let value = scalar(&loss)?;
             let lr = cosine_with_warmup(s.lr, warmup, steps, step);
-            self.record("stage1", step, lr, value)?;
+            self.record("stage1", (step, steps), (lr, None), value)?;
             opt.step(&loss.backward()?, lr)?;
         }
         Ok(steps)
@@ -232,7 +242,7 @@ impl Job<'_> {
             }
             let value = scalar(&loss)?;
             let lr = multistep(&s, plan.epoch(step));
-            self.record("stage2", step, lr, value)?;
+            self.record("stage2", (step, steps), (lr, None), value)?;
             opt.step(&loss.backward()?, lr)?;
         }
         Ok(steps)
@@ -266,7 +276,7 @@ impl Job<'_> {
             let value = scalar(&loss)?;
             let lr_p = cosine_with_warmup(s1.lr, warmup, steps, step);
             let lr_v = multistep(&s2, plan.epoch(step));
-            self.record("joint", step, lr_v, value)?;
+            self.record("joint", (step, steps), (lr_v, Some(lr_p)), value)?;
             let grads = loss.backward()?;
             opt_p.step(&grads, lr_p)?;
             opt_v.step(&grads, lr_v)?;
@@ -287,6 +297,12 @@ impl Job<'_> {
             let v = l2_normalize(&self.model.encode_image(&pixels)?.detach())?;
             let logits = v.matmul(&ranks.t()?)?.broadcast_mul(&scale)?;
             let p = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+            if p.iter().flatten().any(|x| !x.is_finite()) {
+                return Err(TrainError::Invalid(format!(
+                    "{}: the test predictions are not finite (the model diverged)",
+                    self.name
+                )));
+            }
             probs.extend(p);
         }
         let (mae_max, mae_exp, acc_max, acc_exp) = score(&probs, &test.labels);
@@ -322,7 +338,7 @@ pub(super) fn run(
     let model = ctx.build_model(&vm)?;
     let zero_shot = matches!(method.recipe, Recipe::ZeroShot);
     let n_ctx = if zero_shot { 0 } else { ctx.cfg.prompt.n_ctx };
-    let tokens = PromptTokens::new(&ctx.prompt_rows(n_ctx)?, n_ctx, device)?;
+    let tokens = ctx.prompt_tokens(n_ctx)?;
     let embeds = model.text_model().embed_tokens(&tokens.ids)?.detach();
     let slot = match &method.recipe {
         Recipe::ZeroShot => RankSlotConfig::Fixed,
@@ -369,7 +385,8 @@ pub(super) fn run(
         Recipe::Coop { .. } => stage2_steps = job.one_stage(0.0)?,
         Recipe::Ordinalclip { kl_weight, .. } => stage2_steps = job.one_stage(*kl_weight)?,
         Recipe::L2rclip(r) => {
-            let feats = ctx.train_features(fold_ix)?;
+            bar.set_message(format!("{} caching image features", method.name));
+            let feats = ctx.stage1_features(fold_ix, &job.model)?;
             stage1_steps = job.stage1(r, &feats)?;
             if r.stage2 {
                 stage2_steps = job.stage2(r)?;
