@@ -73,7 +73,7 @@ pub fn embed(
             msg: e.to_string(),
         })?;
     let tokenizer = ClipTokenizer::new(cfg.text.context_length)?;
-    let size = cfg.vision.image_size;
+    let size = cfg.vision.image_size();
     progress.set_length((images.len() + texts.len()) as u64);
     let mut image_rows = Vec::new();
     for chunk in images.chunks(batch.max(1)) {

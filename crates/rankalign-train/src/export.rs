@@ -10,15 +10,34 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use rankalign_models::{ClipConfig, TextConfig, VitConfig};
+use rankalign_models::{ClipConfig, TextConfig, VisionConfig, VitConfig};
 use serde_json::{Value, json};
 
 use crate::{Result, TrainError, io_err};
 
 /// `config.json` of a `CLIPModel` with this shape (QuickGELU, LayerNorm ε 1e-5, CLIP's
 /// special token ids).
+///
+/// `transformers` has no ResNet CLIP; for one, the vision section is left out (use
+/// [`open_clip_config`]).
 pub fn hf_config(cfg: &ClipConfig) -> Value {
-    let (t, v) = (&cfg.text, &cfg.vision);
+    let t = &cfg.text;
+    let vision = match &cfg.vision {
+        VisionConfig::Vit(v) => json!({
+            "model_type": "clip_vision_model",
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "num_channels": v.channels,
+            "hidden_size": v.width,
+            "num_hidden_layers": v.layers,
+            "num_attention_heads": v.heads,
+            "intermediate_size": v.mlp_dim,
+            "projection_dim": cfg.embed_dim,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5
+        }),
+        VisionConfig::ResNet(_) => Value::Null,
+    };
     json!({
         "architectures": ["CLIPModel"],
         "model_type": "clip",
@@ -40,19 +59,7 @@ pub fn hf_config(cfg: &ClipConfig) -> Value {
             "eos_token_id": rankalign_data::tokenize::EOT,
             "pad_token_id": 0
         },
-        "vision_config": {
-            "model_type": "clip_vision_model",
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-            "num_channels": v.channels,
-            "hidden_size": v.width,
-            "num_hidden_layers": v.layers,
-            "num_attention_heads": v.heads,
-            "intermediate_size": v.mlp_dim,
-            "projection_dim": cfg.embed_dim,
-            "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-5
-        }
+        "vision_config": vision
     })
 }
 
@@ -110,7 +117,8 @@ pub fn clip_config_from_hf(json: &Value, path: &Path) -> Result<ClipConfig> {
             layers: get("vision_config", "num_hidden_layers")?,
             heads: get("vision_config", "num_attention_heads")?,
             mlp_dim: get("vision_config", "intermediate_size")?,
-        },
+        }
+        .into(),
     })
 }
 

@@ -21,7 +21,8 @@ fn small() -> ClipConfig {
             layers: 2,
             heads: 4,
             mlp_dim: 128,
-        },
+        }
+        .into(),
         text: TextConfig {
             vocab_size: 512,
             context_length: 16,
