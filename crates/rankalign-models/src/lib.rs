@@ -7,8 +7,8 @@
 //! - [`vision`]: the image tower of a CLIP, ViT or ResNet, and its config (one TOML table
 //!   for either, told apart by its keys);
 //! - [`clip`]: the two towers, their projections and the learned `logit_scale`;
-//! - [`convert`]: OpenAI / open_clip checkpoint keys into ours (fused q/k/v split,
-//!   projections transposed);
+//! - [`convert`]: OpenAI / open_clip checkpoint keys into ours and back (fused q/k/v
+//!   split, projections transposed), and a model's shape read off such a state dict;
 //! - [`prompt`]: learned prompts for ordinal ranks (CoOp context, OrdinalCLIP
 //!   interpolation, L2RCLIP's RankFormer);
 //! - [`params`]: a seeded `VarMap` backend, so that initialisation is reproducible and

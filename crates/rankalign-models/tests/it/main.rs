@@ -5,6 +5,7 @@
 mod parity;
 mod prompt;
 mod resnet;
+mod rn_clip;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
