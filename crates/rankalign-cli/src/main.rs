@@ -70,8 +70,9 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
     },
-    /// Write a trained variant in the Hugging Face `CLIPModel` layout
-    /// (`config.json` + `model.safetensors`, loadable by `CLIPModel.from_pretrained`).
+    /// Write a trained variant in the Hugging Face `CLIPModel` layout (`config.json` +
+    /// `model.safetensors`, loadable by `CLIPModel.from_pretrained`), or, for a ResNet
+    /// image tower, in open_clip's (`open_clip_config.json` + `open_clip_model.safetensors`).
     Export {
         /// The experiment directory, e.g. `runs/digits-clip-vs-rankclip`.
         #[arg(long)]

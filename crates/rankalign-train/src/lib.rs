@@ -12,7 +12,8 @@
 //! - [`ordinal`]: L2RCLIP and its baselines (zero-shot, CoOp, OrdinalCLIP, L2RCLIP-I)
 //!   on ordinal tasks, over seeds and folds, with MAE / accuracy / OS and heatmaps;
 //! - [`report`]: `report.md` and the loss-curve PNG;
-//! - [`export`]: checkpoints in the Hugging Face `CLIPModel` layout, out and in;
+//! - [`export`]: trained models out, in the Hugging Face `CLIPModel` layout (ViT) or
+//!   open_clip's (ResNet), and their configs translated both ways;
 //! - [`embed`]: L2-normalised image and text embeddings of such a model, to a file.
 
 pub mod checkpoint;
