@@ -70,9 +70,11 @@ pub struct ModelConfig {
     pub preset: Option<String>,
     #[serde(default)]
     pub clip: Option<ClipConfig>,
-    /// Start from the weights of a Hugging Face `CLIPModel` directory (`config.json` +
-    /// `model.safetensors`, e.g. one written by `rankalign export`) instead of a random
-    /// initialisation. Its shape must be the model's.
+    /// Start from pretrained weights instead of a random initialisation: a Hugging Face
+    /// `CLIPModel` or open_clip directory (e.g. one written by `rankalign export`), a
+    /// `.safetensors` / `.bin` / `.pt` checkpoint file (OpenAI / open_clip keys or ours),
+    /// or a hub name such as `openai/clip-vit-base-patch16` found in the local Hugging
+    /// Face cache (see [`crate::pretrained`]). Its shape must be the model's.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
 }

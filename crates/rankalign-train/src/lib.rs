@@ -14,6 +14,8 @@
 //! - [`report`]: `report.md` and the loss-curve PNG;
 //! - [`export`]: trained models out, in the Hugging Face `CLIPModel` layout (ViT) or
 //!   open_clip's (ResNet), and their configs translated both ways;
+//! - [`pretrained`]: pretrained weights in, from an HF or open_clip directory, a
+//!   `.safetensors` / `.bin` / `.pt` file, or a hub name in the local Hugging Face cache;
 //! - [`embed`]: L2-normalised image and text embeddings of such a model, to a file.
 
 pub mod checkpoint;
@@ -24,6 +26,7 @@ pub mod experiment;
 pub mod export;
 pub mod optim;
 pub mod ordinal;
+pub mod pretrained;
 pub mod report;
 pub mod schedule;
 pub mod trainer;

@@ -154,14 +154,8 @@ pub fn train_variant(
     let device = &shared.device;
     let clip_cfg = exp.model.resolve().map_err(TrainError::Invalid)?;
     let vm = SeededVarMap::new(mix_seed(&[exp.seed, 0x30DE1]));
-    if let Some(dir) = &exp.model.init_from {
-        let (shape, tensors) = crate::export::load_hf(dir, device)?;
-        if shape != clip_cfg {
-            return Err(TrainError::Checkpoint {
-                path: dir.clone(),
-                msg: format!("its shape {shape:?} is not the configured model's {clip_cfg:?}"),
-            });
-        }
+    if let Some(spec) = &exp.model.init_from {
+        let (_, tensors) = crate::pretrained::load(spec, Some(&clip_cfg), device)?;
         vm.preload(tensors, DType::F32, device)?;
     }
     let model = ClipModel::new(&clip_cfg, vm.var_builder(DType::F32, device)).and_then(|m| {
