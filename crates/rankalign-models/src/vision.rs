@@ -225,7 +225,8 @@ pub(crate) enum VisionTower {
         model: VisionTransformer,
         projection: Linear,
     },
-    ResNet(ModifiedResNet),
+    /// Boxed: a ResNet holds a few hundred bytes of BatchNorm and stage handles.
+    ResNet(Box<ModifiedResNet>),
 }
 
 impl VisionTower {
@@ -251,7 +252,10 @@ impl VisionTower {
                         r.embed_dim
                     )
                 }
-                Ok(Self::ResNet(ModifiedResNet::new(r, vb.pp("visual"))?))
+                Ok(Self::ResNet(Box::new(ModifiedResNet::new(
+                    r,
+                    vb.pp("visual"),
+                )?)))
             }
         }
     }
