@@ -1,10 +1,12 @@
 //! End-to-end tests of the training stack as a user drives it: exact resume, every
-//! parameter trained, divergence handling, and clear errors on bad input.
+//! parameter trained, divergence handling, pretrained weights in every layout (and a
+//! ResNet CLIP through training, export and loading), and clear errors on bad input.
 
 mod config_errors;
 mod export;
 mod gradients;
 mod ordinal;
+mod pretrained;
 mod resume;
 
 use std::path::PathBuf;

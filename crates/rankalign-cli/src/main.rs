@@ -52,10 +52,12 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Embed images and texts with a model in the Hugging Face layout: L2-normalised
-    /// `image_embeds`, `text_embeds` and `logit_scale` in one safetensors file.
+    /// Embed images and texts with a pretrained model: L2-normalised `image_embeds`,
+    /// `text_embeds` and `logit_scale` in one safetensors file.
     Embed {
-        /// A `CLIPModel` directory (config.json + model.safetensors), e.g. from `export`.
+        /// A model: a Hugging Face `CLIPModel` or open_clip directory (e.g. from `export`),
+        /// a .safetensors/.bin/.pt checkpoint, or a hub name such as
+        /// `openai/clip-vit-base-patch16` already in the local Hugging Face cache.
         #[arg(long)]
         model: PathBuf,
         /// Image files or directories of PNG/JPEG files.
@@ -70,8 +72,9 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
     },
-    /// Write a trained variant in the Hugging Face `CLIPModel` layout
-    /// (`config.json` + `model.safetensors`, loadable by `CLIPModel.from_pretrained`).
+    /// Write a trained variant in the Hugging Face `CLIPModel` layout (`config.json` +
+    /// `model.safetensors`, loadable by `CLIPModel.from_pretrained`), or, for a ResNet
+    /// image tower, in open_clip's (`open_clip_config.json` + `open_clip_model.safetensors`).
     Export {
         /// The experiment directory, e.g. `runs/digits-clip-vs-rankclip`.
         #[arg(long)]

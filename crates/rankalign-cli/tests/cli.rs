@@ -104,3 +104,35 @@ fn shipped_configs_are_valid() {
         "{pretraining} + {ordinal} configs"
     );
 }
+
+/// A hub name that is not in the cache (`HF_HOME` pointed at an empty directory): the
+/// error names the file looked for and how to download it; nothing goes to the network.
+#[test]
+fn embed_names_a_missing_hub_model_and_how_to_get_it() {
+    let texts = write("hub-texts.txt", "a 3\n");
+    let home = texts.with_file_name("hf-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rankalign"))
+        .args([
+            "embed",
+            "--model",
+            "openai/clip-vit-base-patch16",
+            "--texts",
+        ])
+        .arg(&texts)
+        .arg("--out")
+        .arg(home.join("emb.safetensors"))
+        .env("HF_HOME", &home)
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let refs = home.join("hub/models--openai--clip-vit-base-patch16/refs/main");
+    assert!(
+        err.contains(&refs.display().to_string())
+            && err.contains("huggingface-cli download openai/clip-vit-base-patch16")
+            && !err.contains("panicked"),
+        "{err}"
+    );
+}

@@ -1,24 +1,33 @@
-//! The CLIP model: a vision tower, a text tower, their bias-free projections into a
-//! shared embedding space, and the learned temperature `logit_scale` (a raw parameter;
-//! the scale applied to cosine similarities is `exp(logit_scale)`).
+//! The CLIP model: an image tower, a text tower, their projections into a shared
+//! embedding space, and the learned temperature `logit_scale` (a raw parameter; the scale
+//! applied to cosine similarities is `exp(logit_scale)`).
 //!
 //! Keys are HF `CLIPModel`'s: `vision_model.*`, `text_model.*`, `visual_projection.weight`,
-//! `text_projection.weight`, `logit_scale`.
+//! `text_projection.weight`, `logit_scale`. A ResNet image tower (RN50) has no HF
+//! counterpart and keeps OpenAI's keys, `visual.*` (see [`crate::vision`]).
+//!
+//! BatchNorm makes the ResNet tower behave differently in training and evaluation:
+//! [`ClipModel::encode_image_t`] takes the mode, and [`ClipModel::encode_image`] is the
+//! evaluation mode. The running statistics are variables of the map, so checkpoints keep
+//! them, but they are not parameters: [`ClipModel::buffer_names`] lists what an optimiser
+//! must not be given.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{Linear, WeightInit, linear};
+use crate::resnet::ResNetConfig;
 use crate::text::{TextConfig, TextTransformer};
-use crate::vit::{VisionTransformer, VitConfig};
+use crate::vision::{VisionConfig, VisionTower};
+use crate::vit::VitConfig;
 
 /// Shape of a CLIP model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClipConfig {
     pub embed_dim: usize,
-    pub vision: VitConfig,
+    pub vision: VisionConfig,
     pub text: TextConfig,
     /// Initial raw `logit_scale`; CLIP uses ln(1/0.07) ≈ 2.6593.
     pub logit_scale_init: f64,
@@ -32,7 +41,7 @@ impl ClipConfig {
     pub fn vit_b16() -> Self {
         Self {
             embed_dim: 512,
-            vision: VitConfig::b16_224(),
+            vision: VitConfig::b16_224().into(),
             text: TextConfig::clip_base(),
             logit_scale_init: CLIP_LOGIT_SCALE_INIT,
         }
@@ -41,7 +50,7 @@ impl ClipConfig {
     /// OpenAI CLIP ViT-B/32.
     pub fn vit_b32() -> Self {
         Self {
-            vision: VitConfig::b32_224(),
+            vision: VitConfig::b32_224().into(),
             ..Self::vit_b16()
         }
     }
@@ -50,7 +59,7 @@ impl ClipConfig {
     pub fn vit_l14() -> Self {
         Self {
             embed_dim: 768,
-            vision: VitConfig::l14_224(),
+            vision: VitConfig::l14_224().into(),
             text: TextConfig {
                 width: 768,
                 heads: 12,
@@ -75,7 +84,8 @@ impl ClipConfig {
                 layers: 3,
                 heads: 4,
                 mlp_dim: 384,
-            },
+            }
+            .into(),
             text: TextConfig {
                 vocab_size: 49408,
                 context_length: 32,
@@ -88,26 +98,65 @@ impl ClipConfig {
         }
     }
 
-    /// A preset by name: `tiny`, `vit-b16`, `vit-b32`.
+    /// OpenAI CLIP RN50: the ModifiedResNet-50 image tower at 224 px (attention pool with
+    /// 32 heads straight to the embedding), text 12 × 512 (8 heads, context 77), embed 1024.
+    pub fn rn50() -> Self {
+        Self {
+            embed_dim: 1024,
+            vision: ResNetConfig::rn50().into(),
+            text: TextConfig::clip_base(),
+            logit_scale_init: CLIP_LOGIT_SCALE_INIT,
+        }
+    }
+
+    /// A small RN-style CLIP for CPU tests: the tiny ResNet tower (64 px, stages
+    /// [1, 1, 1, 1], width 8) with the tiny preset's text tower, embed 32.
+    pub fn tiny_rn() -> Self {
+        Self {
+            embed_dim: 32,
+            vision: ResNetConfig::tiny().into(),
+            ..Self::tiny()
+        }
+    }
+
+    /// A preset by name: one of [`ClipConfig::PRESETS`].
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "tiny" => Some(Self::tiny()),
+            "tiny-rn" => Some(Self::tiny_rn()),
             "vit-b16" => Some(Self::vit_b16()),
             "vit-b32" => Some(Self::vit_b32()),
             "vit-l14" => Some(Self::vit_l14()),
+            "rn50" => Some(Self::rn50()),
             _ => None,
         }
     }
 
-    pub const PRESETS: &'static [&'static str] = &["tiny", "vit-b16", "vit-b32", "vit-l14"];
+    pub const PRESETS: &'static [&'static str] =
+        &["tiny", "tiny-rn", "vit-b16", "vit-b32", "vit-l14", "rn50"];
+
+    /// Check the shape: the image tower on its own, and a ResNet's output size against
+    /// `embed_dim`.
+    pub fn validate(&self) -> Result<()> {
+        self.vision.validate()?;
+        if let VisionConfig::ResNet(r) = &self.vision
+            && r.embed_dim != self.embed_dim
+        {
+            candle_core::bail!(
+                "clip: the resnet tower's embed_dim {} differs from the model's embed_dim {}",
+                r.embed_dim,
+                self.embed_dim
+            )
+        }
+        Ok(())
+    }
 }
 
-/// Both towers, both projections and the temperature.
+/// Both towers, their projections and the temperature.
 #[derive(Clone, Debug)]
 pub struct ClipModel {
-    vision_model: VisionTransformer,
+    vision: VisionTower,
     text_model: TextTransformer,
-    visual_projection: Linear,
     text_projection: Linear,
     logit_scale: Tensor,
     cfg: ClipConfig,
@@ -115,17 +164,9 @@ pub struct ClipModel {
 
 impl ClipModel {
     pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
-        let vision_model = VisionTransformer::new(&cfg.vision, vb.pp("vision_model"))?;
+        let vision = VisionTower::new(&cfg.vision, cfg.embed_dim, &vb)?;
         let text_model = TextTransformer::new(&cfg.text, vb.pp("text_model"))?;
-        let v_std = (cfg.vision.width as f64).powf(-0.5);
         let t_std = (cfg.text.width as f64).powf(-0.5);
-        let visual_projection = linear(
-            cfg.vision.width,
-            cfg.embed_dim,
-            WeightInit::Normal(v_std),
-            None,
-            vb.pp("visual_projection"),
-        )?;
         let text_projection = linear(
             cfg.text.width,
             cfg.embed_dim,
@@ -136,9 +177,8 @@ impl ClipModel {
         let logit_scale =
             vb.get_with_hints((), "logit_scale", Init::Const(cfg.logit_scale_init))?;
         Ok(Self {
-            vision_model,
+            vision,
             text_model,
-            visual_projection,
             text_projection,
             logit_scale,
             cfg: cfg.clone(),
@@ -149,10 +189,24 @@ impl ClipModel {
         &self.cfg
     }
 
-    /// Unnormalised image embeddings `(b, embed_dim)`.
+    /// Unnormalised image embeddings `(b, embed_dim)` in evaluation mode (a ResNet's
+    /// BatchNorm uses, and leaves alone, its running statistics); see
+    /// [`ClipModel::encode_image_t`].
     pub fn encode_image(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.visual_projection
-            .forward(&self.vision_model.forward(pixels)?)
+        self.encode_image_t(pixels, false)
+    }
+
+    /// Unnormalised image embeddings `(b, embed_dim)`. With `train`, a ResNet's BatchNorm
+    /// normalises with the batch's statistics and updates its running statistics in place
+    /// (use it in the training loop only); a ViT ignores the flag.
+    pub fn encode_image_t(&self, pixels: &Tensor, train: bool) -> Result<Tensor> {
+        self.vision.forward_t(pixels, train)
+    }
+
+    /// Names of the variables that are buffers, not parameters (a ResNet's BatchNorm
+    /// running statistics): keep them in checkpoints, keep them out of the optimiser.
+    pub fn buffer_names(&self) -> Vec<String> {
+        self.vision.buffer_names()
     }
 
     /// Unnormalised text embeddings `(b, embed_dim)`; see [`TextTransformer::forward`].

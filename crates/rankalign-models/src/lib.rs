@@ -4,9 +4,11 @@
 //! - [`resnet`]: CLIP's ModifiedResNet image tower (RN50) under OpenAI's `visual.*` keys,
 //!   with BatchNorm train and eval modes;
 //! - [`text`]: CLIP's causal text transformer (QuickGELU, pooled at the EOT token);
+//! - [`vision`]: the image tower of a CLIP, ViT or ResNet, and its config (one TOML table
+//!   for either, told apart by its keys);
 //! - [`clip`]: the two towers, their projections and the learned `logit_scale`;
-//! - [`convert`]: OpenAI / open_clip checkpoint keys into ours (fused q/k/v split,
-//!   projections transposed);
+//! - [`convert`]: OpenAI / open_clip checkpoint keys into ours and back (fused q/k/v
+//!   split, projections transposed), and a model's shape read off such a state dict;
 //! - [`prompt`]: learned prompts for ordinal ranks (CoOp context, OrdinalCLIP
 //!   interpolation, L2RCLIP's RankFormer);
 //! - [`params`]: a seeded `VarMap` backend, so that initialisation is reproducible and
@@ -24,6 +26,7 @@ pub mod params;
 pub mod prompt;
 pub mod resnet;
 pub mod text;
+pub mod vision;
 pub mod vit;
 
 pub use clip::{ClipConfig, ClipModel};
@@ -31,4 +34,5 @@ pub use params::SeededVarMap;
 pub use prompt::{PromptLearner, PromptTokens, RankFormer, RankFormerConfig, RankSlotConfig};
 pub use resnet::{ModifiedResNet, ResNetConfig};
 pub use text::{TextConfig, TextTransformer};
+pub use vision::{VisionConfig, is_vision_param};
 pub use vit::{VisionTransformer, VitConfig};

@@ -25,12 +25,14 @@ fn main() -> anyhow::Result<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    cfg.vision.patch_size = env("PATCH", cfg.vision.patch_size);
-    cfg.vision.width = env("VW", cfg.vision.width);
-    cfg.vision.mlp_dim = 4 * cfg.vision.width;
+    if let rankalign_train::models::VisionConfig::Vit(vision) = &mut cfg.vision {
+        vision.patch_size = env("PATCH", vision.patch_size);
+        vision.width = env("VW", vision.width);
+        vision.mlp_dim = 4 * vision.width;
+        vision.layers = env("VL", vision.layers);
+    }
     cfg.text.width = env("TW", cfg.text.width);
     cfg.text.mlp_dim = 4 * cfg.text.width;
-    cfg.vision.layers = env("VL", cfg.vision.layers);
     cfg.text.layers = env("TL", cfg.text.layers);
     let digits = std::sync::Arc::new(Digits::embedded()?);
     let scenes = DigitScenes::new(

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use rankalign_data::SceneConfig;
 use rankalign_losses::LossConfig;
-use rankalign_models::ClipConfig;
+use rankalign_models::{ClipConfig, VisionConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::{Result, TrainError};
@@ -70,9 +70,11 @@ pub struct ModelConfig {
     pub preset: Option<String>,
     #[serde(default)]
     pub clip: Option<ClipConfig>,
-    /// Start from the weights of a Hugging Face `CLIPModel` directory (`config.json` +
-    /// `model.safetensors`, e.g. one written by `rankalign export`) instead of a random
-    /// initialisation. Its shape must be the model's.
+    /// Start from pretrained weights instead of a random initialisation: a Hugging Face
+    /// `CLIPModel` or open_clip directory (e.g. one written by `rankalign export`), a
+    /// `.safetensors` / `.bin` / `.pt` checkpoint file (OpenAI / open_clip keys or ours),
+    /// or a hub name such as `openai/clip-vit-base-patch16` found in the local Hugging
+    /// Face cache (see [`crate::pretrained`]). Its shape must be the model's.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
 }
@@ -225,24 +227,32 @@ impl ExperimentConfig {
         match self.model.resolve() {
             Ok(m) => {
                 need(
-                    m.vision.image_size == d.image_size,
+                    m.vision.image_size() == d.image_size,
                     format!(
                         "model image size {} differs from data.image_size {}",
-                        m.vision.image_size, d.image_size
+                        m.vision.image_size(),
+                        d.image_size
                     ),
                 );
-                need(
-                    m.vision.image_size % m.vision.patch_size.max(1) == 0
-                        && m.vision.patch_size > 0,
-                    format!(
-                        "model.clip.vision.patch_size {} must divide image_size {}",
-                        m.vision.patch_size, m.vision.image_size
-                    ),
-                );
-                for (k, w, h) in [
-                    ("vision", m.vision.width, m.vision.heads),
-                    ("text", m.text.width, m.text.heads),
-                ] {
+                let mut widths = vec![("text", m.text.width, m.text.heads)];
+                match &m.vision {
+                    VisionConfig::Vit(v) => {
+                        need(
+                            v.patch_size > 0 && v.image_size % v.patch_size == 0,
+                            format!(
+                                "model.clip.vision.patch_size {} must divide image_size {}",
+                                v.patch_size, v.image_size
+                            ),
+                        );
+                        widths.push(("vision", v.width, v.heads));
+                    }
+                    VisionConfig::ResNet(_) => {
+                        if let Err(e) = m.validate() {
+                            need(false, format!("model.clip.vision: {e}"));
+                        }
+                    }
+                }
+                for (k, w, h) in widths {
                     need(
                         h > 0 && w % h == 0,
                         format!("model.clip.{k}: width {w} must be divisible by heads {h}"),

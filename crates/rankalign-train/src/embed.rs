@@ -1,5 +1,7 @@
-//! Embeddings out: L2-normalised image and text embeddings of a model in the Hugging
-//! Face layout (e.g. one written by `rankalign export`), for use in other tools.
+//! Embeddings out: L2-normalised image and text embeddings of a pretrained model (any
+//! that [`crate::pretrained::load`] reads: an HF or open_clip directory such as one
+//! written by `rankalign export`, a checkpoint file, or a hub name in the local cache),
+//! for use in other tools.
 //!
 //! Images are decoded (PNG, JPEG), put through CLIP's evaluation transform (shorter side
 //! to the model's size, bicubic; centre crop; CLIP normalisation) and encoded in batches;
@@ -18,7 +20,6 @@ use rankalign_models::ClipModel;
 use rayon::prelude::*;
 
 use crate::eval::embed_texts;
-use crate::export::load_hf;
 use crate::{Result, TrainError, io_err};
 
 /// Image files under `inputs`: files as given, directories expanded to their PNG and
@@ -45,8 +46,9 @@ pub fn image_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Embed `images` and `texts` with the model in `model_dir`; writes `out` and
-/// `out.json`. Returns the number of image and text rows.
+/// Embed `images` and `texts` with the model named by `model_dir` (a directory, a file or
+/// a hub name; see [`crate::pretrained`]); writes `out` and `out.json`. Returns the number
+/// of image and text rows.
 pub fn embed(
     model_dir: &Path,
     images: &[PathBuf],
@@ -56,7 +58,7 @@ pub fn embed(
     progress: &ProgressBar,
     device: &Device,
 ) -> Result<(usize, usize)> {
-    let (cfg, tensors) = load_hf(model_dir, device)?;
+    let (cfg, tensors) = crate::pretrained::load(model_dir, None, device)?;
     if cfg.text.vocab_size != rankalign_data::tokenize::VOCAB_SIZE {
         return Err(TrainError::Config {
             path: model_dir.join("config.json"),
@@ -73,7 +75,7 @@ pub fn embed(
             msg: e.to_string(),
         })?;
     let tokenizer = ClipTokenizer::new(cfg.text.context_length)?;
-    let size = cfg.vision.image_size;
+    let size = cfg.vision.image_size();
     progress.set_length((images.len() + texts.len()) as u64);
     let mut image_rows = Vec::new();
     for chunk in images.chunks(batch.max(1)) {

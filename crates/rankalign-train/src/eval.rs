@@ -44,7 +44,7 @@ pub fn embed_images(
     batch: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let size = model.config().vision.image_size;
+    let size = model.config().vision.image_size();
     let mut parts = Vec::new();
     for chunk in images.chunks(batch.max(1)) {
         let refs: Vec<&Image> = chunk.iter().collect();

@@ -12,7 +12,10 @@
 //! - [`ordinal`]: L2RCLIP and its baselines (zero-shot, CoOp, OrdinalCLIP, L2RCLIP-I)
 //!   on ordinal tasks, over seeds and folds, with MAE / accuracy / OS and heatmaps;
 //! - [`report`]: `report.md` and the loss-curve PNG;
-//! - [`export`]: checkpoints in the Hugging Face `CLIPModel` layout, out and in;
+//! - [`export`]: trained models out, in the Hugging Face `CLIPModel` layout (ViT) or
+//!   open_clip's (ResNet), and their configs translated both ways;
+//! - [`pretrained`]: pretrained weights in, from an HF or open_clip directory, a
+//!   `.safetensors` / `.bin` / `.pt` file, or a hub name in the local Hugging Face cache;
 //! - [`embed`]: L2-normalised image and text embeddings of such a model, to a file.
 
 pub mod checkpoint;
@@ -23,6 +26,7 @@ pub mod experiment;
 pub mod export;
 pub mod optim;
 pub mod ordinal;
+pub mod pretrained;
 pub mod report;
 pub mod schedule;
 pub mod trainer;

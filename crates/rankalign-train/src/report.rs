@@ -107,14 +107,13 @@ pub fn write_report(
     let _ = writeln!(md, "# {}\n", exp.name);
     let _ = writeln!(
         md,
-        "Digit scenes ({} train / {} test pairs, {}×{} px), model: ViT {}×{} / text {}×{}, embed {}; \
+        "Digit scenes ({} train / {} test pairs, {}×{} px), model: {} / text {}×{}, embed {}; \
          batch {}, {} epochs = {} steps, lr {}, warm-up {}, seed {}. Wall time {:.0} s.\n",
         exp.data.train_size,
         exp.data.test_size,
         exp.data.image_size,
         exp.data.image_size,
-        clip.vision.layers,
-        clip.vision.width,
+        vision_summary(&clip.vision),
         clip.text.layers,
         clip.text.width,
         clip.embed_dim,
@@ -172,4 +171,14 @@ pub fn write_report(
             .join(", ")
     );
     std::fs::write(path, md).map_err(io_err(path))
+}
+
+/// `ViT 3×96` or `ResNet [3, 4, 6, 3]×64`: depth × width of the image tower.
+fn vision_summary(v: &rankalign_models::VisionConfig) -> String {
+    match v {
+        rankalign_models::VisionConfig::Vit(v) => format!("ViT {}×{}", v.layers, v.width),
+        rankalign_models::VisionConfig::ResNet(r) => {
+            format!("ResNet {:?}×{}", r.layers, r.width)
+        }
+    }
 }

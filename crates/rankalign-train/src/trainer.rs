@@ -3,7 +3,9 @@
 //! Per step: take the prefetched batch, encode both sides, compute the variant's loss,
 //! stop with [`TrainError::Diverged`] if it is not finite (the last good checkpoint
 //! stays), back-propagate, step AdamW at the scheduled learning rate, clamp
-//! `logit_scale` to [0, ln 100], append metrics, and checkpoint on schedule.
+//! `logit_scale` to [0, ln 100], append metrics, and checkpoint on schedule. The image
+//! tower runs in training mode (a ResNet's BatchNorm on batch statistics, updating its
+//! running statistics, which checkpoints keep); evaluation runs it in evaluation mode.
 //! A run resumes from its latest checkpoint when the config is unchanged.
 
 use std::io::Write;
@@ -16,6 +18,7 @@ use indicatif::ProgressBar;
 use rankalign_data::batch::collate_pairs;
 use rankalign_data::{BatchPlan, ClipTokenizer, Dataset, DigitScenes, Prefetcher, Split, mix_seed};
 use rankalign_losses::{ListPerms, LossConfig, clip_loss, rankclip_loss};
+use rankalign_models::resnet::is_buffer;
 use rankalign_models::{ClipModel, SeededVarMap};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -151,14 +154,8 @@ pub fn train_variant(
     let device = &shared.device;
     let clip_cfg = exp.model.resolve().map_err(TrainError::Invalid)?;
     let vm = SeededVarMap::new(mix_seed(&[exp.seed, 0x30DE1]));
-    if let Some(dir) = &exp.model.init_from {
-        let (shape, tensors) = crate::export::load_hf(dir, device)?;
-        if shape != clip_cfg {
-            return Err(TrainError::Checkpoint {
-                path: dir.clone(),
-                msg: format!("its shape {shape:?} is not the configured model's {clip_cfg:?}"),
-            });
-        }
+    if let Some(spec) = &exp.model.init_from {
+        let (_, tensors) = crate::pretrained::load(spec, Some(&clip_cfg), device)?;
         vm.preload(tensors, DType::F32, device)?;
     }
     let model = ClipModel::new(&clip_cfg, vm.var_builder(DType::F32, device)).and_then(|m| {
@@ -174,7 +171,14 @@ pub fn train_variant(
         },
         None => e.into(),
     })?;
+    // Every variable is checkpointed; BatchNorm's running statistics (a ResNet tower's)
+    // are not parameters and stay out of the optimiser.
     let vars = vm.named_vars();
+    let params: Vec<(String, Var)> = vars
+        .iter()
+        .filter(|(n, _)| !is_buffer(n))
+        .cloned()
+        .collect();
     let logit_scale: Var = vars
         .iter()
         .find(|(n, _)| n == "logit_scale")
@@ -182,7 +186,7 @@ pub fn train_variant(
         .ok_or_else(|| TrainError::Invalid("the model has no logit_scale parameter".into()))?;
     let o = &exp.optim;
     let mut opt = AdamW::new(
-        vars.clone(),
+        params,
         AdamWConfig {
             beta1: o.beta1,
             beta2: o.beta2,
@@ -271,7 +275,7 @@ pub fn train_variant(
         let waited = wait.elapsed().as_secs_f64() * 1e3;
         data_wait_ms += waited;
         let t0 = Instant::now();
-        let image = model.encode_image(&batch.pixels)?;
+        let image = model.encode_image_t(&batch.pixels, true)?;
         let text = model.encode_text(&batch.ids, &batch.eot)?;
         let epoch = step / exp.steps_per_epoch() + 1;
         let (loss, clip, cross, inmodal, w) = match &variant.loss {

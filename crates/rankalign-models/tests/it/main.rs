@@ -5,6 +5,7 @@
 mod parity;
 mod prompt;
 mod resnet;
+mod rn_clip;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -13,7 +14,7 @@ use rankalign_models::{ClipConfig, ClipModel, SeededVarMap};
 
 /// A backend that hands out zeros and remembers every parameter's name and shape.
 #[derive(Default)]
-struct Recorder(std::sync::Mutex<Vec<(String, Vec<usize>)>>);
+pub(crate) struct Recorder(pub(crate) std::sync::Mutex<Vec<(String, Vec<usize>)>>);
 
 impl SimpleBackend for Recorder {
     fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
@@ -31,20 +32,23 @@ impl SimpleBackend for Recorder {
     }
 }
 
+/// A [`Recorder`] shared with the test that reads it afterwards.
+pub(crate) struct Shared(pub(crate) std::sync::Arc<Recorder>);
+
+impl SimpleBackend for Shared {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
+}
+
 fn params(cfg: &ClipConfig) -> Vec<(String, Vec<usize>)> {
     let rec = std::sync::Arc::new(Recorder::default());
-    struct Shared(std::sync::Arc<Recorder>);
-    impl SimpleBackend for Shared {
-        fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-            self.0.get(s, name, h, dtype, dev)
-        }
-        fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-            self.0.get_unchecked(name, dtype, dev)
-        }
-        fn contains_tensor(&self, name: &str) -> bool {
-            self.0.contains_tensor(name)
-        }
-    }
     let vb = VarBuilder::from_backend(Box::new(Shared(rec.clone())), DType::F32, Device::Cpu);
     ClipModel::new(cfg, vb).unwrap();
 

@@ -21,7 +21,8 @@ fn small() -> ClipConfig {
             layers: 2,
             heads: 4,
             mlp_dim: 128,
-        },
+        }
+        .into(),
         text: TextConfig {
             vocab_size: 512,
             context_length: 16,
@@ -157,16 +158,27 @@ fn matches_open_clip_forward_pass() -> Result<()> {
 #[test]
 fn unknown_checkpoint_keys_are_named() {
     let dev = Device::Cpu;
-    let mut state = std::collections::HashMap::new();
-    state.insert(
-        "visual.layer1.0.conv1.weight".to_string(),
-        Tensor::zeros(1, DType::F32, &dev).unwrap(),
-    );
-    let err = rankalign_models::convert::openai_to_hf(state)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("visual.layer1.0.conv1.weight") && err.contains("ResNet"),
-        "{err}"
-    );
+    for (keys, bad) in [
+        (
+            &["visual.ln_pre.weight", "visual.head.weight"][..],
+            "visual.head.weight",
+        ),
+        (
+            &["visual.layer1.0.conv1.weight", "visual.fc.weight"],
+            "visual.fc.weight",
+        ),
+        (
+            &["transformer.resblocks.0.attn.qkv"],
+            "transformer.resblocks.0.attn.qkv",
+        ),
+    ] {
+        let state = keys
+            .iter()
+            .map(|k| (k.to_string(), Tensor::zeros(1, DType::F32, &dev).unwrap()))
+            .collect();
+        let err = rankalign_models::convert::openai_to_hf(state)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(bad), "{err}");
+    }
 }

@@ -488,10 +488,10 @@ impl OrdinalConfig {
         }
         match self.model.resolve() {
             Ok(c) => need(
-                c.vision.image_size == self.data.image_size(),
+                c.vision.image_size() == self.data.image_size(),
                 format!(
                     "model image size {} differs from data.image_size {}",
-                    c.vision.image_size,
+                    c.vision.image_size(),
                     self.data.image_size()
                 ),
             ),

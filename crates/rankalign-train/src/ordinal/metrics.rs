@@ -114,7 +114,7 @@ pub fn plot_heatmap(path: &Path, s: &[f32], ranks: &[String], title: &str) -> Re
     let name = |v: &SegmentValue<usize>, flip: bool| match v {
         SegmentValue::CenterOf(i) if *i < m => {
             let r = if flip { m - 1 - i } else { *i };
-            if r % step == 0 {
+            if r.is_multiple_of(step) {
                 ranks[r].clone()
             } else {
                 String::new()

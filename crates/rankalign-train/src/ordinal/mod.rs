@@ -279,18 +279,14 @@ pub fn run_ordinal(
     let clip = cfg.model.resolve().map_err(TrainError::Invalid)?;
     let weights = match &cfg.model.init_from {
         Some(dir) => {
-            let (shape, tensors) = crate::export::load_hf(dir, &Device::Cpu).map_err(|e| {
-                TrainError::Checkpoint {
-                    path: dir.clone(),
-                    msg: format!("{e} (the default job writes it: `cargo xtask train`, or `rankalign export`)"),
-                }
-            })?;
-            if shape != clip {
-                return Err(TrainError::Checkpoint {
-                    path: dir.clone(),
-                    msg: format!("its shape {shape:?} is not the configured model's {clip:?}"),
-                });
-            }
+            let (_, tensors) =
+                crate::pretrained::load(dir, Some(&clip), &Device::Cpu).map_err(|e| match e {
+                    TrainError::Io { path, source } => TrainError::Checkpoint {
+                        path,
+                        msg: format!("{source} (the default job writes it: `cargo xtask train`, or `rankalign export`)"),
+                    },
+                    e => e,
+                })?;
             Some(tensors)
         }
         None => None,

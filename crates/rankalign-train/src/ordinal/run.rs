@@ -138,7 +138,7 @@ impl Job<'_> {
             });
         }
         self.bar.inc(1);
-        if step % 10 == 0 || step + 1 == last {
+        if step.is_multiple_of(10) || step + 1 == last {
             self.bar
                 .set_message(format!("{} {stage} loss {loss:.3}", self.name));
             let line = serde_json::to_string(&LogLine {
@@ -157,7 +157,10 @@ impl Job<'_> {
     fn vision_vars(&self) -> Vec<(String, Var)> {
         self.model_vars
             .iter()
-            .filter(|(n, _)| n.starts_with("vision_model.") || n.starts_with("visual_projection."))
+            .filter(|(n, _)| {
+                rankalign_models::vision::is_vision_param(n)
+                    && !rankalign_models::resnet::is_buffer(n)
+            })
             .cloned()
             .collect()
     }
@@ -234,7 +237,7 @@ impl Job<'_> {
                 .ok_or_else(|| TrainError::Invalid("the data thread stopped early".into()))?;
             let (idx, pixels) = batch?;
             let (y, _) = self.labels(&self.fold.train, &idx);
-            let v = l2_normalize(&self.model.encode_image(&pixels)?)?;
+            let v = l2_normalize(&self.model.encode_image_t(&pixels, true)?)?;
             let logits = v.matmul(&ranks.t()?)?.broadcast_mul(&scale)?;
             let mut loss = cross_entropy(&logits, &y)?;
             if r.scop_weight > 0.0 {
@@ -266,7 +269,7 @@ impl Job<'_> {
                 .ok_or_else(|| TrainError::Invalid("the data thread stopped early".into()))?;
             let (idx, pixels) = batch?;
             let (y, _) = self.labels(&self.fold.train, &idx);
-            let v = l2_normalize(&self.model.encode_image(&pixels)?)?;
+            let v = l2_normalize(&self.model.encode_image_t(&pixels, true)?)?;
             let ranks = self.rank_features()?;
             let logits = v.matmul(&ranks.t()?)?.broadcast_mul(&scale)?;
             let mut loss = cross_entropy(&logits, &y)?;
