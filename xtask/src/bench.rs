@@ -89,7 +89,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let exe = project_root().join("target/release/examples/bench");
     let mut rust = Command::new(&exe);
     rust.env("RAYON_NUM_THREADS", threads.to_string())
-        .env("CANDLE_NUM_THREADS", threads.to_string());
+        .env("CANDLE_NUM_THREADS", threads.to_string())
+        .envs(malloc);
     if quick {
         rust.arg("--quick");
     }
