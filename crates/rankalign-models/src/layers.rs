@@ -204,7 +204,15 @@ impl Attention {
         if let Some(mask) = mask {
             att = att.broadcast_add(mask)?;
         }
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        // With nothing to differentiate (inference weights, inputs without a graph),
+        // candle's fused softmax: one parallel pass per row instead of five separate
+        // ops. It has no backward, so anything that records a graph keeps the composed
+        // form; both give the same values (tested).
+        let att = if att.track_op() {
+            candle_nn::ops::softmax(&att, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
         let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, w))?;
         self.out_proj.forward(&out)
     }
