@@ -144,8 +144,9 @@ fn padding_after_eot_does_not_change_the_text_feature() -> Result<()> {
     Ok(())
 }
 
-/// Inference weights (plain tensors, no graph) take the fused softmax in attention, a
-/// model of `Var`s the composed one; both towers give identical embeddings either way.
+/// Inference weights (plain tensors, no graph) take the fused softmax in attention and a
+/// pre-transposed weight in `Linear`, a model of `Var`s the composed softmax and the
+/// transposed view; both towers give the same embeddings either way.
 #[test]
 fn inference_forward_matches_the_differentiable_one() -> Result<()> {
     let dev = Device::Cpu;
@@ -180,9 +181,11 @@ fn inference_forward_matches_the_differentiable_one() -> Result<()> {
     ];
     for (graph, plain) in pairs {
         assert!(graph.track_op() && !plain.track_op());
+        let scale = graph.abs()?.max_all()?.to_scalar::<f32>()?;
         let diff = (graph - plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        // Bit for bit: both forms take the same max, exponentials and sum in the same order.
-        assert!(diff == 0.0, "max |Δ| = {diff}");
+        // The two softmax forms agree bit for bit; the frozen `Linear`'s matmul reads a
+        // contiguous Wᵀ, which gemm may sum in another order (measured: max |Δ| 1.2e-6).
+        assert!(diff <= 1e-5 * scale, "max |Δ| = {diff} at scale {scale}");
     }
     Ok(())
 }
