@@ -1,10 +1,13 @@
 //! `cargo xtask bench`: the kernel benchmarks (`rankalign-kernels/examples/bench.rs`)
-//! and the PyTorch eager references (`rankalign-kernels/benches/torch_reference.py`) in
-//! one run, with the same thread count, as a table of times, ratios and peak memory in
+//! beside their PyTorch eager references (`rankalign-kernels/benches/torch_reference.py`),
+//! and the model benchmarks (`rankalign-train/examples/bench_models.rs`: ViT-B/16
+//! forward, tiny-CLIP training step) beside the same models in Hugging Face
+//! `transformers` (`rankalign-train/benches/torch_models.py`). Each pair runs with the
+//! same thread count; the tables of times, ratios and peak memory go to
 //! `docs/BENCHMARKS.md`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -51,89 +54,134 @@ fn capture(mut cmd: Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let quick = args.iter().any(|a| a == "--quick");
-    let venv = torch_venv();
-    let python = venv.join("bin/python");
-    if args.iter().any(|a| a == "--setup-torch") && !python.exists() {
-        eprintln!(
-            "xtask: creating {} with torch (a large download)",
-            venv.display()
-        );
-        let mut mk = Command::new("python3");
-        mk.args(["-m", "venv"]).arg(&venv);
-        run_cmd(mk)?;
-        let mut pip = Command::new(venv.join("bin/pip"));
-        pip.args(["install", "--quiet", "torch", "numpy"]);
-        run_cmd(pip)?;
-    }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // The same glibc malloc settings for both programs: keep freed memory instead of
-    // returning it to the kernel, so that neither pays page faults on every large
-    // temporary (measured: 247k faults and 1.25 s of system time in a 1.2 s quick run).
-    let malloc = [
-        ("MALLOC_MMAP_THRESHOLD_", "1073741824"),
-        ("MALLOC_TRIM_THRESHOLD_", "4294967296"),
-    ];
+/// A Rust benchmark example and its PyTorch script, which print rows of the same shape.
+struct Suite {
+    package: &'static str,
+    example: &'static str,
+    /// Relative to the workspace root.
+    script: &'static str,
+    /// Python modules whose versions the table names.
+    modules: &'static [&'static str],
+}
+
+const KERNELS: Suite = Suite {
+    package: "rankalign-kernels",
+    example: "bench",
+    script: "crates/rankalign-kernels/benches/torch_reference.py",
+    modules: &["torch"],
+};
+
+const MODELS: Suite = Suite {
+    package: "rankalign-train",
+    example: "bench_models",
+    script: "crates/rankalign-train/benches/torch_models.py",
+    modules: &["torch", "transformers"],
+};
+
+/// The same glibc malloc settings for both programs: keep freed memory instead of
+/// returning it to the kernel, so that neither pays page faults on every large
+/// temporary (measured: 247k faults and 1.25 s of system time in a 1.2 s quick run).
+const MALLOC: [(&str, &str); 2] = [
+    ("MALLOC_MMAP_THRESHOLD_", "1073741824"),
+    ("MALLOC_TRIM_THRESHOLD_", "4294967296"),
+];
+
+/// Runs one suite's Rust example and, if the venv exists, its PyTorch script; returns
+/// their rows and a note on the PyTorch column.
+fn run_suite(
+    suite: &Suite,
+    threads: usize,
+    quick: bool,
+    python: &Path,
+) -> Result<(Vec<Row>, String)> {
     let mut build = cargo();
     build.args([
         "build",
         "--release",
         "--quiet",
         "-p",
-        "rankalign-kernels",
+        suite.package,
         "--example",
-        "bench",
+        suite.example,
     ]);
     run_cmd(build)?;
-    let exe = project_root().join("target/release/examples/bench");
+    let exe = project_root()
+        .join("target/release/examples")
+        .join(suite.example);
     let mut rust = Command::new(&exe);
     rust.env("RAYON_NUM_THREADS", threads.to_string())
-        .env("CANDLE_NUM_THREADS", threads.to_string());
+        .env("CANDLE_NUM_THREADS", threads.to_string())
+        .envs(MALLOC);
     if quick {
         rust.arg("--quick");
     }
     eprintln!("xtask: running {} with {threads} thread(s)", exe.display());
     let mut rows: Vec<Row> = capture(rust)?.lines().filter_map(parse).collect();
-    let script = project_root().join("crates/rankalign-kernels/benches/torch_reference.py");
-    let torch_note = if python.exists() {
-        let mut py = Command::new(&python);
-        py.arg(&script)
-            .args(["--threads", &threads.to_string()])
-            .envs(malloc);
-        if quick {
-            py.arg("--quick");
-        }
-        eprintln!(
-            "xtask: running {} with {threads} thread(s)",
-            script.display()
-        );
-        match capture(py) {
-            Ok(out) => {
-                rows.extend(out.lines().filter_map(parse));
-                let mut v = Command::new(&python);
-                v.args(["-c", "import torch; print(torch.__version__)"]);
-                format!(
-                    "PyTorch {} eager (`{}`)",
-                    capture(v).unwrap_or_default().trim(),
-                    script
-                        .strip_prefix(project_root())
-                        .unwrap_or(&script)
-                        .display()
-                )
-            }
-            Err(e) => format!("PyTorch column missing: the torch script failed ({e})"),
-        }
-    } else {
-        format!(
+    if !python.exists() {
+        let note = format!(
             "PyTorch column missing: no venv at {}; run `cargo xtask bench --setup-torch`",
-            venv.display()
-        )
+            torch_venv().display()
+        );
+        return Ok((rows, note));
+    }
+    let mut py = Command::new(python);
+    py.arg(project_root().join(suite.script))
+        .args(["--threads", &threads.to_string()])
+        .envs(MALLOC);
+    if quick {
+        py.arg("--quick");
+    }
+    eprintln!("xtask: running {} with {threads} thread(s)", suite.script);
+    let note = match capture(py) {
+        Ok(out) => {
+            rows.extend(out.lines().filter_map(parse));
+            let versions = suite
+                .modules
+                .iter()
+                .map(|m| {
+                    let mut v = Command::new(python);
+                    v.args(["-c", &format!("import {m}; print({m}.__version__)")]);
+                    let name = if *m == "torch" { "PyTorch" } else { m };
+                    format!("{name} {}", capture(v).unwrap_or_default().trim())
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("{versions} eager (`{}`)", suite.script)
+        }
+        Err(e) => format!("PyTorch column missing: the torch script failed ({e})"),
     };
-    let table = render(&rows, threads, &torch_note, quick);
-    eprintln!("{table}");
+    Ok((rows, note))
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let venv = torch_venv();
+    let python = venv.join("bin/python");
+    if args.iter().any(|a| a == "--setup-torch") {
+        if !python.exists() {
+            eprintln!(
+                "xtask: creating {} with torch (a large download)",
+                venv.display()
+            );
+            let mut mk = Command::new("python3");
+            mk.args(["-m", "venv"]).arg(&venv);
+            run_cmd(mk)?;
+        }
+        // Also on an existing venv, so that one made before the model benchmarks gets
+        // transformers; pip leaves satisfied requirements alone.
+        let mut pip = Command::new(venv.join("bin/pip"));
+        pip.args(["install", "--quiet", "torch", "numpy", "transformers"]);
+        run_cmd(pip)?;
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (kernel_rows, kernel_note) = run_suite(&KERNELS, threads, quick, &python)?;
+    let (model_rows, model_note) = run_suite(&MODELS, threads, quick, &python)?;
+    let mut doc = render(&kernel_rows, threads, &kernel_note, quick);
+    doc.push('\n');
+    doc.push_str(&render_models(&model_rows, threads, &model_note, quick));
+    eprintln!("{doc}");
     let path = project_root().join("docs/BENCHMARKS.md");
-    std::fs::write(&path, table).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("xtask: wrote {}", path.display());
     Ok(())
 }
@@ -169,7 +217,10 @@ fn render(rows: &[Row], threads: usize, torch_note: &str, quick: bool) -> String
         _ => "–".into(),
     };
     let mut s = String::new();
-    s.push_str("# Kernel benchmarks\n\n");
+    s.push_str(
+        "# Benchmarks\n\nReproduce: `cargo xtask bench` (add `--setup-torch` once to create the PyTorch venv \
+         with torch and transformers; `--quick` for a smoke test with fewer runs and sizes).\n\n## Kernels\n\n",
+    );
     s.push_str(&format!(
         "Forward + backward, median of {} runs after {} warm-up runs, {threads} thread(s) for every column, on {} ({}). \
 Peak memory is the growth of live heap bytes during one run over those live before it: \
@@ -181,9 +232,6 @@ Peak memory is the growth of live heap bytes during one run over those live befo
         cpu_model(),
         torch_note
     ));
-    s.push_str(
-        "Reproduce: `cargo xtask bench` (add `--setup-torch` once to create the PyTorch venv).\n\n",
-    );
     s.push_str("| op | size | fused ms | candle ms | torch ms | vs candle | vs torch | peak MB fused | candle | torch |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for key in &order {
@@ -205,6 +253,60 @@ Peak memory is the growth of live heap bytes during one run over those live befo
     s.push_str("\nOps: `pl_nll` = Plackett–Luce NLL (ListMLE) of a B×B score matrix in the authors' parity form (PyTorch: allRank's listMLE as in RankCLIP's code); \
 `pairwise_dist` = L2RCLIP's weighted mean pairwise Euclidean distance of two B×512 feature sets (PyTorch: `torch.cdist`); \
 `layer_norm` = LayerNorm over the last dimension at transformer shapes (PyTorch: `F.layer_norm`).\n");
+    s
+}
+
+/// The model table: our time, PyTorch's, their ratio (above 1× = ours is faster) and
+/// peak memory.
+fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) -> String {
+    let mut order: Vec<(&str, &str)> = Vec::new();
+    // (op, size) → implementation → (ms, peak MB)
+    type Cells<'a> = BTreeMap<&'a str, (f64, f64)>;
+    let mut by: BTreeMap<(&str, &str), Cells> = BTreeMap::new();
+    for r in rows {
+        let key = (r.op.as_str(), r.size.as_str());
+        if !order.contains(&key) {
+            order.push(key);
+        }
+        by.entry(key)
+            .or_default()
+            .insert(r.imp.as_str(), (r.ms, r.peak_mb));
+    }
+    let mut s = String::from("## Models\n\n");
+    s.push_str(&format!(
+        "Median of {} runs after {} warm-up runs, {threads} thread(s) on both sides (`RAYON_NUM_THREADS`/`CANDLE_NUM_THREADS`; \
+         `torch.set_num_threads`), on {}, random weights, f32; against the same models in Hugging Face `transformers` ({torch_note}). \
+         `vit_b16_image_forward`: image embeddings of the ViT-B/16 tower and its projection, no gradients (ours: weights as plain tensors, \
+         so no graph is recorded; PyTorch: `CLIPVisionModelWithProjection` under `torch.no_grad()`, its default attention). \
+         `tiny_clip_train_step`: one step of `ClipConfig::tiny()` (`CLIPModel` of the same shape) at batch 128 with 32-token captions: \
+         both towers, InfoNCE on exp(logit_scale)-scaled cosine logits, backward, AdamW. \
+         Peak memory is measured as for the kernels. `vs torch` = PyTorch's time divided by ours (above 1× = ours is faster).\n\n",
+        if quick { 3 } else { 10 },
+        if quick { 1 } else { 2 },
+        cpu_model(),
+    ));
+    s.push_str("| model | size | ours ms | torch ms | vs torch | peak MB ours | torch |\n");
+    s.push_str("|---|---|---|---|---|---|---|\n");
+    for key in &order {
+        let m = &by[key];
+        let cell = |imp: &str, f: fn(&(f64, f64)) -> f64, digits: usize| {
+            m.get(imp)
+                .map_or_else(|| "–".to_string(), |v| format!("{:.*}", digits, f(v)))
+        };
+        let ratio = match (m.get("torch"), m.get("ours")) {
+            (Some(t), Some(o)) if o.0 > 0.0 => format!("{:.2}×", t.0 / o.0),
+            _ => "–".into(),
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {ratio} | {} | {} |\n",
+            key.0,
+            key.1,
+            cell("ours", |v| v.0, 1),
+            cell("torch", |v| v.0, 1),
+            cell("ours", |v| v.1, 1),
+            cell("torch", |v| v.1, 1),
+        ));
+    }
     s
 }
 
@@ -236,6 +338,29 @@ mod tests {
         let table = render(&[r], 2, "none", true);
         assert!(
             table.contains("| layer_norm | 2048x512 | 0.900 |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn model_table_joins_ours_and_torch() {
+        let rows: Vec<Row> = [
+            r#"{"op":"vit_b16_image_forward","size":"b1 224px","impl":"ours","ms":200.0,"peak_mb":30.00}"#,
+            r#"{"op": "vit_b16_image_forward", "size": "b1 224px", "impl": "torch", "ms": 100.0, "peak_mb": 20.0}"#,
+            r#"{"op":"tiny_clip_train_step","size":"b128 48px ctx32","impl":"ours","ms":400.0,"peak_mb":1.00}"#,
+        ]
+        .iter()
+        .filter_map(|l| parse(l))
+        .collect();
+        let table = render_models(&rows, 2, "none", true);
+        assert!(
+            table.contains(
+                "| vit_b16_image_forward | b1 224px | 200.0 | 100.0 | 0.50× | 30.0 | 20.0 |"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("| tiny_clip_train_step | b128 48px ctx32 | 400.0 | – | – | 1.0 | – |"),
             "{table}"
         );
     }

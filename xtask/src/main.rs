@@ -5,8 +5,9 @@
 //!   the ordinal comparison (`configs/digits-ordinal.toml`) from its CLIP backbone;
 //! - `test`: the test command of the README, `cargo test --workspace --release`;
 //! - `ci`: formatting, clippy with warnings denied, then the tests;
-//! - `bench [--quick] [--setup-torch]`: the kernel benchmarks next to PyTorch eager, same
-//!   thread count, written to `docs/BENCHMARKS.md`;
+//! - `bench [--quick] [--setup-torch]`: the kernel and model benchmarks next to PyTorch
+//!   eager (models: Hugging Face `transformers`), same thread count, written to
+//!   `docs/BENCHMARKS.md`;
 //! - `cuda-check`: installs `nvcc` from PyPI into a cached venv, compiles the `.cu` files
 //!   to PTX and runs `cargo check` with the `cuda` feature (no GPU needed).
 //!
@@ -50,7 +51,8 @@ const USAGE: &str =
               or with --config FILE that experiment; ARGS go to `rankalign train`
   test        cargo test --workspace --release
   ci          cargo fmt --check, cargo clippy -D warnings, then the tests
-  bench       kernel benchmarks beside PyTorch; --setup-torch first makes a venv with torch
+  bench       kernel and model benchmarks beside PyTorch; --setup-torch first makes a venv
+              with torch and transformers; --quick runs fewer sizes
   cuda-check  compile the CUDA kernels to PTX and `cargo check` the cuda feature (no GPU needed)";
 
 fn main() -> ExitCode {

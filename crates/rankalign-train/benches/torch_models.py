@@ -1,0 +1,125 @@
+"""PyTorch counterparts of `examples/bench_models.rs` for `cargo xtask bench`: the same
+models from Hugging Face `transformers`, random weights, one JSON object per line in the
+same format (median time of several runs after warm-up, and peak allocation growth
+during one run).
+
+- vit_b16_image_forward: `CLIPVisionModelWithProjection` with `CLIPVisionConfig`'s
+  defaults (ViT-B: 768 wide, 12 layers, 12 heads, 224 px, QuickGELU) at patch 16 and
+  projection 512, under `torch.no_grad()`; `image_embeds` of a batch of 224 px images;
+- tiny_clip_train_step: `CLIPModel` shaped as `ClipConfig::tiny()` (vision 3 x 96, 4 heads,
+  patch 12, 48 px; text 3 x 96, 4 heads, context 32; projection 64), batch 128: forward
+  with `return_loss=True` (InfoNCE on exp(logit_scale)-scaled cosine logits), backward,
+  `torch.optim.AdamW` (betas 0.9/0.98, eps 1e-6, decay 0.1 on matrices only, as ours).
+
+Attention is whatever `transformers` picks by default (SDPA in 4.57). Run:
+`python torch_models.py --threads N [--quick]` (needs torch and transformers; `cargo
+xtask bench --setup-torch` makes a venv with both).
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+
+def profiled_peak(fn):
+    """Peak growth of bytes held by PyTorch's CPU allocator during one call of `fn`,
+    from the profiler's allocation events (the Rust side counts its heap)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def measure(fn, warmup, runs):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2], profiled_peak(fn)
+
+
+def emit(op, size, result):
+    secs, peak = result
+    print(json.dumps({"op": op, "size": size, "impl": "torch", "ms": round(secs * 1e3, 3),
+                      "peak_mb": round(peak / 1048576, 2)}), flush=True)
+
+
+def vit_b16_forward(batch, warmup, runs):
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(patch_size=16, projection_dim=512)).eval()
+    print(f"torch_models: ViT-B/16 attention = {model.config._attn_implementation}", file=sys.stderr)
+    pixels = torch.rand(batch, 3, 224, 224) * 2 - 1
+
+    def fwd():
+        with torch.no_grad():
+            model(pixel_values=pixels).image_embeds
+
+    return measure(fwd, warmup, runs)
+
+
+def captions(b, ctx):
+    """The ids of `captions` in bench_models.rs: start, 8-12 words, end, zero padding."""
+    sot, eot = 49406, 49407
+    ids = torch.zeros(b, ctx, dtype=torch.long)
+    for r in range(b):
+        n = 10 + r % 5
+        ids[r, 0] = sot
+        for j in range(1, n - 1):
+            ids[r, j] = (r * 7919 + j * 104729) % 49000 + 1
+        ids[r, n - 1] = eot
+    return ids
+
+
+def tiny_step(b, warmup, runs):
+    layers = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                  hidden_act="quick_gelu", projection_dim=64)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, max_position_embeddings=32, eos_token_id=49407, **layers),
+        vision_config=dict(image_size=48, patch_size=12, **layers),
+        projection_dim=64,
+    )
+    model = CLIPModel(cfg).train()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        exempt = p.ndim < 2 or any(k in name for k in ("bias", "norm", "layrnorm", "logit_scale"))
+        (no_decay if exempt else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    pixels = torch.rand(b, 3, 48, 48) * 2 - 1
+    ids = captions(b, 32)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, pixel_values=pixels, return_loss=True).loss.backward()
+        opt.step()
+
+    return measure(step, warmup, runs)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    warmup, runs = (1, 3) if args.quick else (2, 10)
+    for b in [1] if args.quick else [1, 8]:
+        emit("vit_b16_image_forward", f"b{b} 224px", vit_b16_forward(b, warmup, runs))
+    emit("tiny_clip_train_step", "b128 48px ctx32", tiny_step(128, warmup, runs))
+
+
+if __name__ == "__main__":
+    main()

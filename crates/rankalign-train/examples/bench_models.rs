@@ -1,0 +1,223 @@
+//! Model benchmarks for `cargo xtask bench`: the ViT-B/16 image tower's forward pass
+//! without gradients, and one training step of the tiny CLIP preset (both towers,
+//! InfoNCE on scaled cosine logits, backward, AdamW). Median time of several runs after
+//! warm-up, and peak heap growth during one run (a counting allocator, as in the kernel
+//! bench).
+//!
+//! Prints one JSON object per line; `benches/torch_models.py` does the same for the
+//! Hugging Face `CLIPModel` in PyTorch, and `cargo xtask bench` runs both with the same
+//! thread count and joins them into a table. Usage: `bench_models [--quick]` (fewer runs,
+//! ViT at batch 1 only).
+
+#![allow(unsafe_code)] // the counting allocator below
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use rankalign_train::kernels::l2_normalize;
+use rankalign_train::losses::clip_loss;
+use rankalign_train::models::layers::{WeightInit, linear};
+use rankalign_train::models::{ClipConfig, ClipModel, SeededVarMap, VisionTransformer};
+use rankalign_train::optim::{AdamW, AdamWConfig};
+
+/// The system allocator, counting live bytes and their high-water mark.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call forwards to `System` with the same layout; the counters are only
+// bookkeeping and never affect the pointers returned.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded unchanged to the system allocator.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Median seconds and peak extra heap bytes of `f` over `runs` runs after `warmup`.
+fn measure(
+    mut f: impl FnMut() -> anyhow::Result<()>,
+    warmup: usize,
+    runs: usize,
+) -> anyhow::Result<(f64, usize)> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(runs);
+    let mut peak = 0;
+    for _ in 0..runs {
+        let base = LIVE.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+        peak = peak.max(PEAK.load(Ordering::Relaxed).saturating_sub(base));
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], peak))
+}
+
+fn emit(op: &str, size: &str, (secs, peak): (f64, usize)) {
+    #[allow(clippy::print_stdout)]
+    {
+        println!(
+            r#"{{"op":"{op}","size":"{size}","impl":"ours","ms":{:.3},"peak_mb":{:.2}}}"#,
+            secs * 1e3,
+            peak as f64 / 1048576.0
+        );
+    }
+}
+
+/// Deterministic values in [-1, 1) (the bench only needs data of the right shape).
+fn pseudo_random(shape: &[usize], seed: u64) -> anyhow::Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            let x = ((i as f64 * 12.9898 + seed as f64 * 78.233).sin() * 43758.5453).fract();
+            x as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+/// ViT-B/16 image embeddings `(b, 512)` of `b` 224 px images, as inference runs them:
+/// the weights are plain tensors rather than `Var`s, so no op records a graph (the
+/// counterpart of `torch.no_grad()`).
+fn vit_b16_forward(batch: usize, warmup: usize, runs: usize) -> anyhow::Result<(f64, usize)> {
+    let dev = Device::Cpu;
+    let cfg = ClipConfig::vit_b16();
+    let vit = cfg
+        .vision
+        .as_vit()
+        .ok_or_else(|| anyhow::anyhow!("the vit-b16 preset has a ViT tower"))?
+        .clone();
+    let build = |vb: VarBuilder| -> anyhow::Result<_> {
+        let vision = VisionTransformer::new(&vit, vb.pp("vision_model"))?;
+        let proj = linear(
+            vit.width,
+            cfg.embed_dim,
+            WeightInit::Normal((vit.width as f64).powf(-0.5)),
+            None,
+            vb.pp("visual_projection"),
+        )?;
+        Ok((vision, proj))
+    };
+    let vm = SeededVarMap::new(0);
+    build(vm.var_builder(DType::F32, &dev))?;
+    let weights: HashMap<String, Tensor> = vm
+        .named_vars()
+        .into_iter()
+        .map(|(name, var)| (name, var.as_tensor().detach()))
+        .collect();
+    drop(vm);
+    let (vision, proj) = build(VarBuilder::from_tensors(weights, DType::F32, &dev))?;
+    let size = cfg.vision.image_size();
+    let pixels = pseudo_random(&[batch, 3, size, size], 1)?;
+    measure(
+        || {
+            let emb = proj.forward(&vision.forward(&pixels)?)?;
+            debug_assert!(!emb.track_op());
+            Ok(())
+        },
+        warmup,
+        runs,
+    )
+}
+
+/// Token ids `(b, ctx)` of captions of 10 to 14 tokens (start, words, end, then zero
+/// padding) and the flat index of each row's end token. `torch_models.py` builds the
+/// same ids.
+fn captions(b: usize, ctx: usize) -> anyhow::Result<(Tensor, Tensor)> {
+    const SOT: u32 = 49406;
+    const EOT: u32 = 49407;
+    let mut ids = vec![0u32; b * ctx];
+    let mut eot = Vec::with_capacity(b);
+    for r in 0..b {
+        let len = 10 + r % 5;
+        let row = &mut ids[r * ctx..(r + 1) * ctx];
+        row[0] = SOT;
+        for (j, id) in row.iter_mut().enumerate().take(len - 1).skip(1) {
+            *id = ((r * 7919 + j * 104_729) % 49_000) as u32 + 1;
+        }
+        row[len - 1] = EOT;
+        eot.push((r * ctx + len - 1) as u32);
+    }
+    Ok((
+        Tensor::from_vec(ids, (b, ctx), &Device::Cpu)?,
+        Tensor::from_vec(eot, b, &Device::Cpu)?,
+    ))
+}
+
+/// One optimiser step of the tiny preset at batch `b`, as the trainer's CLIP step:
+/// both towers, `exp(logit_scale)`-scaled cosine logits, symmetric InfoNCE, backward,
+/// AdamW (decay 0.1 on matrices only).
+fn tiny_step(b: usize, warmup: usize, runs: usize) -> anyhow::Result<(f64, usize)> {
+    let dev = Device::Cpu;
+    let cfg = ClipConfig::tiny();
+    let vm = SeededVarMap::new(0);
+    let model = ClipModel::new(&cfg, vm.var_builder(DType::F32, &dev))?;
+    let mut opt = AdamW::new(
+        vm.named_vars(),
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-6,
+            weight_decay: 0.1,
+        },
+    )?;
+    let size = cfg.vision.image_size();
+    let pixels = pseudo_random(&[b, 3, size, size], 2)?;
+    let (ids, eot) = captions(b, cfg.text.context_length)?;
+    measure(
+        || {
+            let v = l2_normalize(&model.encode_image(&pixels)?)?;
+            let t = l2_normalize(&model.encode_text(&ids, &eot)?)?;
+            let logits = v
+                .matmul(&t.t()?)?
+                .broadcast_mul(&model.logit_scale().exp()?)?;
+            let grads = clip_loss(&logits)?.backward()?;
+            opt.step(&grads, 5e-4)?;
+            Ok(())
+        },
+        warmup,
+        runs,
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (warmup, runs) = if quick { (1, 3) } else { (2, 10) };
+    let batches: &[usize] = if quick { &[1] } else { &[1, 8] };
+    for &b in batches {
+        emit(
+            "vit_b16_image_forward",
+            &format!("b{b} 224px"),
+            vit_b16_forward(b, warmup, runs)?,
+        );
+    }
+    emit(
+        "tiny_clip_train_step",
+        "b128 48px ctx32",
+        tiny_step(128, warmup, runs)?,
+    );
+    Ok(())
+}
