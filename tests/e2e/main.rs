@@ -43,20 +43,8 @@ pub fn train_tiny(
     (cfg, out)
 }
 
-/// A config small enough to train in seconds: 24 px scenes, one-layer 32-wide towers.
-pub fn tiny_config(name: &str, out_dir: &std::path::Path, extra_variant: &str) -> String {
-    format!(
-        r#"
-name = "{name}"
-out_dir = "{out}"
-seed = 5
-
-[data]
-image_size = 24
-train_size = 64
-val_size = 8
-test_size = 40
-
+/// One-layer, 32-wide towers on 24 px images: small enough to train in seconds.
+pub const TINY_MODEL: &str = r#"
 [model.clip]
 embed_dim = 16
 logit_scale_init = 2.6592600369327779
@@ -77,7 +65,23 @@ width = 32
 layers = 1
 heads = 2
 mlp_dim = 64
+"#;
 
+/// A config small enough to train in seconds: 24 px scenes, the [`TINY_MODEL`].
+pub fn tiny_config(name: &str, out_dir: &std::path::Path, extra_variant: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+out_dir = "{out}"
+seed = 5
+
+[data]
+image_size = 24
+train_size = 64
+val_size = 8
+test_size = 40
+
+{TINY_MODEL}
 [optim]
 lr = 1e-3
 weight_decay = 0.1

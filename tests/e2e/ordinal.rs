@@ -7,30 +7,7 @@ use std::path::Path;
 
 use rankalign_train::ordinal::{OrdinalConfig, OrdinalOptions, run_ordinal};
 
-use crate::scratch;
-
-const MODEL: &str = r#"
-[model.clip]
-embed_dim = 16
-logit_scale_init = 2.6592600369327779
-
-[model.clip.vision]
-image_size = 24
-patch_size = 12
-channels = 3
-width = 32
-layers = 1
-heads = 2
-mlp_dim = 64
-
-[model.clip.text]
-vocab_size = 49408
-context_length = 24
-width = 32
-layers = 1
-heads = 2
-mlp_dim = 64
-"#;
+use crate::{TINY_MODEL, scratch};
 
 const METHODS: &str = r#"
 [stage1]
@@ -89,7 +66,7 @@ test_size = 20
 [prompt]
 template = "{{rank}} digits."
 n_ctx = 2
-{MODEL}
+{TINY_MODEL}
 {METHODS}
 "#,
         out = out.display()
@@ -224,7 +201,7 @@ files = ["{a}", "{b}"]
 template = "a face in age group {{rank}}."
 ranks = ["one", "two", "three", "four"]
 n_ctx = 2
-{MODEL}
+{TINY_MODEL}
 {METHODS}
 "#,
         out = dir.display(),

@@ -179,24 +179,41 @@ pub struct VariantConfig {
     pub loss: LossConfig,
 }
 
+/// Parse TOML text strictly into `T` and validate it; errors name `path` (and, for
+/// syntax and unknown keys, the line).
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    validate: impl FnOnce(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    let config_err = |msg: String| TrainError::Config {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let cfg: T =
+        toml::from_str(text).map_err(|e| config_err(e.to_string().trim_end().to_string()))?;
+    validate(&cfg).map_err(config_err)?;
+    Ok(cfg)
+}
+
+/// Read a config file and [`parse_toml`] it.
+pub(crate) fn load_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    validate: impl FnOnce(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(crate::io_err(path))?;
+    parse_toml(&text, path, validate)
+}
+
 impl ExperimentConfig {
     /// Read and validate a config file; errors name the file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(crate::io_err(path))?;
-        Self::parse(&text, path)
+        load_toml(path, Self::validate)
     }
 
     /// Parse and validate TOML text; `path` is used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let cfg: Self = toml::from_str(text).map_err(|e| TrainError::Config {
-            path: path.to_path_buf(),
-            msg: e.to_string().trim_end().to_string(),
-        })?;
-        cfg.validate().map_err(|msg| TrainError::Config {
-            path: path.to_path_buf(),
-            msg,
-        })?;
-        Ok(cfg)
+        parse_toml(text, path, Self::validate)
     }
 
     /// Check every value; the message lists each problem with its key.

@@ -13,8 +13,8 @@ use rankalign_models::RankFormerConfig;
 use rankalign_models::prompt::{Interpolation, RankSlotConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::Result;
 use crate::config::ModelConfig;
-use crate::{Result, TrainError};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -342,21 +342,14 @@ impl OrdinalDataConfig {
 }
 
 impl OrdinalConfig {
+    /// Read and validate a config file; errors name the file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(crate::io_err(path))?;
-        Self::parse(&text, path)
+        crate::config::load_toml(path, Self::validate)
     }
 
+    /// Parse and validate TOML text; `path` is used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let cfg: Self = toml::from_str(text).map_err(|e| TrainError::Config {
-            path: path.to_path_buf(),
-            msg: e.to_string().trim_end().to_string(),
-        })?;
-        cfg.validate().map_err(|msg| TrainError::Config {
-            path: path.to_path_buf(),
-            msg,
-        })?;
-        Ok(cfg)
+        crate::config::parse_toml(text, path, Self::validate)
     }
 
     /// The rank words: configured, or the data's own.

@@ -183,6 +183,21 @@ impl Job<'_> {
         })?)
     }
 
+    /// The next training batch's labels and normalised image features (BatchNorm, if
+    /// any, in train mode).
+    fn next_images(
+        &self,
+        batches: &mut Prefetcher<(Vec<usize>, Tensor)>,
+    ) -> Result<(Vec<u32>, Tensor)> {
+        let (_, batch) = batches
+            .next_batch()
+            .ok_or_else(|| TrainError::Invalid("the data thread stopped early".into()))?;
+        let (idx, pixels) = batch?;
+        let (y, _) = self.labels(&self.fold.train, &idx);
+        let v = l2_normalize(&self.model.encode_image_t(&pixels, true)?)?;
+        Ok((y, v))
+    }
+
     /// L2RCLIP stage 1: prompts on cached image features.
     fn stage1(&mut self, r: &L2rclipRecipe, feats: &Tensor) -> Result<usize> {
         let s = &self.ctx.cfg.stage1;
@@ -232,12 +247,7 @@ impl Job<'_> {
         let mut opt = adam(self.vision_vars(), s.weight_decay)?;
         let mut batches = self.batches(plan, steps, 0xF11B2)?;
         for step in 0..steps {
-            let (_, batch) = batches
-                .next_batch()
-                .ok_or_else(|| TrainError::Invalid("the data thread stopped early".into()))?;
-            let (idx, pixels) = batch?;
-            let (y, _) = self.labels(&self.fold.train, &idx);
-            let v = l2_normalize(&self.model.encode_image_t(&pixels, true)?)?;
+            let (y, v) = self.next_images(&mut batches)?;
             let logits = v.matmul(&ranks.t()?)?.broadcast_mul(&scale)?;
             let mut loss = cross_entropy(&logits, &y)?;
             if r.scop_weight > 0.0 {
@@ -264,12 +274,7 @@ impl Job<'_> {
         let mut opt_v = adam(self.vision_vars(), s2.weight_decay)?;
         let mut batches = self.batches(plan, steps, 0xF11B1)?;
         for step in 0..steps {
-            let (_, batch) = batches
-                .next_batch()
-                .ok_or_else(|| TrainError::Invalid("the data thread stopped early".into()))?;
-            let (idx, pixels) = batch?;
-            let (y, _) = self.labels(&self.fold.train, &idx);
-            let v = l2_normalize(&self.model.encode_image_t(&pixels, true)?)?;
+            let (y, v) = self.next_images(&mut batches)?;
             let ranks = self.rank_features()?;
             let logits = v.matmul(&ranks.t()?)?.broadcast_mul(&scale)?;
             let mut loss = cross_entropy(&logits, &y)?;
