@@ -3,5 +3,6 @@
 
 mod files;
 mod lists;
+mod preprocess;
 mod protocols;
 mod tokenizer;
