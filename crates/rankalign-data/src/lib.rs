@@ -6,6 +6,8 @@
 //! - [`ordinal`]: *ordinal digits*, images whose rank is the digit value or the count
 //!   of digits;
 //! - [`tokenize`]: CLIP's BPE tokenizer through the `tokenizers` crate;
+//! - [`wordpiece`]: a BERT WordPiece tokenizer from a `tokenizer.json` (MiniLM text
+//!   tower) and the [`Tokenize`] trait collation takes;
 //! - [`lists`]: parsers for the real ordinal benchmarks' data lists (MORPH II, CLAP2015,
 //!   Adience, HCI, CrowdBeauty, OrdinalCLIP's format) and raw label → rank mapping;
 //! - [`protocols`]: seeded index sampling for k-fold, per-class splits, few-shot and
@@ -31,6 +33,7 @@ pub mod protocols;
 pub mod resample;
 pub mod scenes;
 pub mod tokenize;
+pub mod wordpiece;
 
 use std::path::PathBuf;
 
@@ -44,6 +47,7 @@ pub use ordinal::{OrdinalDigits, OrdinalTask};
 pub use protocols::{Fold, SplitIndices};
 pub use scenes::{DigitScenes, SceneConfig, SceneItem};
 pub use tokenize::ClipTokenizer;
+pub use wordpiece::{TextTokenizer, Tokenize, WordPieceTokenizer};
 
 /// Which part of a dataset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

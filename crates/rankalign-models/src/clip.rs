@@ -3,7 +3,8 @@
 //! the scale applied to cosine similarities is `exp(logit_scale)`).
 //!
 //! Keys are HF `CLIPModel`'s: `vision_model.*`, `text_model.*`, `visual_projection.weight`,
-//! `text_projection.weight`, `logit_scale`.
+//! `text_projection.weight`, `logit_scale`. The text side is a [`TextTower`]: CLIP's by
+//! default, or another ([`ClipModel::with_text_tower`]).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layers::{Linear, WeightInit, linear};
 use crate::text::{TextConfig, TextTransformer};
+use crate::text_tower::TextTower;
 use crate::vit::{VisionTransformer, VitConfig};
 
 /// Shape of a CLIP model.
@@ -106,19 +108,23 @@ impl ClipConfig {
 #[derive(Clone, Debug)]
 pub struct ClipModel {
     vision_model: VisionTransformer,
-    text_model: TextTransformer,
+    text: TextTower,
     visual_projection: Linear,
-    text_projection: Linear,
     logit_scale: Tensor,
     cfg: ClipConfig,
 }
 
 impl ClipModel {
     pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let text = TextTower::clip(&cfg.text, cfg.embed_dim, vb.clone())?;
+        Self::with_text_tower(cfg, vb, text)
+    }
+
+    /// The vision tower, projection and temperature of `cfg` with another text tower
+    /// (built on the same `vb`; `cfg.text` is then unused).
+    pub fn with_text_tower(cfg: &ClipConfig, vb: VarBuilder, text: TextTower) -> Result<Self> {
         let vision_model = VisionTransformer::new(&cfg.vision, vb.pp("vision_model"))?;
-        let text_model = TextTransformer::new(&cfg.text, vb.pp("text_model"))?;
         let v_std = (cfg.vision.width as f64).powf(-0.5);
-        let t_std = (cfg.text.width as f64).powf(-0.5);
         let visual_projection = linear(
             cfg.vision.width,
             cfg.embed_dim,
@@ -126,20 +132,12 @@ impl ClipModel {
             None,
             vb.pp("visual_projection"),
         )?;
-        let text_projection = linear(
-            cfg.text.width,
-            cfg.embed_dim,
-            WeightInit::Normal(t_std),
-            None,
-            vb.pp("text_projection"),
-        )?;
         let logit_scale =
             vb.get_with_hints((), "logit_scale", Init::Const(cfg.logit_scale_init))?;
         Ok(Self {
             vision_model,
-            text_model,
+            text,
             visual_projection,
-            text_projection,
             logit_scale,
             cfg: cfg.clone(),
         })
@@ -155,21 +153,25 @@ impl ClipModel {
             .forward(&self.vision_model.forward(pixels)?)
     }
 
-    /// Unnormalised text embeddings `(b, embed_dim)`; see [`TextTransformer::forward`].
+    /// Unnormalised text embeddings `(b, embed_dim)`; see [`TextTransformer::forward`]
+    /// and [`TextTower::encode`].
     pub fn encode_text(&self, ids: &Tensor, eot: &Tensor) -> Result<Tensor> {
-        self.text_projection
-            .forward(&self.text_model.forward(ids, eot)?)
+        self.text.encode(ids, eot)
     }
 
     /// Unnormalised text embeddings `(b, embed_dim)` from token embeddings; see
-    /// [`TextTransformer::forward_embeds`].
+    /// [`TextTransformer::forward_embeds`]. CLIP's text tower only.
     pub fn encode_text_embeds(&self, embeds: &Tensor, eot: &Tensor) -> Result<Tensor> {
-        self.text_projection
-            .forward(&self.text_model.forward_embeds(embeds, eot)?)
+        self.text.encode_embeds(embeds, eot)
     }
 
-    pub fn text_model(&self) -> &TextTransformer {
-        &self.text_model
+    /// CLIP's text transformer; an error when the model has another text tower.
+    pub fn text_model(&self) -> Result<&TextTransformer> {
+        self.text.clip_transformer()
+    }
+
+    pub fn text_tower(&self) -> &TextTower {
+        &self.text
     }
 
     /// The raw temperature parameter (a scalar); the similarity scale is its `exp`.

@@ -4,6 +4,9 @@
 //! - [`resnet`]: CLIP's ModifiedResNet image tower (RN50) under OpenAI's `visual.*` keys,
 //!   with BatchNorm train and eval modes;
 //! - [`text`]: CLIP's causal text transformer (QuickGELU, pooled at the EOT token);
+//! - [`text_tower`]: which text tower a CLIP model uses (CLIP's or MiniLM);
+//! - [`minilm`]: a pretrained all-MiniLM-L6-v2 (BERT, candle-transformers) text tower,
+//!   frozen, mean-pooled, with a trainable projection;
 //! - [`clip`]: the two towers, their projections and the learned `logit_scale`;
 //! - [`convert`]: OpenAI / open_clip checkpoint keys into ours (fused q/k/v split,
 //!   projections transposed);
@@ -20,15 +23,19 @@
 pub mod clip;
 pub mod convert;
 pub mod layers;
+pub mod minilm;
 pub mod params;
 pub mod prompt;
 pub mod resnet;
 pub mod text;
+pub mod text_tower;
 pub mod vit;
 
 pub use clip::{ClipConfig, ClipModel};
+pub use minilm::{MiniLmConfig, MiniLmTextTower};
 pub use params::SeededVarMap;
 pub use prompt::{PromptLearner, PromptTokens, RankFormer, RankFormerConfig, RankSlotConfig};
 pub use resnet::{ModifiedResNet, ResNetConfig};
 pub use text::{TextConfig, TextTransformer};
+pub use text_tower::TextTower;
 pub use vit::{VisionTransformer, VitConfig};
