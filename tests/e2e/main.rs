@@ -4,6 +4,7 @@
 mod config_errors;
 mod export;
 mod gradients;
+mod minilm;
 mod ordinal;
 mod resume;
 

@@ -25,6 +25,7 @@ pub mod optim;
 pub mod ordinal;
 pub mod report;
 pub mod schedule;
+pub mod text_tower;
 pub mod trainer;
 
 use std::path::PathBuf;
