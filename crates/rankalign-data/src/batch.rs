@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 
 use crate::DataError;
 use crate::image::Image;
-use crate::tokenize::ClipTokenizer;
+use crate::wordpiece::Tokenize;
 
 /// OpenAI CLIP's per-channel normalisation.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -57,10 +57,11 @@ pub fn collate_images(
     )?)
 }
 
-/// Token ids `(b, s)` padded with zeros, and flat EOT indices `(b)`.
+/// Token ids `(b, s)` padded with zeros, and flat EOT indices `(b)` (each row's last
+/// token: CLIP's EOT, BERT's `[SEP]`).
 pub fn collate_texts(
     texts: &[&str],
-    tokenizer: &ClipTokenizer,
+    tokenizer: &(impl Tokenize + ?Sized),
     device: &Device,
 ) -> Result<(Tensor, Tensor), DataError> {
     let rows = texts
@@ -87,7 +88,7 @@ pub fn collate_pairs(
     captions: &[&str],
     indices: Vec<usize>,
     image_size: usize,
-    tokenizer: &ClipTokenizer,
+    tokenizer: &(impl Tokenize + ?Sized),
     device: &Device,
 ) -> Result<Batch, DataError> {
     let pixels = collate_images(images, image_size, device)?;
@@ -103,6 +104,7 @@ pub fn collate_pairs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenize::ClipTokenizer;
 
     #[test]
     fn wrong_image_size_is_an_error_not_a_panic() {

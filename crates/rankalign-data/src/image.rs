@@ -1,5 +1,14 @@
 //! A plain RGB8 image, the few drawing operations the synthetic datasets need, and
-//! CLIP's evaluation transform for image files.
+//! CLIP's image transforms with PIL's numbers: [`SourceImage`] keeps a decoded file in
+//! its own mode (grey, alpha) as PIL does, [`SourceImage::clip_eval`] is open_clip's
+//! evaluation transform up to normalisation, and [`SourceImage::resized_crop`] the
+//! geometry of its training transform (the random boxes are drawn in
+//! [`crate::augment`]). Resampling is Pillow's, exactly ([`crate::resample`]).
+
+use std::path::Path;
+
+use crate::DataError;
+use crate::resample::Filter;
 
 /// Row-major RGB8 pixels.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,62 +47,306 @@ impl Image {
 }
 
 impl Image {
-    /// Decode a PNG or JPEG file; errors name the file.
-    pub fn open(path: &std::path::Path) -> Result<Self, crate::DataError> {
+    /// Decode a PNG or JPEG file to RGB (alpha dropped, grey replicated: PIL's
+    /// `convert("RGB")`); errors name the file.
+    pub fn open(path: &Path) -> Result<Self, DataError> {
+        Ok(SourceImage::open(path)?.to_rgb())
+    }
+
+    /// CLIP's evaluation transform up to normalisation (normalisation happens in
+    /// collation); see [`SourceImage::clip_eval`], which this equals for an RGB source.
+    /// For files, `SourceImage::open(path)?.clip_eval(size)` also follows PIL for grey
+    /// and transparent images.
+    pub fn clip_eval(&self, size: usize) -> Self {
+        clip_eval(&self.data, self.width, self.height, PixelMode::Rgb, size)
+    }
+
+    /// The image mirrored left to right (torchvision's `hflip`).
+    pub fn hflip(&self) -> Self {
+        let mut data = Vec::with_capacity(self.data.len());
+        for row in self.data.chunks_exact(self.width * 3) {
+            for px in row.chunks_exact(3).rev() {
+                data.extend_from_slice(px);
+            }
+        }
+        Self {
+            width: self.width,
+            height: self.height,
+            data,
+        }
+    }
+}
+
+/// How the channels of a [`SourceImage`] are laid out: PIL's modes `L`, `LA`, `RGB`,
+/// `RGBA`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PixelMode {
+    L,
+    La,
+    Rgb,
+    Rgba,
+}
+
+impl PixelMode {
+    pub fn channels(self) -> usize {
+        match self {
+            PixelMode::L => 1,
+            PixelMode::La => 2,
+            PixelMode::Rgb => 3,
+            PixelMode::Rgba => 4,
+        }
+    }
+
+    fn has_alpha(self) -> bool {
+        matches!(self, PixelMode::La | PixelMode::Rgba)
+    }
+}
+
+/// A decoded image in its own mode, as PIL keeps a file until `convert("RGB")`.
+///
+/// open_clip resizes and crops *before* converting to RGB, so what a transform does to
+/// a grey or transparent image depends on the mode: grey images are resampled as one
+/// channel (the same numbers as three equal channels), and images with alpha are
+/// resampled premultiplied (Pillow converts `RGBA` to `RGBa`, resizes, and converts
+/// back), which keeps the colour of fully transparent pixels from bleeding into their
+/// neighbours. The conversions round exactly as Pillow's.
+///
+/// Not reproduced: PIL opens palette PNGs as mode `P` and resizes those with nearest
+/// neighbour (the `image` crate expands the palette, so we resample them bicubically);
+/// a PNG whose `tRNS` chunk marks one RGB colour transparent is `RGB` in PIL and
+/// `RGBA` here; 16-bit grey PNGs are `I;16` in PIL, whose conversion to RGB saturates,
+/// while we keep the high byte (as PIL does for 16-bit RGB); CMYK JPEGs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceImage {
+    pub width: usize,
+    pub height: usize,
+    pub mode: PixelMode,
+    /// Row-major, `mode.channels()` interleaved channels.
+    pub data: Vec<u8>,
+}
+
+impl From<Image> for SourceImage {
+    fn from(img: Image) -> Self {
+        Self {
+            width: img.width,
+            height: img.height,
+            mode: PixelMode::Rgb,
+            data: img.data,
+        }
+    }
+}
+
+/// Pillow's `MULDIV255`: `a·b / 255` rounded, the way its premultiplication computes it.
+fn muldiv255(a: u8, b: u8) -> u8 {
+    let t = u32::from(a) * u32::from(b) + 128;
+    (((t >> 8) + t) >> 8) as u8
+}
+
+impl SourceImage {
+    /// Decode a PNG or JPEG file, keeping grey and alpha channels; errors name the
+    /// file. 16-bit images keep the high byte of each sample (PIL's `RGB;16B` reading).
+    pub fn open(path: &Path) -> Result<Self, DataError> {
+        let io = |source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let img = image::ImageReader::open(path)
-            .map_err(|source| crate::DataError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?
+            .map_err(io)?
             .with_guessed_format()
-            .map_err(|source| crate::DataError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?
+            .map_err(io)?
             .decode()
-            .map_err(|e| crate::DataError::Format {
+            .map_err(|e| DataError::Format {
                 path: path.to_path_buf(),
                 line: None,
                 msg: format!("not a readable PNG or JPEG image: {e}"),
-            })?
-            .to_rgb8();
+            })?;
         let (width, height) = (img.width() as usize, img.height() as usize);
+        let high = |v: &[u16]| v.iter().map(|&x| (x >> 8) as u8).collect::<Vec<u8>>();
+        let (mode, data) = match img {
+            image::DynamicImage::ImageLuma8(i) => (PixelMode::L, i.into_raw()),
+            image::DynamicImage::ImageLumaA8(i) => (PixelMode::La, i.into_raw()),
+            image::DynamicImage::ImageRgb8(i) => (PixelMode::Rgb, i.into_raw()),
+            image::DynamicImage::ImageRgba8(i) => (PixelMode::Rgba, i.into_raw()),
+            image::DynamicImage::ImageLuma16(i) => (PixelMode::L, high(i.as_raw())),
+            image::DynamicImage::ImageLumaA16(i) => (PixelMode::La, high(i.as_raw())),
+            image::DynamicImage::ImageRgb16(i) => (PixelMode::Rgb, high(i.as_raw())),
+            image::DynamicImage::ImageRgba16(i) => (PixelMode::Rgba, high(i.as_raw())),
+            other if other.color().has_alpha() => (PixelMode::Rgba, other.to_rgba8().into_raw()),
+            other => (PixelMode::Rgb, other.to_rgb8().into_raw()),
+        };
         Ok(Self {
             width,
             height,
-            data: img.into_raw(),
+            mode,
+            data,
         })
     }
 
-    /// CLIP's evaluation transform up to normalisation: resize so that the shorter side
-    /// is `size` (bicubic, Catmull–Rom, a = −0.5, as PIL's `BICUBIC`), then crop the
-    /// centre `size × size`. Normalisation happens in collation.
-    ///
-    /// PIL antialiases when shrinking by widening the kernel; the `image` crate does the
-    /// same, but rounds differently between its two passes, so pixels can differ from
-    /// torchvision's by a few grey levels (documented tolerance: the L2-normalised
-    /// embeddings, not the pixels, are what users compare).
-    pub fn clip_eval(&self, size: usize) -> Self {
-        let (w, h) = (self.width as f64, self.height as f64);
-        let scale = size as f64 / w.min(h);
-        let (nw, nh) = (
-            ((w * scale).round() as u32).max(size as u32),
-            ((h * scale).round() as u32).max(size as u32),
-        );
-        let src =
-            image::RgbImage::from_raw(self.width as u32, self.height as u32, self.data.clone())
-                .expect("invariant: data holds width·height RGB pixels");
-        let resized =
-            image::imageops::resize(&src, nw, nh, image::imageops::FilterType::CatmullRom);
-        let (x0, y0) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
-        let cropped =
-            image::imageops::crop_imm(&resized, x0, y0, size as u32, size as u32).to_image();
-        Self {
-            width: size,
-            height: size,
-            data: cropped.into_raw(),
+    /// PIL's `convert("RGB")`: grey replicated, alpha dropped (not composited).
+    pub fn to_rgb(&self) -> Image {
+        let data = match self.mode {
+            PixelMode::Rgb => self.data.clone(),
+            PixelMode::L => self.data.iter().flat_map(|&l| [l, l, l]).collect(),
+            PixelMode::La => self
+                .data
+                .chunks_exact(2)
+                .flat_map(|p| [p[0], p[0], p[0]])
+                .collect(),
+            PixelMode::Rgba => self
+                .data
+                .chunks_exact(4)
+                .flat_map(|p| [p[0], p[1], p[2]])
+                .collect(),
+        };
+        Image {
+            width: self.width,
+            height: self.height,
+            data,
         }
     }
+
+    /// PIL's `Image.resize((width, height), BICUBIC)`, premultiplied when there is an
+    /// alpha channel.
+    pub fn resize(&self, width: usize, height: usize) -> Self {
+        resize_mode(
+            &self.data,
+            self.width,
+            self.height,
+            self.mode,
+            width,
+            height,
+        )
+    }
+
+    /// The pixels of `rect` (PIL's `crop`, inside the image); an error if it does not fit.
+    pub fn crop(&self, rect: CropBox) -> Result<Self, DataError> {
+        if rect.width == 0
+            || rect.height == 0
+            || rect.left + rect.width > self.width
+            || rect.top + rect.height > self.height
+        {
+            return Err(DataError::Invalid(format!(
+                "crop {rect:?} does not fit in a {}×{} image",
+                self.width, self.height
+            )));
+        }
+        Ok(crop(&self.data, self.width, self.mode, rect))
+    }
+
+    /// CLIP's evaluation transform up to normalisation, as torchvision and open_clip do
+    /// it on a PIL image: `Resize(size, BICUBIC)` (the shorter side becomes `size`, the
+    /// longer `⌊size · long / short⌋`), `CenterCrop(size)` (offsets rounded half to
+    /// even, as Python's `round`), then `convert("RGB")`. Grey levels equal Pillow's
+    /// (see [`crate::resample`]).
+    pub fn clip_eval(&self, size: usize) -> Image {
+        clip_eval(&self.data, self.width, self.height, self.mode, size)
+    }
+
+    /// torchvision's `resized_crop(img, top, left, height, width, [size, size], BICUBIC)`
+    /// on a PIL image, then `convert("RGB")`.
+    pub fn resized_crop(&self, rect: CropBox, size: usize) -> Result<Image, DataError> {
+        Ok(self.crop(rect)?.resize(size, size).to_rgb())
+    }
+}
+
+/// A rectangle of pixels: rows `top..top + height`, columns `left..left + width`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CropBox {
+    pub top: usize,
+    pub left: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+fn crop(data: &[u8], width: usize, mode: PixelMode, r: CropBox) -> SourceImage {
+    let ch = mode.channels();
+    let mut out = Vec::with_capacity(r.width * r.height * ch);
+    for y in r.top..r.top + r.height {
+        let row = (y * width + r.left) * ch;
+        out.extend_from_slice(&data[row..row + r.width * ch]);
+    }
+    SourceImage {
+        width: r.width,
+        height: r.height,
+        mode,
+        data: out,
+    }
+}
+
+/// Pillow's resize of an image in `mode`: `LA`/`RGBA` go through `La`/`RGBa`
+/// (colour premultiplied by alpha, [`muldiv255`]) and come back dividing by the
+/// resampled alpha (`255·c / a`, truncated and clamped; left alone where alpha is 0 or
+/// 255), exactly as Pillow's `lA2la`/`la2lA` and `rgbA2rgba`/`rgba2rgbA`.
+fn resize_mode(
+    data: &[u8],
+    width: usize,
+    height: usize,
+    mode: PixelMode,
+    out_w: usize,
+    out_h: usize,
+) -> SourceImage {
+    let ch = mode.channels();
+    let same = out_w == width && out_h == height;
+    let out = if same {
+        data.to_vec()
+    } else if mode.has_alpha() {
+        let mut pre = data.to_vec();
+        for px in pre.chunks_exact_mut(ch) {
+            let a = px[ch - 1];
+            for c in &mut px[..ch - 1] {
+                *c = muldiv255(*c, a);
+            }
+        }
+        let mut out =
+            crate::resample::resize(&pre, width, height, ch, out_w, out_h, Filter::Bicubic);
+        for px in out.chunks_exact_mut(ch) {
+            let a = u32::from(px[ch - 1]);
+            if a != 0 && a != 255 {
+                for c in &mut px[..ch - 1] {
+                    *c = (255 * u32::from(*c) / a).min(255) as u8;
+                }
+            }
+        }
+        out
+    } else {
+        crate::resample::resize(data, width, height, ch, out_w, out_h, Filter::Bicubic)
+    };
+    SourceImage {
+        width: out_w,
+        height: out_h,
+        mode,
+        data: out,
+    }
+}
+
+/// torchvision's output size for `Resize(size)` (an int): the shorter side becomes
+/// `size`, the longer `int(size · long / short)` (Python's float division, truncated).
+pub fn shortest_side_size(width: usize, height: usize, size: usize) -> (usize, usize) {
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
+    let new_long = (size as f64 * long as f64 / short.max(1) as f64) as usize;
+    if width <= height {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    }
+}
+
+fn clip_eval(data: &[u8], width: usize, height: usize, mode: PixelMode, size: usize) -> Image {
+    let (nw, nh) = shortest_side_size(width, height, size);
+    let resized = resize_mode(data, width, height, mode, nw, nh);
+    // torchvision's center_crop: int(round((h - size) / 2.0)), Python's round half to even.
+    let offset = |n: usize| ((n - size) as f64 / 2.0).round_ties_even() as usize;
+    let rect = CropBox {
+        top: offset(nh),
+        left: offset(nw),
+        height: size,
+        width: size,
+    };
+    crop(&resized.data, nw, mode, rect).to_rgb()
 }
 
 /// Resize a square grey glyph `(src × src)` to `(dst × dst)` by area averaging (each

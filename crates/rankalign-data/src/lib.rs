@@ -6,10 +6,14 @@
 //! - [`ordinal`]: *ordinal digits*, images whose rank is the digit value or the count
 //!   of digits;
 //! - [`tokenize`]: CLIP's BPE tokenizer through the `tokenizers` crate;
+//! - [`wordpiece`]: a BERT WordPiece tokenizer from a `tokenizer.json` (MiniLM text
+//!   tower) and the [`Tokenize`] trait collation takes;
 //! - [`lists`]: parsers for the real ordinal benchmarks' data lists (MORPH II, CLAP2015,
 //!   Adience, HCI, CrowdBeauty, OrdinalCLIP's format) and raw label → rank mapping;
 //! - [`protocols`]: seeded index sampling for k-fold, per-class splits, few-shot and
 //!   distribution shift;
+//! - [`image`], [`resample`], [`augment`]: decoding, CLIP's evaluation transform and
+//!   the training crops with Pillow's exact resampling (torchvision/open_clip parity);
 //! - [`batch`]: collation into tensors (CLIP normalisation, padded token ids, EOT indices);
 //! - [`loader`]: deterministic batches by step, assembled ahead of time on a rayon pool.
 //!
@@ -18,6 +22,7 @@
 //! batches an uninterrupted one would. Architecture invariant: no model, loss or
 //! training code here; tensors appear only in [`batch`].
 
+pub mod augment;
 pub mod batch;
 pub mod image;
 pub mod lists;
@@ -25,13 +30,16 @@ pub mod loader;
 pub mod mnist;
 pub mod ordinal;
 pub mod protocols;
+pub mod resample;
 pub mod scenes;
 pub mod tokenize;
+pub mod wordpiece;
 
 use std::path::PathBuf;
 
+pub use augment::TrainTransformConfig;
 pub use batch::{Batch, CLIP_MEAN, CLIP_STD, collate_images, collate_pairs};
-pub use image::Image;
+pub use image::{CropBox, Image, PixelMode, SourceImage};
 pub use lists::{LabelRange, ListEntry};
 pub use loader::{BatchPlan, Prefetcher};
 pub use mnist::Digits;
@@ -39,6 +47,7 @@ pub use ordinal::{OrdinalDigits, OrdinalTask};
 pub use protocols::{Fold, SplitIndices};
 pub use scenes::{DigitScenes, SceneConfig, SceneItem};
 pub use tokenize::ClipTokenizer;
+pub use wordpiece::{TextTokenizer, Tokenize, WordPieceTokenizer};
 
 /// Which part of a dataset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

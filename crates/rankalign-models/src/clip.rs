@@ -11,14 +11,17 @@
 //! evaluation mode. The running statistics are variables of the map, so checkpoints keep
 //! them, but they are not parameters: [`ClipModel::buffer_names`] lists what an optimiser
 //! must not be given.
+//!
+//! The text side is a [`TextTower`]: CLIP's by default, or another
+//! ([`ClipModel::with_text_tower`]).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{Linear, WeightInit, linear};
 use crate::resnet::ResNetConfig;
 use crate::text::{TextConfig, TextTransformer};
+use crate::text_tower::TextTower;
 use crate::vision::{VisionConfig, VisionTower};
 use crate::vit::VitConfig;
 
@@ -156,30 +159,26 @@ impl ClipConfig {
 #[derive(Clone, Debug)]
 pub struct ClipModel {
     vision: VisionTower,
-    text_model: TextTransformer,
-    text_projection: Linear,
+    text: TextTower,
     logit_scale: Tensor,
     cfg: ClipConfig,
 }
 
 impl ClipModel {
     pub fn new(cfg: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let text = TextTower::clip(&cfg.text, cfg.embed_dim, vb.clone())?;
+        Self::with_text_tower(cfg, vb, text)
+    }
+
+    /// The vision tower and temperature of `cfg` with another text tower (built on the
+    /// same `vb`; `cfg.text` is then unused).
+    pub fn with_text_tower(cfg: &ClipConfig, vb: VarBuilder, text: TextTower) -> Result<Self> {
         let vision = VisionTower::new(&cfg.vision, cfg.embed_dim, &vb)?;
-        let text_model = TextTransformer::new(&cfg.text, vb.pp("text_model"))?;
-        let t_std = (cfg.text.width as f64).powf(-0.5);
-        let text_projection = linear(
-            cfg.text.width,
-            cfg.embed_dim,
-            WeightInit::Normal(t_std),
-            None,
-            vb.pp("text_projection"),
-        )?;
         let logit_scale =
             vb.get_with_hints((), "logit_scale", Init::Const(cfg.logit_scale_init))?;
         Ok(Self {
             vision,
-            text_model,
-            text_projection,
+            text,
             logit_scale,
             cfg: cfg.clone(),
         })
@@ -209,21 +208,25 @@ impl ClipModel {
         self.vision.buffer_names()
     }
 
-    /// Unnormalised text embeddings `(b, embed_dim)`; see [`TextTransformer::forward`].
+    /// Unnormalised text embeddings `(b, embed_dim)`; see [`TextTransformer::forward`]
+    /// and [`TextTower::encode`].
     pub fn encode_text(&self, ids: &Tensor, eot: &Tensor) -> Result<Tensor> {
-        self.text_projection
-            .forward(&self.text_model.forward(ids, eot)?)
+        self.text.encode(ids, eot)
     }
 
     /// Unnormalised text embeddings `(b, embed_dim)` from token embeddings; see
-    /// [`TextTransformer::forward_embeds`].
+    /// [`TextTransformer::forward_embeds`]. CLIP's text tower only.
     pub fn encode_text_embeds(&self, embeds: &Tensor, eot: &Tensor) -> Result<Tensor> {
-        self.text_projection
-            .forward(&self.text_model.forward_embeds(embeds, eot)?)
+        self.text.encode_embeds(embeds, eot)
     }
 
-    pub fn text_model(&self) -> &TextTransformer {
-        &self.text_model
+    /// CLIP's text transformer; an error when the model has another text tower.
+    pub fn text_model(&self) -> Result<&TextTransformer> {
+        self.text.clip_transformer()
+    }
+
+    pub fn text_tower(&self) -> &TextTower {
+        &self.text
     }
 
     /// The raw temperature parameter (a scalar); the similarity scale is its `exp`.

@@ -6,6 +6,9 @@
 //! - [`text`]: CLIP's causal text transformer (QuickGELU, pooled at the EOT token);
 //! - [`vision`]: the image tower of a CLIP, ViT or ResNet, and its config (one TOML table
 //!   for either, told apart by its keys);
+//! - [`text_tower`]: which text tower a CLIP model uses (CLIP's or MiniLM);
+//! - [`minilm`]: a pretrained all-MiniLM-L6-v2 (BERT, candle-transformers) text tower,
+//!   frozen, mean-pooled, with a trainable projection;
 //! - [`clip`]: the two towers, their projections and the learned `logit_scale`;
 //! - [`convert`]: OpenAI / open_clip checkpoint keys into ours and back (fused q/k/v
 //!   split, projections transposed), and a model's shape read off such a state dict;
@@ -22,17 +25,21 @@
 pub mod clip;
 pub mod convert;
 pub mod layers;
+pub mod minilm;
 pub mod params;
 pub mod prompt;
 pub mod resnet;
 pub mod text;
+pub mod text_tower;
 pub mod vision;
 pub mod vit;
 
 pub use clip::{ClipConfig, ClipModel};
+pub use minilm::{MiniLmConfig, MiniLmTextTower};
 pub use params::SeededVarMap;
 pub use prompt::{PromptLearner, PromptTokens, RankFormer, RankFormerConfig, RankSlotConfig};
 pub use resnet::{ModifiedResNet, ResNetConfig};
 pub use text::{TextConfig, TextTransformer};
+pub use text_tower::TextTower;
 pub use vision::{VisionConfig, is_vision_param};
 pub use vit::{VisionTransformer, VitConfig};

@@ -77,6 +77,11 @@ pub struct ModelConfig {
     /// Face cache (see [`crate::pretrained`]). Its shape must be the model's.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// The text tower: CLIP's (the default) or a pretrained MiniLM; see
+    /// [`crate::text_tower`]. Left out of the serialised config when unset, so the
+    /// digests of existing runs do not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_tower: Option<crate::text_tower::TextTowerConfig>,
 }
 
 impl ModelConfig {
@@ -289,6 +294,18 @@ impl ExperimentConfig {
                 );
             }
             Err(e) => need(false, e),
+        }
+        if let Some(crate::text_tower::TextTowerConfig::Minilm { max_tokens, .. }) =
+            &self.model.text_tower
+        {
+            need(
+                *max_tokens >= 2,
+                format!("model.text_tower.max_tokens must be at least 2, got {max_tokens}"),
+            );
+            need(
+                self.model.init_from.is_none(),
+                "model.init_from (a CLIPModel) and the MiniLM text tower do not go together".into(),
+            );
         }
         let o = &self.optim;
         need(

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use indicatif::ProgressBar;
 use rankalign_data::batch::collate_images;
-use rankalign_data::{ClipTokenizer, Image};
+use rankalign_data::{ClipTokenizer, Image, SourceImage};
 use rankalign_models::ClipModel;
 use rayon::prelude::*;
 
@@ -81,7 +81,7 @@ pub fn embed(
     for chunk in images.chunks(batch.max(1)) {
         let decoded = chunk
             .par_iter()
-            .map(|p| Image::open(p).map(|img| img.clip_eval(size)))
+            .map(|p| SourceImage::open(p).map(|img| img.clip_eval(size)))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let refs: Vec<&Image> = decoded.iter().collect();
         let pixels = collate_images(&refs, size, device)?;

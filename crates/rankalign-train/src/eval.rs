@@ -11,7 +11,7 @@
 use candle_core::{Device, Tensor};
 use rankalign_data::batch::{collate_images, collate_texts};
 use rankalign_data::scenes::digit_prompts;
-use rankalign_data::{ClipTokenizer, Dataset, DigitScenes, Image};
+use rankalign_data::{Dataset, DigitScenes, Image, Tokenize};
 use rankalign_models::ClipModel;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -58,7 +58,7 @@ pub fn embed_images(
 pub fn embed_texts(
     model: &ClipModel,
     texts: &[String],
-    tokenizer: &ClipTokenizer,
+    tokenizer: &(impl Tokenize + ?Sized),
     batch: usize,
     device: &Device,
 ) -> Result<Tensor> {
@@ -83,7 +83,7 @@ fn recall(ranks: &[usize], k: usize) -> f64 {
 /// The class embeddings `(10, e)` of the digit prompts.
 pub fn digit_classifier(
     model: &ClipModel,
-    tokenizer: &ClipTokenizer,
+    tokenizer: &(impl Tokenize + ?Sized),
     device: &Device,
 ) -> Result<Tensor> {
     let rows = (0..10u8)
@@ -98,7 +98,7 @@ pub fn digit_classifier(
 /// All metrics on the test split of `scenes`.
 pub fn evaluate(
     model: &ClipModel,
-    tokenizer: &ClipTokenizer,
+    tokenizer: &(impl Tokenize + ?Sized),
     test: &DigitScenes,
     cfg: &EvalConfig,
     device: &Device,

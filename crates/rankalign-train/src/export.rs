@@ -476,6 +476,12 @@ pub fn export_run(run_dir: &Path, variant: &str, out: &Path) -> Result<std::path
         path: cfg_path.clone(),
         msg,
     })?;
+    if let Some(crate::text_tower::TextTowerConfig::Minilm { .. }) = exp.model.text_tower {
+        return Err(TrainError::Config {
+            path: cfg_path,
+            msg: "a model with the MiniLM text tower has no CLIPModel layout to export".into(),
+        });
+    }
     let ckpt_dir = run_dir.join(variant).join("checkpoints");
     let ckpt = crate::checkpoint::latest(&ckpt_dir)?.ok_or_else(|| TrainError::Checkpoint {
         path: ckpt_dir.clone(),

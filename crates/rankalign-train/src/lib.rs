@@ -29,6 +29,7 @@ pub mod ordinal;
 pub mod pretrained;
 pub mod report;
 pub mod schedule;
+pub mod text_tower;
 pub mod trainer;
 
 use std::path::PathBuf;

@@ -16,10 +16,10 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use indicatif::ProgressBar;
 use rankalign_data::batch::collate_pairs;
-use rankalign_data::{BatchPlan, ClipTokenizer, Dataset, DigitScenes, Prefetcher, Split, mix_seed};
+use rankalign_data::{BatchPlan, Dataset, DigitScenes, Prefetcher, Split, TextTokenizer, mix_seed};
 use rankalign_losses::{ListPerms, LossConfig, clip_loss, rankclip_loss};
+use rankalign_models::SeededVarMap;
 use rankalign_models::resnet::is_buffer;
-use rankalign_models::{ClipModel, SeededVarMap};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -109,7 +109,7 @@ pub fn config_digest(exp: &ExperimentConfig, variant: &VariantConfig) -> String 
 pub struct Shared {
     pub train: DigitScenes,
     pub test: DigitScenes,
-    pub tokenizer: ClipTokenizer,
+    pub tokenizer: TextTokenizer,
     pub device: Device,
 }
 
@@ -158,18 +158,24 @@ pub fn train_variant(
         let (_, tensors) = crate::pretrained::load(spec, Some(&clip_cfg), device)?;
         vm.preload(tensors, DType::F32, device)?;
     }
-    let model = ClipModel::new(&clip_cfg, vm.var_builder(DType::F32, device)).and_then(|m| {
+    let model = crate::text_tower::build_model(
+        &clip_cfg,
+        exp.model.text_tower.as_ref(),
+        vm.var_builder(DType::F32, device),
+        device,
+    )
+    .and_then(|m| {
         if exp.model.init_from.is_some() {
             vm.finish_preload()?;
         }
         Ok(m)
     });
-    let model = model.map_err(|e| match &exp.model.init_from {
-        Some(dir) => TrainError::Checkpoint {
+    let model = model.map_err(|e| match (&exp.model.init_from, e) {
+        (Some(dir), e) => TrainError::Checkpoint {
             path: dir.clone(),
             msg: e.to_string(),
         },
-        None => e.into(),
+        (None, e) => e,
     })?;
     // Every variable is checkpointed; BatchNorm's running statistics (a ResNet tower's)
     // are not parameters and stay out of the optimiser.
@@ -410,7 +416,7 @@ pub fn prepare(exp: &ExperimentConfig, device: &Device) -> Result<Shared> {
     Ok(Shared {
         train: make(Split::Train)?,
         test: make(Split::Test)?,
-        tokenizer: ClipTokenizer::new(clip_cfg.text.context_length)?,
+        tokenizer: crate::text_tower::tokenizer(&clip_cfg, exp.model.text_tower.as_ref())?,
         device: device.clone(),
     })
 }

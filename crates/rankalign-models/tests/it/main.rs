@@ -2,6 +2,7 @@
 //! HF key layout, output shapes, errors on wrong input, and a forward pass against
 //! Hugging Face `transformers.CLIPModel` and open_clip on their own checkpoints.
 
+mod minilm;
 mod parity;
 mod prompt;
 mod resnet;

@@ -77,7 +77,7 @@ fn learner(
     seed: u64,
 ) -> Result<(PromptLearner, SeededVarMap)> {
     let tokens = PromptTokens::new(&rows(n_ctx), n_ctx, 0, &[2, 3, 2], &Device::Cpu)?;
-    let embeds = f.model.text_model().embed_tokens(&tokens.ids)?;
+    let embeds = f.model.text_model()?.embed_tokens(&tokens.ids)?;
     let pm = SeededVarMap::new(seed);
     let p = PromptLearner::new(
         tokens,
@@ -114,7 +114,7 @@ fn layout_keeps_sot_eot_and_padding() -> Result<()> {
     let f = tiny()?;
     let (p, _) = learner(&f, 4, &RankSlotConfig::Learned, 1)?;
     let e = p.forward()?;
-    let tok = f.model.text_model().embed_tokens(&p.tokens().ids)?;
+    let tok = f.model.text_model()?.embed_tokens(&p.tokens().ids)?;
     assert_eq!(e.dims(), tok.dims());
     assert_eq!(e.dims(), &[3, 1 + 4 + 3 + 1, 96]);
     // SOT, slot (offsets start at zero) and EOT/padding equal the tokenized prompt;
@@ -143,7 +143,7 @@ fn a_template_prefix_stays_frozen_and_the_slot_starts_after_it() -> Result<()> {
     ];
     let tokens = PromptTokens::new(&rows, 2, 1, &[1, 2], &Device::Cpu)?;
     assert_eq!((tokens.slot_start, tokens.slot_len), (4, 2));
-    let embeds = f.model.text_model().embed_tokens(&tokens.ids)?;
+    let embeds = f.model.text_model()?.embed_tokens(&tokens.ids)?;
     let pm = SeededVarMap::new(1);
     let p = PromptLearner::new(
         tokens,
@@ -178,7 +178,7 @@ fn rankformer_starts_as_scaled_templates_and_never_touches_eot() -> Result<()> {
     });
     let (p, pm) = learner(&f, 2, &cfg, 1)?;
     let e = p.forward()?;
-    let tok = f.model.text_model().embed_tokens(&p.tokens().ids)?;
+    let tok = f.model.text_model()?.embed_tokens(&p.tokens().ids)?;
     // Rank 1's three template tokens, scaled by 1 − α.
     let want = (tok.narrow(0, 1, 1)?.narrow(1, 3, 3)? * 0.75)?;
     assert!(max_diff(&e.narrow(0, 1, 1)?.narrow(1, 3, 3)?, &want)? < 1e-7);

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use rankalign_data::lists::{self, HciSplitConfig, ListEntry};
 use rankalign_data::{
-    DataError, Dataset, Digits, Image, OrdinalDigits, SceneConfig, Split, collate_images, mix_seed,
-    protocols,
+    DataError, Dataset, Digits, Image, OrdinalDigits, SceneConfig, SourceImage, Split,
+    collate_images, mix_seed, protocols,
 };
 use rayon::prelude::*;
 
@@ -50,7 +50,7 @@ impl OrdinalSet {
         let j = self.index[i];
         Ok(match &self.images {
             Images::Memory(v) => v[j].clone(),
-            Images::Files(paths) => Image::open(&paths[j])?.clip_eval(self.size),
+            Images::Files(paths) => SourceImage::open(&paths[j])?.clip_eval(self.size),
         })
     }
 

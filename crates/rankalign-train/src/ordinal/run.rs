@@ -347,7 +347,7 @@ pub(super) fn run(
     let zero_shot = matches!(method.recipe, Recipe::ZeroShot);
     let n_ctx = if zero_shot { 0 } else { ctx.cfg.prompt.n_ctx };
     let tokens = ctx.prompt_tokens(n_ctx)?;
-    let embeds = model.text_model().embed_tokens(&tokens.ids)?.detach();
+    let embeds = model.text_model()?.embed_tokens(&tokens.ids)?.detach();
     let slot = match &method.recipe {
         Recipe::ZeroShot => RankSlotConfig::Fixed,
         Recipe::Coop { slot } | Recipe::Ordinalclip { slot, .. } => slot.clone(),
