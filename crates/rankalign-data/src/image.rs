@@ -327,7 +327,8 @@ pub fn shortest_side_size(width: usize, height: usize, size: usize) -> (usize, u
     } else {
         (height, width)
     };
-    let new_long = (size as f64 * long as f64 / short.max(1) as f64) as usize;
+    // `max(size)` only matters for an empty image, which then resizes to black.
+    let new_long = ((size as f64 * long as f64 / short.max(1) as f64) as usize).max(size);
     if width <= height {
         (size, new_long)
     } else {
@@ -391,6 +392,14 @@ mod tests {
         let out = resize_glyph(&glyph, 4, 2);
         // Each output pixel averages a 2×2 block.
         assert_eq!(out, vec![40, 72, 168, 200]);
+    }
+
+    #[test]
+    fn degenerate_sizes_do_not_panic() {
+        assert_eq!(Image::black(0, 0).clip_eval(4), Image::black(4, 4));
+        assert_eq!(Image::black(5, 3).clip_eval(0).data.len(), 0);
+        assert_eq!(shortest_side_size(97, 61, 48), (76, 48));
+        assert_eq!(shortest_side_size(61, 97, 224), (224, 356));
     }
 
     #[test]

@@ -184,6 +184,9 @@ pub fn resize(
     filter: Filter,
 ) -> Vec<u8> {
     debug_assert_eq!(src.len(), width * height * channels);
+    if out_w == 0 || out_h == 0 {
+        return Vec::new();
+    }
     let need_h = out_w != width;
     let need_v = out_h != height;
     if !need_h && !need_v {
@@ -244,6 +247,12 @@ mod tests {
         );
         let ramp: Vec<u8> = (0..40).collect();
         assert_eq!(resize(&ramp, 8, 5, 1, 8, 5, Filter::Bicubic), ramp);
+    }
+
+    #[test]
+    fn empty_sizes_give_empty_images_not_panics() {
+        assert!(resize(&[1, 2, 3], 3, 1, 1, 0, 4, Filter::Bicubic).is_empty());
+        assert_eq!(resize(&[], 0, 0, 3, 2, 2, Filter::Bicubic), vec![0u8; 12]);
     }
 
     #[test]
