@@ -21,13 +21,7 @@ fn with_tower(name: &str, dir: &Path, tower: &str) -> String {
 }
 
 fn minilm_dir() -> Option<PathBuf> {
-    let dir = match std::env::var_os("RANKALIGN_MINILM_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?
-            .join("rankalign/minilm/model"),
-    };
+    let dir = rankalign_train::data::wordpiece::minilm_cache_dir()?;
     if ["model.safetensors", "config.json", "tokenizer.json"]
         .iter()
         .all(|f| dir.join(f).is_file())

@@ -227,31 +227,28 @@ n_ctx = 2
         vec!["fold0", "fold1"]
     );
 
-    // A bad line names the list file and the line; a missing image names the image.
-    std::fs::write(&lists[1], "u1/a.png 2\nu1/b.png seven\n").unwrap();
-    let err = run_ordinal(
-        &parse(&cfg_text),
-        &candle_core::Device::Cpu,
-        &OrdinalOptions {
+    // A bad line names the list file and the line; a missing or corrupt image names
+    // the image.
+    let fails_with = |list: &str| {
+        std::fs::write(&lists[1], list).unwrap();
+        let opts = OrdinalOptions {
             overwrite: true,
             ..Default::default()
-        },
-    )
-    .unwrap_err()
-    .to_string();
+        };
+        run_ordinal(&parse(&cfg_text), &candle_core::Device::Cpu, &opts)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = fails_with("u1/a.png 2\nu1/b.png seven\n");
     assert!(err.contains("simplified_adience_1.txt:2"), "{err}");
-    std::fs::write(&lists[1], "u1/missing.png 2\n").unwrap();
-    let err = run_ordinal(
-        &parse(&cfg_text),
-        &candle_core::Device::Cpu,
-        &OrdinalOptions {
-            overwrite: true,
-            ..Default::default()
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let err = fails_with("u1/missing.png 2\n");
     assert!(err.contains("missing.png"), "{err}");
+    std::fs::write(images.join("u1/corrupt.png"), b"not a png").unwrap();
+    let err = fails_with("u1/corrupt.png 2\n");
+    assert!(
+        err.contains("corrupt.png") && err.contains("not a readable"),
+        "{err}"
+    );
 }
 
 #[test]

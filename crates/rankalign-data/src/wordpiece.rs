@@ -108,3 +108,18 @@ impl Tokenize for TextTokenizer {
         }
     }
 }
+
+/// Where `cargo xtask fetch minilm` puts all-MiniLM-L6-v2, if that directory exists:
+/// `$RANKALIGN_MINILM_DIR`, else `$XDG_CACHE_HOME/rankalign/minilm/model`, else
+/// `~/.cache/rankalign/minilm/model`.
+pub fn minilm_cache_dir() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let dir = match std::env::var_os("RANKALIGN_MINILM_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?
+            .join("rankalign/minilm/model"),
+    };
+    dir.is_dir().then_some(dir)
+}

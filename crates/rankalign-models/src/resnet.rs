@@ -266,6 +266,18 @@ impl ModuleT for BatchNorm2d {
 }
 
 /// `avg_pool2d(k)` that refuses sizes it would floor: candle's backward assumes none.
+/// A bias-free convolution (`padding`, `stride`) followed by BatchNorm in the given mode.
+fn conv_bn(
+    xs: &Tensor,
+    conv: &Tensor,
+    bn: &BatchNorm2d,
+    padding: usize,
+    stride: usize,
+    train: bool,
+) -> Result<Tensor> {
+    bn.forward_t(&xs.conv2d(conv, padding, stride, 1, 1)?, train)
+}
+
 fn avg_pool(xs: &Tensor, k: usize) -> Result<Tensor> {
     let (_, _, h, w) = xs.dims4()?;
     if !h.is_multiple_of(k) || !w.is_multiple_of(k) {
@@ -323,22 +335,14 @@ impl Bottleneck {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let ys = self
-            .bn1
-            .forward_t(&xs.conv2d(&self.conv1, 0, 1, 1, 1)?, train)?
-            .relu()?;
-        let ys = self
-            .bn2
-            .forward_t(&ys.conv2d(&self.conv2, 1, 1, 1, 1)?, train)?
-            .relu()?;
+        let ys = conv_bn(xs, &self.conv1, &self.bn1, 0, 1, train)?.relu()?;
+        let ys = conv_bn(&ys, &self.conv2, &self.bn2, 1, 1, train)?.relu()?;
         let ys = if self.stride > 1 {
             avg_pool(&ys, self.stride)?
         } else {
             ys
         };
-        let ys = self
-            .bn3
-            .forward_t(&ys.conv2d(&self.conv3, 0, 1, 1, 1)?, train)?;
+        let ys = conv_bn(&ys, &self.conv3, &self.bn3, 0, 1, train)?;
         let shortcut = match &self.downsample {
             None => xs.clone(),
             Some((conv, bn)) => {
@@ -347,7 +351,7 @@ impl Bottleneck {
                 } else {
                     xs.clone()
                 };
-                bn.forward_t(&xs.conv2d(conv, 0, 1, 1, 1)?, train)?
+                conv_bn(&xs, conv, bn, 0, 1, train)?
             }
         };
         (ys + shortcut)?.relu()
@@ -514,18 +518,9 @@ impl ModifiedResNet {
         if dims.len() != 4 || dims[1] != 3 || dims[2] != s || dims[3] != s {
             candle_core::bail!("resnet image tower: expected images (b, 3, {s}, {s}), got {dims:?}")
         }
-        let xs = self
-            .bn1
-            .forward_t(&pixels.conv2d(&self.conv1, 1, 2, 1, 1)?, train)?
-            .relu()?;
-        let xs = self
-            .bn2
-            .forward_t(&xs.conv2d(&self.conv2, 1, 1, 1, 1)?, train)?
-            .relu()?;
-        let xs = self
-            .bn3
-            .forward_t(&xs.conv2d(&self.conv3, 1, 1, 1, 1)?, train)?
-            .relu()?;
+        let xs = conv_bn(pixels, &self.conv1, &self.bn1, 1, 2, train)?.relu()?;
+        let xs = conv_bn(&xs, &self.conv2, &self.bn2, 1, 1, train)?.relu()?;
+        let xs = conv_bn(&xs, &self.conv3, &self.bn3, 1, 1, train)?.relu()?;
         let mut xs = avg_pool(&xs, 2)?;
         for block in self.stages.iter().flatten() {
             xs = block.forward_t(&xs, train)?;

@@ -13,13 +13,7 @@ use serde_json::Value;
 
 /// The MiniLM model directory, if present.
 fn minilm_dir() -> Option<PathBuf> {
-    let dir = match std::env::var_os("RANKALIGN_MINILM_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?
-            .join("rankalign/minilm/model"),
-    };
+    let dir = rankalign_data::wordpiece::minilm_cache_dir()?;
     if dir.join("tokenizer.json").is_file() {
         Some(dir)
     } else {

@@ -15,13 +15,7 @@ use rankalign_models::{
 };
 
 fn minilm_dir() -> Option<PathBuf> {
-    let dir = match std::env::var_os("RANKALIGN_MINILM_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?
-            .join("rankalign/minilm/model"),
-    };
+    let dir = rankalign_data::wordpiece::minilm_cache_dir()?;
     if dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() {
         Some(dir)
     } else {
