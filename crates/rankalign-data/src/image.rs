@@ -136,6 +136,17 @@ impl From<Image> for SourceImage {
     }
 }
 
+/// Whether a JPEG has an end-of-image marker (`FF D9`) after its last start-of-scan
+/// (`FF DA`). Entropy-coded data stuffs every `FF` byte (`FF 00`), so neither marker
+/// can appear inside a scan; an embedded thumbnail's markers come before the main scan.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    match last_sos {
+        Some(at) => bytes[at..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => false,
+    }
+}
+
 /// Pillow's `MULDIV255`: `a·b / 255` rounded, the way its premultiplication computes it.
 fn muldiv255(a: u8, b: u8) -> u8 {
     let t = u32::from(a) * u32::from(b) + 128;
@@ -146,20 +157,52 @@ impl SourceImage {
     /// Decode a PNG or JPEG file, keeping grey and alpha channels; errors name the
     /// file. 16-bit images keep the high byte of each sample (PIL's `RGB;16B` reading).
     pub fn open(path: &Path) -> Result<Self, DataError> {
-        let io = |source| DataError::Io {
+        let bytes = std::fs::read(path).map_err(|source| DataError::Io {
             path: path.to_path_buf(),
             source,
+        })?;
+        Self::decode(&bytes, None).map_err(|msg| DataError::Format {
+            path: path.to_path_buf(),
+            line: None,
+            msg,
+        })
+    }
+
+    /// Decode PNG, JPEG or WebP bytes as [`SourceImage::open`] does. With `max_pixels`,
+    /// an image whose header declares more pixels is refused before any pixel is
+    /// decoded (a decompression bomb: PIL's `MAX_IMAGE_PIXELS`). The error says why.
+    pub fn decode(bytes: &[u8], max_pixels: Option<u64>) -> Result<Self, String> {
+        let reader = || {
+            image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .map_err(|e| format!("cannot read the image header: {e}"))
         };
-        let img = image::ImageReader::open(path)
-            .map_err(io)?
-            .with_guessed_format()
-            .map_err(io)?
+        if bytes.is_empty() {
+            return Err("empty image file (0 bytes)".into());
+        }
+        let format = reader()?.format();
+        if format.is_none() {
+            return Err("not a readable PNG, JPEG or WebP image (unrecognised signature)".into());
+        }
+        // zune-jpeg fills a truncated scan with grey where PIL raises "image file is
+        // truncated"; refuse a JPEG whose last scan has no end-of-image marker after it.
+        if format == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+            return Err("truncated JPEG: no end-of-image marker after the last scan".into());
+        }
+        if let Some(limit) = max_pixels {
+            let (w, h) = reader()?
+                .into_dimensions()
+                .map_err(|e| format!("not a readable PNG, JPEG or WebP image: {e}"))?;
+            let pixels = u64::from(w) * u64::from(h);
+            if pixels > limit {
+                return Err(format!(
+                    "decompression bomb: the header declares {w}×{h} = {pixels} pixels, above the limit of {limit}"
+                ));
+            }
+        }
+        let img = reader()?
             .decode()
-            .map_err(|e| DataError::Format {
-                path: path.to_path_buf(),
-                line: None,
-                msg: format!("not a readable PNG or JPEG image: {e}"),
-            })?;
+            .map_err(|e| format!("not a readable PNG, JPEG or WebP image: {e}"))?;
         let (width, height) = (img.width() as usize, img.height() as usize);
         let high = |v: &[u16]| v.iter().map(|&x| (x >> 8) as u8).collect::<Vec<u8>>();
         let (mode, data) = match img {

@@ -15,7 +15,10 @@
 //! - [`image`], [`resample`], [`augment`]: decoding, CLIP's evaluation transform and
 //!   the training crops with Pillow's exact resampling (torchvision/open_clip parity);
 //! - [`batch`]: collation into tensors (CLIP normalisation, padded token ids, EOT indices);
-//! - [`loader`]: deterministic batches by step, assembled ahead of time on a rayon pool.
+//! - [`loader`]: deterministic batches by step, assembled ahead of time on a rayon pool;
+//! - [`source`]: pre-training pairs from the digit scenes, CSV/TSV lists or webdataset
+//!   shards behind one [`PairSource`] interface, streamed into batches that resume
+//!   exactly mid-pass, with corrupt samples skipped and counted.
 //!
 //! Every item is a pure function of `(seed, split, index)`, so datasets need no state,
 //! batches can be built in any order or in parallel, and a resumed run sees exactly the
@@ -32,6 +35,7 @@ pub mod ordinal;
 pub mod protocols;
 pub mod resample;
 pub mod scenes;
+pub mod source;
 pub mod tokenize;
 pub mod wordpiece;
 
@@ -46,6 +50,10 @@ pub use mnist::Digits;
 pub use ordinal::{OrdinalDigits, OrdinalTask};
 pub use protocols::{Fold, SplitIndices};
 pub use scenes::{DigitScenes, SceneConfig, SceneItem};
+pub use source::{
+    CorruptPolicy, DataPosition, PairSource, PairStream, Sharding, SkipPolicy, SkipStats,
+    SourceConfig,
+};
 pub use tokenize::ClipTokenizer;
 pub use wordpiece::{TextTokenizer, Tokenize, WordPieceTokenizer};
 

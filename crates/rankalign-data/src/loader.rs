@@ -9,7 +9,6 @@
 //! [`Prefetcher`] runs the batch builder for the coming steps on its own thread and
 //! rayon pool, `depth` batches ahead, so the training step does not wait on decoding.
 
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
@@ -61,8 +60,6 @@ impl BatchPlan {
     }
 }
 
-type Build<T> = Arc<dyn Fn(usize) -> Result<T, DataError> + Send + Sync>;
-
 /// Batches for steps `start..end`, built ahead on a background thread.
 pub struct Prefetcher<T: Send + 'static> {
     rx: Receiver<(usize, Result<T, DataError>)>,
@@ -77,13 +74,15 @@ impl<T: Send + 'static> std::fmt::Debug for Prefetcher<T> {
 
 impl<T: Send + 'static> Prefetcher<T> {
     /// `build(step)` runs inside a rayon pool of `threads` threads, so it may use
-    /// `par_iter` over the items of a batch. At most `depth` batches wait in the queue.
+    /// `par_iter` over the items of a batch; it is called for each step in order, from
+    /// one thread, so it may keep state (a stream's position). At most `depth` batches
+    /// wait in the queue.
     pub fn new(
         start: usize,
         end: usize,
         depth: usize,
         threads: usize,
-        build: impl Fn(usize) -> Result<T, DataError> + Send + Sync + 'static,
+        mut build: impl FnMut(usize) -> Result<T, DataError> + Send + 'static,
     ) -> Result<Self, DataError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
@@ -91,7 +90,6 @@ impl<T: Send + 'static> Prefetcher<T> {
             .build()
             .map_err(|e| DataError::Invalid(format!("cannot start the data threads: {e}")))?;
         let (tx, rx): (SyncSender<_>, _) = sync_channel(depth.max(1));
-        let build: Build<T> = Arc::new(build);
         let handle = std::thread::Builder::new()
             .name("rankalign-prefetch".into())
             .spawn(move || {

@@ -7,5 +7,6 @@ mod files;
 mod lists;
 mod preprocess;
 mod protocols;
+mod sources;
 mod tokenizer;
 mod wordpiece;

@@ -1,0 +1,221 @@
+//! Tools around sources: writing the digit scenes out as real files in each format
+//! ([`export_digits`]), and scanning a source for what it holds ([`scan`]).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::{Loaded, PairSource, Sharding, SkipStats};
+use crate::scenes::DigitScenes;
+use crate::{DataError, Dataset};
+
+/// The file layouts [`export_digits`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// CyCLIP's convention: `images.csv` with `image,caption`, paths relative to it.
+    Csv,
+    /// open_clip's: `images.tsv` with `filepath<TAB>title`, absolute paths.
+    Tsv,
+    /// webdataset shards `shard-NNNNN.tar` (`KEY.png`, `KEY.txt`, `KEY.json`) and
+    /// open_clip's `sizes.json`.
+    Webdataset,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
+    move |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn png_bytes(img: &crate::image::Image) -> Result<Vec<u8>, DataError> {
+    let mut out = Vec::new();
+    let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
+        .ok_or_else(|| DataError::Invalid("a scene image has the wrong buffer size".into()))?;
+    image::DynamicImage::ImageRgb8(buf)
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .map_err(|e| DataError::Invalid(format!("encoding a PNG: {e}")))?;
+    Ok(out)
+}
+
+/// Write the first `count` scenes of `scenes` under `out` in `format`; returns the file
+/// a config names (the CSV/TSV, or the shard pattern).
+pub fn export_digits(
+    scenes: &DigitScenes,
+    count: usize,
+    format: ExportFormat,
+    out: &Path,
+    shard_size: usize,
+) -> Result<String, DataError> {
+    let count = count.min(scenes.len());
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let items: Vec<(Vec<u8>, String)> = (0..count)
+        .into_par_iter()
+        .map(|i| {
+            let s = scenes.get(i);
+            Ok((png_bytes(&s.image)?, s.caption))
+        })
+        .collect::<Result<_, DataError>>()?;
+    match format {
+        ExportFormat::Csv | ExportFormat::Tsv => {
+            let images = out.join("images");
+            std::fs::create_dir_all(&images).map_err(io(&images))?;
+            let abs = std::fs::canonicalize(&images).map_err(io(&images))?;
+            let (name, sep, header) = match format {
+                ExportFormat::Csv => ("images.csv", b',', ["image", "caption"]),
+                _ => ("images.tsv", b'\t', ["filepath", "title"]),
+            };
+            let list = out.join(name);
+            let mut w = ::csv::WriterBuilder::new()
+                .delimiter(sep)
+                .from_path(&list)
+                .map_err(|e| DataError::Invalid(format!("{}: {e}", list.display())))?;
+            let csv_err = |e: ::csv::Error| DataError::Invalid(format!("{}: {e}", list.display()));
+            w.write_record(header).map_err(csv_err)?;
+            for (i, (png, caption)) in items.iter().enumerate() {
+                let file = format!("{i:06}.png");
+                let p = images.join(&file);
+                std::fs::write(&p, png).map_err(io(&p))?;
+                let shown: PathBuf = match format {
+                    ExportFormat::Csv => Path::new("images").join(&file),
+                    _ => abs.join(&file),
+                };
+                w.write_record([shown.to_string_lossy().as_ref(), caption.as_str()])
+                    .map_err(csv_err)?;
+            }
+            w.flush().map_err(io(&list))?;
+            Ok(list.to_string_lossy().into_owned())
+        }
+        ExportFormat::Webdataset => {
+            let shard_size = shard_size.max(1);
+            let shards = count.div_ceil(shard_size).max(1);
+            let mut sizes = serde_json::Map::new();
+            for (s, chunk) in items.chunks(shard_size).enumerate() {
+                let name = format!("shard-{s:05}.tar");
+                let path = out.join(&name);
+                let file = std::fs::File::create(&path).map_err(io(&path))?;
+                let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
+                for (j, (png, caption)) in chunk.iter().enumerate() {
+                    let key = format!("{:09}", s * shard_size + j);
+                    let json = serde_json::json!({ "caption": caption, "key": key }).to_string();
+                    for (ext, bytes) in [
+                        ("json", json.as_bytes()),
+                        ("png", png.as_slice()),
+                        ("txt", caption.as_bytes()),
+                    ] {
+                        let mut h = tar::Header::new_ustar();
+                        h.set_size(bytes.len() as u64);
+                        h.set_mode(0o644);
+                        h.set_mtime(0);
+                        h.set_cksum();
+                        tar.append_data(&mut h, format!("{key}.{ext}"), bytes)
+                            .map_err(io(&path))?;
+                    }
+                }
+                tar.into_inner()
+                    .and_then(|mut w| w.flush())
+                    .map_err(io(&path))?;
+                sizes.insert(name, chunk.len().into());
+            }
+            let sizes_path = out.join("sizes.json");
+            std::fs::write(&sizes_path, serde_json::Value::Object(sizes).to_string())
+                .map_err(io(&sizes_path))?;
+            let last = shards - 1;
+            let width = 5;
+            Ok(out
+                .join(if shards == 1 {
+                    "shard-00000.tar".to_string()
+                } else {
+                    format!("shard-{{{:0width$}..{last:0width$}}}.tar", 0)
+                })
+                .to_string_lossy()
+                .into_owned())
+        }
+    }
+}
+
+/// Minimum, median, 95th percentile and maximum of some counts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Spread {
+    pub min: u64,
+    pub median: u64,
+    pub p95: u64,
+    pub max: u64,
+}
+
+impl Spread {
+    fn of(mut v: Vec<u64>) -> Self {
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        Self {
+            min: v[0],
+            median: at(0.5),
+            p95: at(0.95),
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// What [`scan`] found.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ScanReport {
+    pub source: String,
+    /// Samples the source declares.
+    pub declared: usize,
+    pub stats: SkipStats,
+    pub decodable_share: f64,
+    pub caption_chars: Spread,
+    pub caption_words: Spread,
+    pub width: Spread,
+    pub height: Spread,
+}
+
+/// Read (up to `limit` of) pass 0 of `source`, decoding every sample; `progress` gets
+/// the number read so far.
+pub fn scan(
+    source: &dyn PairSource,
+    limit: Option<usize>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<ScanReport, DataError> {
+    let mut stats = SkipStats::default();
+    let (mut chars, mut words, mut widths, mut heights) = (vec![], vec![], vec![], vec![]);
+    let mut refs = source.pass(0, 0, Sharding::default())?;
+    let limit = limit.unwrap_or(usize::MAX);
+    loop {
+        let want = 256.min(limit.saturating_sub(stats.seen as usize));
+        let chunk: Vec<_> = refs.by_ref().take(want).collect::<Result<_, _>>()?;
+        if chunk.is_empty() {
+            break;
+        }
+        let loaded: Vec<Result<Loaded, DataError>> =
+            chunk.par_iter().map(|r| source.load(r)).collect();
+        for l in loaded {
+            stats.seen += 1;
+            match l? {
+                Loaded::Pair(p) => {
+                    chars.push(p.caption.chars().count() as u64);
+                    words.push(p.caption.split_whitespace().count() as u64);
+                    widths.push(p.image.width as u64);
+                    heights.push(p.image.height as u64);
+                }
+                Loaded::Skip { key, reason } => stats.record(&key, &reason),
+            }
+        }
+        progress(stats.seen);
+    }
+    Ok(ScanReport {
+        source: source.describe(),
+        declared: source.len(),
+        decodable_share: 1.0 - stats.share(),
+        stats,
+        caption_chars: Spread::of(chars),
+        caption_words: Spread::of(words),
+        width: Spread::of(widths),
+        height: Spread::of(heights),
+    })
+}
