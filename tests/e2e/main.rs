@@ -9,6 +9,7 @@ mod minilm;
 mod ordinal;
 mod pretrained;
 mod resume;
+mod sources;
 
 use std::path::PathBuf;
 
@@ -77,9 +78,9 @@ out_dir = "{out}"
 seed = 5
 
 [data]
+source = "digits"
 image_size = 24
 train_size = 64
-val_size = 8
 test_size = 40
 
 {TINY_MODEL}

@@ -279,9 +279,9 @@ out_dir = "{out}"
 seed = 9
 
 [data]
+source = "digits"
 image_size = 32
 train_size = 64
-val_size = 8
 test_size = 20
 
 [model]

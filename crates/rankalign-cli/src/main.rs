@@ -72,6 +72,11 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
     },
+    /// Data tools: write the digit scenes as real files, or scan a source.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// Write a trained variant in the Hugging Face `CLIPModel` layout (`config.json` +
     /// `model.safetensors`, loadable by `CLIPModel.from_pretrained`), or, for a ResNet
     /// image tower, in open_clip's (`open_clip_config.json` + `open_clip_model.safetensors`).
@@ -85,6 +90,47 @@ enum Command {
         /// The directory to write.
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write digit scenes as files in a format `[data]` reads: `csv` (CyCLIP's
+    /// convention), `tsv` (open_clip's) or `webdataset` shards.
+    Export {
+        /// Only `digits` is generated here.
+        #[arg(long, default_value = "digits")]
+        source: String,
+        #[arg(long, value_parser = ["csv", "tsv", "webdataset"])]
+        format: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Scenes to write.
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// `train` or `test` scenes (held-out handwriting).
+        #[arg(long, default_value = "train", value_parser = ["train", "test"])]
+        split: String,
+        #[arg(long, default_value_t = 17)]
+        seed: u64,
+        #[arg(long, default_value_t = 48)]
+        image_size: usize,
+        /// Samples per webdataset shard.
+        #[arg(long, default_value_t = 256)]
+        shard_size: usize,
+    },
+    /// Read every sample of an experiment's training source (and its held-out one) and
+    /// report counts, the decodable share, caption and image sizes and the corrupt keys;
+    /// exits non-zero when the skipped share is above `data.corrupt.max_skipped`.
+    Check {
+        /// The experiment file (TOML).
+        config: PathBuf,
+        /// Read at most this many samples of each source.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
 }
 
@@ -191,6 +237,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Data { command } => data(command),
         Command::Export { run, variant, out } => {
             let ckpt = rankalign_train::export::export_run(&run, &variant, &out)?;
             eprintln!("rankalign: wrote {} from {}", out.display(), ckpt.display());
@@ -296,14 +343,17 @@ fn train(
     per_run: usize,
     concurrent: usize,
 ) -> Result<()> {
-    let total = exp.total_steps();
+    let sched = exp.schedule()?;
+    let total = sched.total_steps;
     eprintln!(
-        "rankalign: {} — {} variant(s) × {} steps ({} epochs of {} steps), {} at a time with {} compute thread(s) each",
+        "rankalign: {} — {} variant(s) × {} steps ({} epochs of {} steps over {} {} samples), {} at a time with {} compute thread(s) each",
         exp.name,
         exp.variants.len(),
         total,
         exp.train.epochs,
-        exp.steps_per_epoch(),
+        sched.steps_per_epoch,
+        sched.train_len,
+        exp.data.kind(),
         concurrent,
         per_run
     );
@@ -318,11 +368,22 @@ fn train(
     let log_every = exp.train.log_every;
     let on_log: LogFn = Arc::new(move |name: &str, r: &StepRecord| {
         if !terminal && (r.step % every < log_every || r.step == total) {
+            let parts: Vec<String> = r
+                .parts
+                .iter()
+                .filter(|(k, _)| k.as_str() != "rank_weight")
+                .map(|(k, v)| format!("{k} {v:.4}"))
+                .collect();
+            let skipped = if r.data_skipped > 0 {
+                format!(", {} of {} samples skipped", r.data_skipped, r.data_seen)
+            } else {
+                String::new()
+            };
             eprintln!(
-                "[{name}] step {}/{total} loss {:.4} (InfoNCE {:.4}) lr {:.2e} scale {:.2} {:.0} ms/step",
+                "[{name}] step {}/{total} loss {:.4} ({}) lr {:.2e} scale {:.2} {:.0} ms/step{skipped}",
                 r.step,
                 r.loss,
-                r.clip,
+                parts.join(", "),
                 r.lr,
                 r.logit_scale.exp(),
                 r.step_ms
@@ -339,17 +400,32 @@ fn train(
         run_experiment(exp, device, &opts).with_context(|| format!("experiment {}", exp.name))?;
     let mut table = String::new();
     for v in &out.variants {
-        let e = &v.eval;
+        for w in &v.warnings {
+            eprintln!("rankalign: warning: {w}");
+        }
+        let shown: Vec<String> = v
+            .eval
+            .metrics
+            .iter()
+            .take(8)
+            .map(|(k, x)| format!("{k} {x:.3}"))
+            .collect();
+        let skipped = if v.skipped.skipped > 0 {
+            format!(
+                "  {} of {} training samples skipped",
+                v.skipped.skipped, v.skipped.seen
+            )
+        } else {
+            String::new()
+        };
         table.push_str(&format!(
-            "  {:<12} zero-shot top-1 {:5.1}%  I→T R@1 {:5.1}%  T→I R@1 {:5.1}%  S_A {:.3}  S_U {:.3}  {:.0} ms/step{}\n",
+            "  {:<12} {}  {:.0} ms/step{}{skipped}\n",
             v.name,
-            e.zero_shot_top1,
-            e.image_to_text_r1,
-            e.text_to_image_r1,
-            e.alignment,
-            e.uniformity,
+            shown.join("  "),
             v.median_step_ms,
-            v.resumed_from.map(|s| format!(" (resumed at step {s})")).unwrap_or_default()
+            v.resumed_from
+                .map(|s| format!(" (resumed at step {s})"))
+                .unwrap_or_default()
         ));
     }
     eprint!("{table}");
@@ -359,4 +435,121 @@ fn train(
         out.report.display()
     );
     Ok(())
+}
+
+fn data(command: DataCommand) -> Result<()> {
+    use rankalign_train::data::source::tools::{ExportFormat, export_digits, scan};
+    use rankalign_train::data::source::{DigitsSourceConfig, PairSource};
+    match command {
+        DataCommand::Export {
+            source,
+            format,
+            out,
+            count,
+            split,
+            seed,
+            image_size,
+            shard_size,
+        } => {
+            if source != "digits" {
+                anyhow::bail!("data export: --source {source:?}: only `digits` can be generated");
+            }
+            let cfg = DigitsSourceConfig {
+                image_size,
+                train_size: if split == "train" { count } else { 1 },
+                val_size: None,
+                test_size: if split == "test" { count } else { 1 },
+                mnist_images: None,
+                mnist_labels: None,
+            };
+            let which = if split == "train" {
+                rankalign_train::data::Split::Train
+            } else {
+                rankalign_train::data::Split::Test
+            };
+            let digits = Arc::new(cfg.digits()?);
+            let scenes = cfg.split(digits, seed, which)?;
+            let format = match format.as_str() {
+                "csv" => ExportFormat::Csv,
+                "tsv" => ExportFormat::Tsv,
+                _ => ExportFormat::Webdataset,
+            };
+            let named = export_digits(&scenes, count, format, &out, shard_size)?;
+            eprintln!("rankalign: wrote {count} {split} scenes; point the config at {named}");
+            Ok(())
+        }
+        DataCommand::Check {
+            config,
+            limit,
+            json,
+        } => {
+            let exp = ExperimentConfig::load(&config)?;
+            let max = exp.data.corrupt().max_skipped;
+            let mut sources: Vec<(&str, Arc<dyn PairSource>)> =
+                vec![("train", exp.data.open_train(exp.seed)?)];
+            if let Some(t) = exp.data.open_test()? {
+                sources.push(("test", t));
+            }
+            let mut reports = Vec::new();
+            let mut over = Vec::new();
+            for (which, src) in sources {
+                let bar = if std::io::stderr().is_terminal() {
+                    indicatif::ProgressBar::new(limit.unwrap_or(src.len()).min(src.len()) as u64)
+                } else {
+                    indicatif::ProgressBar::hidden()
+                };
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "checking [{bar:30}] {pos}/{len} {per_sec} ETA {eta}",
+                    )
+                    .expect("invariant: the template is valid")
+                    .progress_chars("=> "),
+                );
+                let r = scan(src.as_ref(), limit, &|n| bar.set_position(n))?;
+                bar.finish_and_clear();
+                let s = &r.stats;
+                eprintln!("{which}: {}", r.source);
+                eprintln!(
+                    "  read {} of {} declared; decodable {:.2}% ({} skipped)",
+                    s.seen,
+                    r.declared,
+                    100.0 * r.decodable_share,
+                    s.skipped
+                );
+                let spread = |name: &str, x: &rankalign_train::data::source::tools::Spread| {
+                    eprintln!(
+                        "  {name:<14} min {} median {} p95 {} max {}",
+                        x.min, x.median, x.p95, x.max
+                    )
+                };
+                spread("caption chars", &r.caption_chars);
+                spread("caption words", &r.caption_words);
+                spread("image width", &r.width);
+                spread("image height", &r.height);
+                for (reason, n) in &s.by_reason {
+                    eprintln!("  skipped: {reason}: {n}");
+                }
+                for (k, why) in &s.first {
+                    eprintln!("  corrupt: {k}: {why}");
+                }
+                if s.skipped > 0 && s.share() > max {
+                    over.push(format!(
+                        "{which}: {:.2}% skipped, above data.corrupt.max_skipped = {}%",
+                        100.0 * s.share(),
+                        100.0 * max
+                    ));
+                }
+                reports.push(serde_json::json!({ "split": which, "report": r }));
+            }
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&reports)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            if !over.is_empty() {
+                anyhow::bail!("data check: {}", over.join("; "));
+            }
+            eprintln!("rankalign: data check passed");
+            Ok(())
+        }
+    }
 }

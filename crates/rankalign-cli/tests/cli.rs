@@ -136,3 +136,205 @@ fn embed_names_a_missing_hub_model_and_how_to_get_it() {
         "{err}"
     );
 }
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("rankalign-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny pre-training config over `data`, `epochs` long, writing under `out`.
+fn tiny_files_config(out: &std::path::Path, data: &str, epochs: usize) -> String {
+    format!(
+        r#"name = "tiny"
+out_dir = "{}"
+seed = 3
+
+[data]
+{data}
+
+[model.clip]
+embed_dim = 16
+logit_scale_init = 2.6592600369327779
+
+[model.clip.vision]
+image_size = 24
+patch_size = 12
+channels = 3
+width = 32
+layers = 1
+heads = 2
+mlp_dim = 64
+
+[model.clip.text]
+vocab_size = 49408
+context_length = 24
+width = 32
+layers = 1
+heads = 2
+mlp_dim = 64
+
+[optim]
+lr = 1e-3
+weight_decay = 0.1
+warmup_steps = 2
+
+[train]
+batch_size = 16
+epochs = {epochs}
+checkpoint_every = 4
+keep_checkpoints = 2
+log_every = 1
+
+[eval]
+retrieval_size = 16
+
+[[variant]]
+name = "clip"
+loss = {{ kind = "clip" }}
+"#,
+        out.display()
+    )
+}
+
+#[test]
+fn data_export_then_check_reports_the_shards() {
+    let dir = scratch("export-check");
+    let wds = dir.join("wds");
+    let (ok, err) = rankalign(&[
+        "data",
+        "export",
+        "--format",
+        "webdataset",
+        "--out",
+        wds.to_str().unwrap(),
+        "--count",
+        "50",
+        "--shard-size",
+        "20",
+        "--image-size",
+        "24",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("shard-{00000..00002}.tar"), "{err}");
+    let data = format!(
+        "source = \"webdataset\"\nimage_size = 24\nshards = \"{}/shard-{{00000..00002}}.tar\"",
+        wds.display()
+    );
+    let cfg = write("check.toml", &tiny_files_config(&dir, &data, 1));
+    let json = dir.join("check.json");
+    let (ok, err) = rankalign(&[
+        "data",
+        "check",
+        cfg.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("read 50 of 50 declared; decodable 100.00%"),
+        "{err}"
+    );
+    assert!(
+        err.contains("image width") && err.contains("min 24"),
+        "{err}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report[0]["report"]["stats"]["seen"], 50);
+
+    // The corrupt fixture shard is above the default 1 %: a non-zero exit naming keys.
+    let bad = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../rankalign-data/tests/fixtures/sources/wds-corrupt/bad-00000.tar");
+    let data = format!(
+        "source = \"webdataset\"\nimage_size = 24\nshards = \"{}\"",
+        bad.display()
+    );
+    let cfg = write("check-bad.toml", &tiny_files_config(&dir, &data, 1));
+    let (ok, err) = rankalign(&["data", "check", cfg.to_str().unwrap()]);
+    assert!(!ok && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("37.50% skipped")
+            && err.contains("bad-0012")
+            && err.contains("decompression bomb"),
+        "{err}"
+    );
+}
+
+/// `kill -9` in the middle of a run loses nothing: the restarted run resumes from the
+/// last checkpoint and ends with the weights of a run that was never interrupted.
+#[test]
+fn a_run_killed_with_sigkill_resumes_to_the_same_weights() {
+    let dir = scratch("sigkill");
+    let (ok, err) = rankalign(&[
+        "data",
+        "export",
+        "--format",
+        "csv",
+        "--out",
+        dir.join("csv").to_str().unwrap(),
+        "--count",
+        "64",
+        "--image-size",
+        "24",
+    ]);
+    assert!(ok, "{err}");
+    let data = format!(
+        "source = \"csv\"\nimage_size = 24\npath = \"{}/csv/images.csv\"\nconvention = \"cyclip\"",
+        dir.display()
+    );
+    let epochs = 40; // 4 steps an epoch: 160 steps, several seconds.
+    let straight = write(
+        "straight.toml",
+        &tiny_files_config(&dir.join("straight"), &data, epochs),
+    );
+    let killed = write(
+        "killed.toml",
+        &tiny_files_config(&dir.join("killed"), &data, epochs),
+    );
+    let run = |cfg: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_rankalign"))
+            .args(["train", "--config", cfg.to_str().unwrap(), "--threads", "1"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = run(&killed);
+    let latest = dir.join("killed/tiny/clip/checkpoints/latest");
+    let started = std::time::Instant::now();
+    loop {
+        let at = std::fs::read_to_string(&latest).unwrap_or_default();
+        if at.trim() >= "step-00000012" {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 300, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+    let at = std::fs::read_to_string(&latest).unwrap();
+    assert!(
+        at.trim() < "step-00000160",
+        "the run finished before it was killed: {at}"
+    );
+    assert!(run(&killed).wait().unwrap().success());
+    assert!(run(&straight).wait().unwrap().success());
+    let weights = |name: &str| {
+        let path = dir
+            .join(name)
+            .join("tiny/clip/checkpoints/step-00000160/model.safetensors");
+        let mut t: Vec<(String, Vec<f32>)> =
+            candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+                .unwrap()
+                .into_iter()
+                .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                .collect();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    assert!(
+        weights("straight") == weights("killed"),
+        "weights differ after the kill (at {at})"
+    );
+}

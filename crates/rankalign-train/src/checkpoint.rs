@@ -7,10 +7,16 @@
 //! place; `latest` is replaced the same way. A crash leaves either the old or the new
 //! checkpoint, never a torn one. The oldest are pruned to `keep`.
 //!
-//! Every random choice of a run (batch order, tie-breaking permutations) is a function
-//! of `(seed, step)`, so the step *is* the data position and the RNG state.
+//! Every random choice of a run (tie-breaking permutations, crops) is a function of
+//! `(seed, step)` or of the data position, which `state.json` records
+//! ([`rankalign_data::DataPosition`]: pass, references consumed, skip counts); there is
+//! no generator state to save.
+//!
+//! `state.json` also holds the CRC-32 of each tensor file. [`resume_point`] checks
+//! them, newest first: a damaged checkpoint (truncated, bit-flipped, half-deleted) is
+//! reported and the previous intact one is used.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -31,7 +37,32 @@ pub struct CheckpointState {
     pub config_digest: String,
     /// The RNG is counter-based: every draw is keyed by `(seed, step)`.
     pub rng: String,
+    /// Where the training data stream stands after `step` (absent in checkpoints of
+    /// runs before streaming sources: then the step alone is the position).
+    #[serde(default)]
+    pub data: Option<rankalign_data::DataPosition>,
+    /// CRC-32 (hex) of each file of the checkpoint but this one.
+    #[serde(default)]
+    pub checksums: BTreeMap<String, String>,
 }
+
+/// CRC-32 of a file's bytes, as 8 hex digits.
+fn crc_of(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:08x}", h.finalize()))
+}
+
+const FILES: [&str; 2] = ["model.safetensors", "optim.safetensors"];
 
 const LATEST: &str = "latest";
 
@@ -66,8 +97,12 @@ pub fn save(
     let optim_path = tmp.join("optim.safetensors");
     candle_core::safetensors::save(&opt.state_tensors(), &optim_path)?;
     let state_path = tmp.join("state.json");
+    let mut state = state.clone();
+    for f in FILES {
+        state.checksums.insert(f.to_string(), crc_of(&tmp.join(f))?);
+    }
     let json =
-        serde_json::to_string_pretty(state).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        serde_json::to_string_pretty(&state).map_err(|e| TrainError::Invalid(e.to_string()))?;
     std::fs::write(&state_path, json).map_err(io_err(&state_path))?;
     for p in [&model_path, &optim_path, &state_path] {
         sync_file(p)?;
@@ -106,7 +141,7 @@ fn prune(dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// The newest complete checkpoint under `dir`, if any.
+/// The newest complete checkpoint under `dir`, if any (as `latest` names it).
 pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     let pointer = dir.join(LATEST);
     if !pointer.exists() {
@@ -121,6 +156,64 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
         });
     }
     Ok(Some(path))
+}
+
+/// Why the checkpoint at `path` cannot be trusted, if it cannot: a missing or
+/// unreadable file, a `state.json` that does not parse, or a checksum that differs.
+pub fn damage(path: &Path) -> Option<String> {
+    let state_path = path.join("state.json");
+    let text = match std::fs::read_to_string(&state_path) {
+        Ok(t) => t,
+        Err(e) => return Some(format!("state.json: {e}")),
+    };
+    let state: CheckpointState = match serde_json::from_str(&text) {
+        Ok(s) => s,
+        Err(e) => return Some(format!("state.json does not parse: {e}")),
+    };
+    for f in FILES {
+        let p = path.join(f);
+        if !p.is_file() {
+            return Some(format!("{f} is missing"));
+        }
+        match (state.checksums.get(f), crc_of(&p)) {
+            (_, Err(e)) => return Some(format!("{f}: {e}")),
+            (Some(want), Ok(got)) if *want != got => {
+                return Some(format!("{f} has CRC-32 {got}, state.json records {want}"));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The checkpoint to resume from: the newest intact one under `dir`, and a line for each
+/// damaged checkpoint passed over on the way (newest first).
+pub fn resume_point(dir: &Path) -> Result<(Option<PathBuf>, Vec<String>)> {
+    if !dir.exists() {
+        return Ok((None, Vec::new()));
+    }
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("step-"))
+        })
+        .collect();
+    steps.sort();
+    let mut damaged = Vec::new();
+    for p in steps.iter().rev() {
+        match damage(p) {
+            None => return Ok((Some(p.clone()), damaged)),
+            Some(why) => damaged.push(format!(
+                "checkpoint {} is damaged ({why}); falling back to an older one",
+                p.display()
+            )),
+        }
+    }
+    Ok((None, damaged))
 }
 
 /// Load a checkpoint into `vars` and `opt`; every variable must be present with its shape.

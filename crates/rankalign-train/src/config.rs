@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rankalign_data::SceneConfig;
+use rankalign_data::SourceConfig;
 use rankalign_losses::LossConfig;
 use rankalign_models::{ClipConfig, VisionConfig};
 use serde::{Deserialize, Serialize};
@@ -35,31 +35,18 @@ fn default_out_dir() -> PathBuf {
     PathBuf::from("runs")
 }
 
-/// Where the digits come from and how many scenes each split has.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataConfig {
-    pub image_size: usize,
-    pub train_size: usize,
-    pub val_size: usize,
-    pub test_size: usize,
-    /// MNIST IDX files to use instead of the embedded digits (both or neither).
-    #[serde(default)]
-    pub mnist_images: Option<PathBuf>,
-    #[serde(default)]
-    pub mnist_labels: Option<PathBuf>,
-}
+/// `[data]`: the pre-training source, tagged by `source = "digits" | "csv" |
+/// "webdataset"` ([`rankalign_data::SourceConfig`]).
+pub type DataConfig = SourceConfig;
 
-impl DataConfig {
-    pub fn scenes(&self, seed: u64) -> SceneConfig {
-        SceneConfig {
-            seed,
-            image_size: self.image_size,
-            train_size: self.train_size,
-            val_size: self.val_size,
-            test_size: self.test_size,
-        }
-    }
+/// How many steps a run takes, from the training source's length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    /// Samples in one pass over the training source (as declared; see
+    /// [`rankalign_data::PairSource::len`]).
+    pub train_len: usize,
+    pub steps_per_epoch: usize,
+    pub total_steps: usize,
 }
 
 /// A preset by name, optionally with a few fields changed, or a full inline shape.
@@ -164,9 +151,12 @@ fn default_data_threads() -> usize {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
-    /// Single-digit test images for zero-shot classification and S_A / S_U.
+    /// Single-digit test images for zero-shot classification and S_A / S_U (digit
+    /// scenes only).
+    #[serde(default)]
     pub zero_shot_size: usize,
-    /// Test scenes for image–text retrieval (at most `data.test_size`).
+    /// Test pairs for image–text retrieval: digit test scenes (at most
+    /// `data.test_size`), or the first pairs of `data.test_path` / `data.test_shards`.
     pub retrieval_size: usize,
     #[serde(default = "default_eval_batch")]
     pub batch_size: usize,
@@ -234,26 +224,17 @@ impl ExperimentConfig {
             format!("name must be a non-empty file name, got {:?}", self.name),
         );
         let d = &self.data;
-        need(
-            d.image_size >= 24,
-            format!("data.image_size must be at least 24, got {}", d.image_size),
-        );
-        need(
-            d.train_size >= 1,
-            "data.train_size must be at least 1".into(),
-        );
-        need(
-            d.mnist_images.is_some() == d.mnist_labels.is_some(),
-            "data.mnist_images and data.mnist_labels go together".into(),
-        );
+        for e in d.validate() {
+            need(false, e);
+        }
         match self.model.resolve() {
             Ok(m) => {
                 need(
-                    m.vision.image_size() == d.image_size,
+                    m.vision.image_size() == d.image_size(),
                     format!(
                         "model image size {} differs from data.image_size {}",
                         m.vision.image_size(),
-                        d.image_size
+                        d.image_size()
                     ),
                 );
                 let mut widths = vec![("text", m.text.width, m.text.heads)];
@@ -333,13 +314,15 @@ impl ExperimentConfig {
             t.batch_size >= 2,
             format!("train.batch_size must be at least 2, got {}", t.batch_size),
         );
-        need(
-            t.batch_size <= d.train_size,
-            format!(
-                "train.batch_size {} exceeds data.train_size {}",
-                t.batch_size, d.train_size
-            ),
-        );
+        if let SourceConfig::Digits(dc) = d {
+            need(
+                t.batch_size <= dc.train_size,
+                format!(
+                    "train.batch_size {} exceeds data.train_size {}",
+                    t.batch_size, dc.train_size
+                ),
+            );
+        }
         need(t.epochs >= 1, "train.epochs must be at least 1".into());
         need(
             t.checkpoint_every >= 1,
@@ -354,13 +337,19 @@ impl ExperimentConfig {
             "train.log_every must be at least 1".into(),
         );
         let e = &self.eval;
-        need(
-            e.retrieval_size <= d.test_size,
-            format!(
-                "eval.retrieval_size {} exceeds data.test_size {}",
-                e.retrieval_size, d.test_size
+        match d {
+            SourceConfig::Digits(dc) => need(
+                e.retrieval_size <= dc.test_size,
+                format!(
+                    "eval.retrieval_size {} exceeds data.test_size {}",
+                    e.retrieval_size, dc.test_size
+                ),
             ),
-        );
+            _ => need(
+                e.zero_shot_size == 0,
+                "eval.zero_shot_size is for the digit scenes; other sources are evaluated by retrieval on data.test_path / data.test_shards".into(),
+            ),
+        }
         need(
             e.batch_size >= 1,
             "eval.batch_size must be at least 1".into(),
@@ -392,13 +381,24 @@ impl ExperimentConfig {
         }
     }
 
-    /// Steps in one epoch (the remainder of the data is dropped).
-    pub fn steps_per_epoch(&self) -> usize {
-        self.data.train_size / self.train.batch_size
+    /// The steps of a run over a training source of `train_len` samples per pass: an
+    /// epoch is `train_len / batch_size` steps (the remainder is dropped).
+    pub fn schedule_for(&self, train_len: usize) -> Schedule {
+        let steps_per_epoch = (train_len / self.train.batch_size).max(1);
+        Schedule {
+            train_len,
+            steps_per_epoch,
+            total_steps: steps_per_epoch * self.train.epochs,
+        }
     }
 
-    pub fn total_steps(&self) -> usize {
-        self.steps_per_epoch() * self.train.epochs
+    /// [`Self::schedule_for`] the training source, opened to learn its length.
+    pub fn schedule(&self) -> Result<Schedule> {
+        let len = match &self.data {
+            SourceConfig::Digits(d) => d.train_size,
+            other => other.open_train(self.seed)?.len(),
+        };
+        Ok(self.schedule_for(len))
     }
 
     pub fn run_dir(&self) -> PathBuf {

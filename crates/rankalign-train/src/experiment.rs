@@ -102,7 +102,7 @@ pub fn run_experiment(
     let plot = run_dir.join("loss.png");
     plot_losses(&plot, &outcomes)?;
     let report = run_dir.join("report.md");
-    write_report(&report, exp, &outcomes, wall_secs)?;
+    write_report(&report, exp, &shared.train.describe(), &outcomes, wall_secs)?;
     let summary = run_dir.join("summary.json");
     let rows: Vec<serde_json::Value> = outcomes
         .iter()
@@ -115,6 +115,8 @@ pub fn run_experiment(
                 "median_step_ms": o.median_step_ms,
                 "train_secs": o.train_secs,
                 "data_wait_ms": o.total_data_wait_ms,
+                "data_seen": o.skipped.seen,
+                "data_skipped": o.skipped.skipped,
             })
         })
         .collect();

@@ -41,7 +41,7 @@ pub fn plot_losses(path: &Path, outcomes: &[VariantOutcome]) -> Result<()> {
         .flat_map(|o| {
             o.history
                 .iter()
-                .flat_map(|r| [(r.step as f64, r.clip), (r.step as f64, r.loss)])
+                .flat_map(|r| [(r.step as f64, r.contrastive()), (r.step as f64, r.loss)])
         })
         .filter(|p| p.1.is_finite())
         .collect();
@@ -71,7 +71,11 @@ pub fn plot_losses(path: &Path, outcomes: &[VariantOutcome]) -> Result<()> {
         .map_err(|e| plot_err(e.to_string()))?;
     for (i, o) in outcomes.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        let clip: Vec<(f64, f64)> = o.history.iter().map(|r| (r.step as f64, r.clip)).collect();
+        let clip: Vec<(f64, f64)> = o
+            .history
+            .iter()
+            .map(|r| (r.step as f64, r.contrastive()))
+            .collect();
         chart
             .draw_series(LineSeries::new(clip, colour.stroke_width(2)))
             .map_err(|e| plot_err(e.to_string()))?
@@ -95,69 +99,96 @@ pub fn plot_losses(path: &Path, outcomes: &[VariantOutcome]) -> Result<()> {
     Ok(())
 }
 
-/// Write `report.md` for the experiment.
+/// Column headings of the metrics the evaluations name (others appear by name).
+fn heading(metric: &str) -> &str {
+    match metric {
+        "zero_shot_top1" => "zero-shot top-1",
+        "zero_shot_top3" => "top-3",
+        "zero_shot_top5" => "top-5",
+        "image_to_text_r1" => "I→T R@1",
+        "text_to_image_r1" => "T→I R@1",
+        "image_to_text_r5" | "text_to_image_r5" => "R@5",
+        "image_to_text_r10" | "text_to_image_r10" => "R@10",
+        "alignment" => "S_A",
+        "uniformity" => "S_U",
+        other => other,
+    }
+}
+
+/// Counts that the description already states, kept out of the table.
+fn is_count(metric: &str) -> bool {
+    matches!(
+        metric,
+        "zero_shot_images" | "retrieval_pairs" | "eval_skipped"
+    )
+}
+
+/// Write `report.md` for the experiment; `data` describes the training source.
 pub fn write_report(
     path: &Path,
     exp: &ExperimentConfig,
+    data: &str,
     outcomes: &[VariantOutcome],
     wall_secs: f64,
 ) -> Result<()> {
     let clip = exp.model.resolve().map_err(TrainError::Invalid)?;
+    let steps = outcomes.iter().map(|o| o.steps).max().unwrap_or(0);
     let mut md = String::new();
     let _ = writeln!(md, "# {}\n", exp.name);
     let _ = writeln!(
         md,
-        "Digit scenes ({} train / {} test pairs, {}×{} px), model: {} / text {}×{}, embed {}; \
+        "Training data: {data}; {}×{} px. Model: {} / text {}×{}, embed {}; \
          batch {}, {} epochs = {} steps, lr {}, warm-up {}, seed {}. Wall time {:.0} s.\n",
-        exp.data.train_size,
-        exp.data.test_size,
-        exp.data.image_size,
-        exp.data.image_size,
+        exp.data.image_size(),
+        exp.data.image_size(),
         vision_summary(&clip.vision),
         clip.text.layers,
         clip.text.width,
         clip.embed_dim,
         exp.train.batch_size,
         exp.train.epochs,
-        exp.total_steps(),
+        steps,
         exp.optim.lr,
         exp.optim.warmup_steps,
         exp.seed,
         wall_secs
     );
-    let _ = writeln!(
-        md,
-        "Zero-shot: {} single-digit test images, 10 classes, 4 prompt templates. Retrieval: {} test scenes, one caption each. S_A / S_U as RankCLIP Eq. 11–12 (higher S_A = better aligned; higher S_U = more uniform).\n",
-        outcomes.first().map_or(0, |o| o.eval.zero_shot_images),
-        outcomes.first().map_or(0, |o| o.eval.retrieval_pairs)
-    );
-    let _ = writeln!(
-        md,
-        "| variant | zero-shot top-1 | top-3 | top-5 | I→T R@1 | R@5 | R@10 | T→I R@1 | R@5 | R@10 | S_A | S_U | final loss | ms/step |"
-    );
-    let _ = writeln!(
-        md,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-    );
+    if let Some(first) = outcomes.first() {
+        let _ = writeln!(md, "{}\n", first.eval.description);
+    }
+    let names: Vec<&str> = outcomes
+        .first()
+        .map(|o| {
+            o.eval
+                .metrics
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .filter(|n| !is_count(n))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut head = String::from("| variant |");
+    let mut rule = String::from("|---|");
+    for n in &names {
+        let _ = write!(head, " {} |", heading(n));
+        rule.push_str("---|");
+    }
+    let _ = writeln!(md, "{head} final loss | ms/step | skipped |");
+    let _ = writeln!(md, "{rule}---|---|---|");
     for o in outcomes {
-        let e = &o.eval;
+        let mut row = format!("| {} |", o.name);
+        for n in &names {
+            let v = o.eval.get(n).unwrap_or(f64::NAN);
+            if matches!(*n, "alignment" | "uniformity") {
+                let _ = write!(row, " {v:.3} |");
+            } else {
+                let _ = write!(row, " {v:.1} |");
+            }
+        }
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.3} | {:.3} | {:.0} |",
-            o.name,
-            e.zero_shot_top1,
-            e.zero_shot_top3,
-            e.zero_shot_top5,
-            e.image_to_text_r1,
-            e.image_to_text_r5,
-            e.image_to_text_r10,
-            e.text_to_image_r1,
-            e.text_to_image_r5,
-            e.text_to_image_r10,
-            e.alignment,
-            e.uniformity,
-            o.final_loss,
-            o.median_step_ms
+            "{row} {:.3} | {:.0} | {} of {} |",
+            o.final_loss, o.median_step_ms, o.skipped.skipped, o.skipped.seen
         );
     }
     let _ = writeln!(md, "\n![training loss](loss.png)\n");
@@ -170,6 +201,32 @@ pub fn write_report(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let skipped: Vec<&VariantOutcome> = outcomes.iter().filter(|o| o.skipped.skipped > 0).collect();
+    if let Some(o) = skipped.first() {
+        let _ = writeln!(
+            md,
+            "\n## Corrupt training samples\n\n{} of {} samples read were skipped ({:.2}%). By reason: {}.\n\nThe first:\n",
+            o.skipped.skipped,
+            o.skipped.seen,
+            100.0 * o.skipped.share(),
+            o.skipped
+                .by_reason
+                .iter()
+                .map(|(r, n)| format!("{r} ({n})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for (k, r) in &o.skipped.first {
+            let _ = writeln!(md, "- `{k}`: {r}");
+        }
+    }
+    let warnings: Vec<&String> = outcomes.iter().flat_map(|o| &o.warnings).collect();
+    if !warnings.is_empty() {
+        let _ = writeln!(md, "\n## Damaged checkpoints\n");
+        for w in warnings {
+            let _ = writeln!(md, "- {w}");
+        }
+    }
     std::fs::write(path, md).map_err(io_err(path))
 }
 

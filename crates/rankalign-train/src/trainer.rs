@@ -1,4 +1,7 @@
-//! The training loop for one variant of an experiment.
+//! The training loop for one variant of an experiment, in three parts: [`build`] (the
+//! model, the optimiser, and the checkpoint to resume from), [`fit`] (the loop) and
+//! [`finish`] (the final evaluation). The loop knows no loss: it calls the variant's
+//! [`Objective`] on the batch's embeddings and logs the parts it names.
 //!
 //! Per step: take the prefetched batch, encode both sides, compute the variant's loss,
 //! stop with [`TrainError::Diverged`] if it is not finite (the last good checkpoint
@@ -16,16 +19,19 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use indicatif::ProgressBar;
 use rankalign_data::batch::collate_pairs;
-use rankalign_data::{BatchPlan, Dataset, DigitScenes, Prefetcher, Split, TextTokenizer, mix_seed};
-use rankalign_losses::{ListPerms, LossConfig, clip_loss, rankclip_loss};
-use rankalign_models::SeededVarMap;
+use rankalign_data::{
+    DataPosition, PairSource, PairStream, Prefetcher, Sharding, SkipPolicy, SkipStats,
+    SourceConfig, Split, TextTokenizer, mix_seed,
+};
+use rankalign_losses::{Objective, StepContext};
 use rankalign_models::resnet::is_buffer;
-use rayon::prelude::*;
+use rankalign_models::{ClipModel, SeededVarMap};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 use crate::checkpoint::{self, CheckpointState};
 use crate::config::{ExperimentConfig, VariantConfig};
-use crate::eval::{EvalReport, evaluate};
+use crate::eval::{EvalReport, Evaluation, evaluate};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::cosine_with_warmup;
 use crate::{Result, TrainError, io_err};
@@ -33,20 +39,32 @@ use crate::{Result, TrainError, io_err};
 /// The upper clamp of `logit_scale`: ln 100.
 pub const MAX_LOGIT_SCALE: f64 = 4.605_170_185_988_092;
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl`: the step's total loss and, flattened beside it, the
+/// parts its objective names (`clip`, `cross`, `inmodal`, `rank_weight` for RankCLIP).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     pub step: usize,
     pub epoch: usize,
     pub lr: f64,
     pub loss: f64,
-    pub clip: f64,
-    pub cross: f64,
-    pub inmodal: f64,
-    pub rank_weight: f64,
+    #[serde(flatten)]
+    pub parts: BTreeMap<String, f64>,
     pub logit_scale: f64,
     pub step_ms: f64,
     pub data_wait_ms: f64,
+    /// Training samples read so far, and how many of them were corrupt and skipped.
+    #[serde(default)]
+    pub data_seen: u64,
+    #[serde(default)]
+    pub data_skipped: u64,
+}
+
+impl StepRecord {
+    /// The InfoNCE part where the objective reports one, else the total: the curve that
+    /// is comparable across variants.
+    pub fn contrastive(&self) -> f64 {
+        self.parts.get("clip").copied().unwrap_or(self.loss)
+    }
 }
 
 /// What a finished variant reports.
@@ -61,6 +79,10 @@ pub struct VariantOutcome {
     pub train_secs: f64,
     pub eval: EvalReport,
     pub history: Vec<StepRecord>,
+    /// Corrupt training samples skipped (counts over the whole run, resumed parts too).
+    pub skipped: SkipStats,
+    /// Damaged checkpoints passed over on resume.
+    pub warnings: Vec<String>,
 }
 
 /// A callback that receives each logged record with its variant's name.
@@ -89,6 +111,12 @@ pub fn config_digest(exp: &ExperimentConfig, variant: &VariantConfig) -> String 
         retrieval_size: 0,
         batch_size: 0,
     };
+    // Nor do the held-out files.
+    match &mut shared.data {
+        SourceConfig::Csv(c) => c.test_path = None,
+        SourceConfig::Webdataset(w) => w.test_shards = None,
+        SourceConfig::Digits(_) => {}
+    }
     shared.train.checkpoint_every = 0;
     shared.train.keep_checkpoints = 0;
     shared.train.log_every = 0;
@@ -105,10 +133,11 @@ pub fn config_digest(exp: &ExperimentConfig, variant: &VariantConfig) -> String 
     )
 }
 
-/// The digit-scene splits, tokenizer and model shape shared by every variant.
+/// The training source, the evaluation, the tokenizer and the device shared by every
+/// variant.
 pub struct Shared {
-    pub train: DigitScenes,
-    pub test: DigitScenes,
+    pub train: Arc<dyn PairSource>,
+    pub eval: Evaluation,
     pub tokenizer: TextTokenizer,
     pub device: Device,
 }
@@ -137,21 +166,51 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// Train one variant to the end (or `stop_after`) and evaluate it.
-pub fn train_variant(
+/// A variant ready to train: its model and optimiser, restored from the newest intact
+/// checkpoint if there is one.
+pub struct Run {
+    pub name: String,
+    pub dir: PathBuf,
+    pub model: ClipModel,
+    vars: Vec<(String, Var)>,
+    logit_scale: Var,
+    opt: AdamW,
+    objective: Box<dyn Objective>,
+    digest: String,
+    /// Steps done when this process started (0 or the checkpoint's).
+    pub start: usize,
+    /// The checkpoint's data position (or the start).
+    data_position: DataPosition,
+    last_ckpt: Option<PathBuf>,
+    pub history: Vec<StepRecord>,
+    pub warnings: Vec<String>,
+}
+
+/// What [`fit`] measured.
+#[derive(Clone, Debug)]
+pub struct Fitted {
+    pub steps: usize,
+    pub final_loss: f64,
+    pub median_step_ms: f64,
+    pub total_data_wait_ms: f64,
+    pub train_secs: f64,
+    pub skipped: SkipStats,
+}
+
+/// The model, the optimiser and the resume point of `variant`.
+pub fn build(
     exp: &ExperimentConfig,
     variant: &VariantConfig,
-    shared: &Shared,
-    opts: &VariantOptions,
-) -> Result<VariantOutcome> {
+    device: &Device,
+    overwrite: bool,
+) -> Result<Run> {
     let dir = exp.run_dir().join(&variant.name);
     let ckpt_dir = dir.join("checkpoints");
     let metrics_path = dir.join("metrics.jsonl");
-    if opts.overwrite && dir.exists() {
+    if overwrite && dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let device = &shared.device;
     let clip_cfg = exp.model.resolve().map_err(TrainError::Invalid)?;
     let vm = SeededVarMap::new(mix_seed(&[exp.seed, 0x30DE1]));
     if let Some(spec) = &exp.model.init_from {
@@ -204,7 +263,18 @@ pub fn train_variant(
 
     let mut start = 0;
     let mut last_ckpt = None;
-    if let Some(path) = checkpoint::latest(&ckpt_dir)? {
+    let mut data_position = DataPosition::default();
+    let (resume, warnings) = checkpoint::resume_point(&ckpt_dir)?;
+    if resume.is_none() && !warnings.is_empty() {
+        return Err(TrainError::Checkpoint {
+            path: ckpt_dir,
+            msg: format!(
+                "every checkpoint is damaged ({}); nothing to resume from — use --overwrite to start over",
+                warnings.join("; ")
+            ),
+        });
+    }
+    if let Some(path) = resume {
         let state = checkpoint::load(&path, &vars, &mut opt)?;
         if state.config_digest != digest {
             return Err(TrainError::Checkpoint {
@@ -213,10 +283,23 @@ pub fn train_variant(
             });
         }
         start = state.step;
+        data_position = match state.data {
+            Some(p) => p,
+            // Checkpoints of digit runs before streaming: the step is the position.
+            None => {
+                let sched = exp.schedule()?;
+                let pass = (start / sched.steps_per_epoch) as u64;
+                let within = (start % sched.steps_per_epoch) * exp.train.batch_size;
+                DataPosition {
+                    pass,
+                    consumed: within as u64,
+                    stats: SkipStats::default(),
+                }
+            }
+        };
         last_ckpt = Some(path);
     }
-    let resumed_from = (start > 0).then_some(start);
-    let mut history = read_history(&metrics_path, start)?;
+    let history = read_history(&metrics_path, start)?;
     // Rewrite the metrics so they end where the checkpoint does.
     let mut lines = String::new();
     for rec in &history {
@@ -225,22 +308,59 @@ pub fn train_variant(
         lines.push('\n');
     }
     std::fs::write(&metrics_path, lines).map_err(io_err(&metrics_path))?;
+    Ok(Run {
+        name: variant.name.clone(),
+        dir,
+        model,
+        vars,
+        logit_scale,
+        opt,
+        objective: variant.loss.objective(),
+        digest,
+        start,
+        data_position,
+        last_ckpt,
+        history,
+        warnings,
+    })
+}
+
+/// Train `run` from its start to the end of the budget (or `stop_after`): batches from
+/// the shared source, the objective, the NaN guard, AdamW on the schedule, the
+/// `logit_scale` clamp, metrics and checkpoints.
+pub fn fit(
+    exp: &ExperimentConfig,
+    run: &mut Run,
+    shared: &Shared,
+    opts: &VariantOptions,
+) -> Result<Fitted> {
+    let device = &shared.device;
+    let metrics_path = run.dir.join("metrics.jsonl");
+    let ckpt_dir = run.dir.join("checkpoints");
     let mut metrics = std::fs::OpenOptions::new()
         .append(true)
         .open(&metrics_path)
         .map_err(io_err(&metrics_path))?;
-
-    let total = exp.total_steps();
+    let sched = exp.schedule_for(shared.train.len());
+    let total = sched.total_steps;
+    let start = run.start;
     let end = opts.stop_after.map_or(total, |s| s.min(total));
-    let plan = BatchPlan::new(
-        mix_seed(&[exp.seed, 0xBA7C4]),
-        shared.train.len(),
-        exp.train.batch_size,
-    )?;
-    let (train, tokenizer, image_size) = (
+    let policy = exp.data.corrupt();
+    let mut stream = PairStream::new(
         shared.train.clone(),
+        mix_seed(&[exp.seed, 0xBA7C4]),
+        Sharding::default(),
+        SkipPolicy {
+            max_skipped: policy.max_skipped,
+            ..SkipPolicy::default()
+        },
+        run.data_position.clone(),
+    )?;
+    let mut skipped = stream.position().stats.clone();
+    let (tokenizer, image_size, batch_size) = (
         shared.tokenizer.clone(),
-        exp.data.image_size,
+        exp.data.image_size(),
+        exp.train.batch_size,
     );
     let dev = device.clone();
     let mut prefetch = Prefetcher::new(
@@ -248,25 +368,20 @@ pub fn train_variant(
         end,
         exp.train.prefetch,
         exp.train.data_threads,
-        move |step| {
-            let indices = plan.indices(step);
-            let items: Vec<_> = indices.par_iter().map(|&i| train.get(i)).collect();
-            let images: Vec<_> = items.iter().map(|it| &it.image).collect();
-            let captions: Vec<_> = items.iter().map(|it| it.caption.as_str()).collect();
-            collate_pairs(
-                &images,
-                &captions,
-                indices.clone(),
-                image_size,
-                &tokenizer,
-                &dev,
-            )
+        move |_step| {
+            let (samples, pos) = stream.next_batch(batch_size, image_size)?;
+            let images: Vec<_> = samples.iter().map(|s| &s.image).collect();
+            let captions: Vec<_> = samples.iter().map(|s| s.caption.as_str()).collect();
+            let batch =
+                collate_pairs(&images, &captions, Vec::new(), image_size, &tokenizer, &dev)?;
+            Ok((batch, pos))
         },
     )?;
 
     opts.progress.set_length(total as u64);
     opts.progress.set_position(start as u64);
     opts.progress.reset_eta();
+    let o = &exp.optim;
     let started = Instant::now();
     let mut step_times = Vec::new();
     let mut data_wait_ms = 0.0;
@@ -277,54 +392,39 @@ pub fn train_variant(
             .next_batch()
             .ok_or_else(|| TrainError::Invalid("the data thread stopped early".into()))?;
         debug_assert_eq!(got, step);
-        let batch = batch?;
+        let (batch, position) = batch?;
         let waited = wait.elapsed().as_secs_f64() * 1e3;
         data_wait_ms += waited;
         let t0 = Instant::now();
-        let image = model.encode_image_t(&batch.pixels, true)?;
-        let text = model.encode_text(&batch.ids, &batch.eot)?;
-        let epoch = step / exp.steps_per_epoch() + 1;
-        let (loss, clip, cross, inmodal, w) = match &variant.loss {
-            LossConfig::Clip => {
-                let v = rankalign_kernels::l2_normalize(&image)?;
-                let t = rankalign_kernels::l2_normalize(&text)?;
-                let logits = v
-                    .matmul(&t.t()?)?
-                    .broadcast_mul(&logit_scale.as_tensor().exp()?)?;
-                let l = clip_loss(&logits)?;
-                (l.clone(), l, None, None, 0.0)
-            }
-            LossConfig::Rankclip(rc) => {
-                let w = rc.weight(epoch, exp.train.epochs);
-                let perms = ListPerms::from_seed(
-                    exp.train.batch_size,
-                    mix_seed(&[exp.seed, 0x9E53, step as u64]),
-                );
-                let terms = rankclip_loss(rc, &image, &text, logit_scale.as_tensor(), w, &perms)?;
-                (
-                    terms.total,
-                    terms.clip,
-                    Some(terms.cross),
-                    Some(terms.inmodal),
-                    w,
-                )
-            }
+        let image = run.model.encode_image_t(&batch.pixels, true)?;
+        let text = run.model.encode_text(&batch.ids, &batch.eot)?;
+        let epoch = step / sched.steps_per_epoch + 1;
+        let ctx = StepContext {
+            epoch,
+            epochs: exp.train.epochs,
+            tie_seed: mix_seed(&[exp.seed, 0x9E53, step as u64]),
+            labels: None,
         };
-        let loss_value = scalar(&loss)?;
+        let terms = run
+            .objective
+            .loss(&image, &text, run.logit_scale.as_tensor(), &ctx)?;
+        let loss_value = scalar(&terms.total)?;
         if !loss_value.is_finite() {
             return Err(TrainError::Diverged {
                 step,
                 loss: loss_value,
-                checkpoint: last_ckpt,
+                checkpoint: run.last_ckpt.clone(),
             });
         }
-        let grads = loss.backward()?;
+        let grads = terms.total.backward()?;
         let lr = cosine_with_warmup(o.lr, o.warmup_steps, total, step);
-        opt.step(&grads, lr)?;
-        logit_scale.set(&logit_scale.as_tensor().clamp(0.0, MAX_LOGIT_SCALE)?)?;
+        run.opt.step(&grads, lr)?;
+        run.logit_scale
+            .set(&run.logit_scale.as_tensor().clamp(0.0, MAX_LOGIT_SCALE)?)?;
         let step_ms = t0.elapsed().as_secs_f64() * 1e3;
         step_times.push(step_ms);
         final_loss = loss_value;
+        skipped = position.stats.clone();
         let done = step + 1;
         if done % exp.train.log_every == 0 || done == end {
             let rec = StepRecord {
@@ -332,90 +432,151 @@ pub fn train_variant(
                 epoch,
                 lr,
                 loss: loss_value,
-                clip: scalar(&clip)?,
-                cross: cross.as_ref().map(scalar).transpose()?.unwrap_or(0.0),
-                inmodal: inmodal.as_ref().map(scalar).transpose()?.unwrap_or(0.0),
-                rank_weight: w,
-                logit_scale: scalar(logit_scale.as_tensor())?,
+                parts: terms
+                    .parts
+                    .iter()
+                    .map(|(n, t)| Ok((n.to_string(), scalar(t)?)))
+                    .collect::<Result<_>>()?,
+                logit_scale: scalar(run.logit_scale.as_tensor())?,
                 step_ms,
                 data_wait_ms: waited,
+                data_seen: position.stats.seen,
+                data_skipped: position.stats.skipped,
             };
             let line =
                 serde_json::to_string(&rec).map_err(|e| TrainError::Invalid(e.to_string()))?;
             writeln!(metrics, "{line}").map_err(io_err(&metrics_path))?;
             if let Some(cb) = &opts.on_log {
-                cb(&variant.name, &rec);
+                cb(&run.name, &rec);
             }
-            history.push(rec);
+            run.history.push(rec);
         }
         opts.progress.set_position(done as u64);
         opts.progress.set_message(format!("loss {loss_value:.3}"));
         if done % exp.train.checkpoint_every == 0 || done == end {
             let state = CheckpointState {
                 step: done,
-                optimizer_steps: opt.steps(),
+                optimizer_steps: run.opt.steps(),
                 seed: exp.seed,
-                config_digest: digest.clone(),
+                config_digest: run.digest.clone(),
                 rng: format!(
-                    "counter-based: every draw keyed by (seed {}, step); next step {done}",
+                    "counter-based: every draw keyed by (seed {}, step) or the data position; next step {done}",
                     exp.seed
                 ),
+                data: Some(position),
+                checksums: BTreeMap::new(),
             };
-            last_ckpt = Some(checkpoint::save(
+            run.last_ckpt = Some(checkpoint::save(
                 &ckpt_dir,
-                &vars,
-                &opt,
+                &run.vars,
+                &run.opt,
                 &state,
                 exp.train.keep_checkpoints,
             )?);
         }
     }
     drop(prefetch);
-    let train_secs = started.elapsed().as_secs_f64();
+    let mut sorted = step_times.clone();
+    sorted.sort_by(f64::total_cmp);
+    if final_loss.is_nan() {
+        final_loss = run.history.last().map_or(f64::NAN, |r| r.loss);
+    }
+    Ok(Fitted {
+        steps: end,
+        final_loss,
+        median_step_ms: sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN),
+        total_data_wait_ms: data_wait_ms,
+        train_secs: started.elapsed().as_secs_f64(),
+        skipped,
+    })
+}
+
+/// Evaluate the trained model, write `eval.json`, and gather the outcome.
+pub fn finish(
+    exp: &ExperimentConfig,
+    run: Run,
+    fitted: Fitted,
+    shared: &Shared,
+    opts: &VariantOptions,
+) -> Result<VariantOutcome> {
     opts.progress.set_message("evaluating");
-    let eval = evaluate(&model, &shared.tokenizer, &shared.test, &exp.eval, device)?;
-    let eval_path = dir.join("eval.json");
+    let eval = evaluate(
+        &run.model,
+        &shared.tokenizer,
+        &shared.eval,
+        &exp.eval,
+        &shared.device,
+    )?;
+    let eval_path = run.dir.join("eval.json");
     std::fs::write(
         &eval_path,
         serde_json::to_string_pretty(&eval).map_err(|e| TrainError::Invalid(e.to_string()))?,
     )
     .map_err(io_err(&eval_path))?;
-    opts.progress
-        .finish_with_message(format!("done, zero-shot top-1 {:.1}%", eval.zero_shot_top1));
-    let mut sorted = step_times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median_step_ms = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
-    if final_loss.is_nan() {
-        final_loss = history.last().map_or(f64::NAN, |r| r.loss);
-    }
+    let headline = eval
+        .metrics
+        .first()
+        .map(|(k, v)| format!(", {k} {v:.1}"))
+        .unwrap_or_default();
+    opts.progress.finish_with_message(format!("done{headline}"));
     Ok(VariantOutcome {
-        name: variant.name.clone(),
-        steps: end,
-        resumed_from,
-        final_loss,
-        median_step_ms,
-        total_data_wait_ms: data_wait_ms,
-        train_secs,
+        name: run.name,
+        steps: fitted.steps,
+        resumed_from: (run.start > 0).then_some(run.start),
+        final_loss: fitted.final_loss,
+        median_step_ms: fitted.median_step_ms,
+        total_data_wait_ms: fitted.total_data_wait_ms,
+        train_secs: fitted.train_secs,
         eval,
-        history,
+        history: run.history,
+        skipped: fitted.skipped,
+        warnings: run.warnings,
     })
 }
 
-/// Build the shared data for an experiment.
+/// Train one variant to the end (or `stop_after`) and evaluate it.
+pub fn train_variant(
+    exp: &ExperimentConfig,
+    variant: &VariantConfig,
+    shared: &Shared,
+    opts: &VariantOptions,
+) -> Result<VariantOutcome> {
+    let mut run = build(exp, variant, &shared.device, opts.overwrite)?;
+    let fitted = fit(exp, &mut run, shared, opts)?;
+    finish(exp, run, fitted, shared, opts)
+}
+
+/// Open the training source and the evaluation data of an experiment.
 pub fn prepare(exp: &ExperimentConfig, device: &Device) -> Result<Shared> {
-    let digits = match (&exp.data.mnist_images, &exp.data.mnist_labels) {
-        (Some(i), Some(l)) => rankalign_data::Digits::load(i, l)?,
-        _ => rankalign_data::Digits::embedded()?,
-    };
-    let digits = Arc::new(digits);
-    let scenes = exp.data.scenes(exp.seed);
     let clip_cfg = exp.model.resolve().map_err(TrainError::Invalid)?;
-    let make = |split| {
-        DigitScenes::new(digits.clone(), scenes.clone(), split).map_err(TrainError::Invalid)
+    let (train, eval): (Arc<dyn PairSource>, Evaluation) = match &exp.data {
+        SourceConfig::Digits(d) => {
+            let digits = Arc::new(d.digits()?);
+            let train = d.split(digits.clone(), exp.seed, Split::Train)?;
+            let test = d.split(digits, exp.seed, Split::Test)?;
+            (
+                Arc::new(rankalign_data::source::DigitsSource::new(train)),
+                Evaluation::Digits(test),
+            )
+        }
+        other => (
+            other.open_train(exp.seed)?,
+            match other.open_test()? {
+                Some(t) => Evaluation::Retrieval(t),
+                None => Evaluation::None,
+            },
+        ),
     };
+    if train.len() < exp.train.batch_size {
+        return Err(TrainError::Invalid(format!(
+            "{} holds fewer samples than train.batch_size {}",
+            train.describe(),
+            exp.train.batch_size
+        )));
+    }
     Ok(Shared {
-        train: make(Split::Train)?,
-        test: make(Split::Test)?,
+        train,
+        eval,
         tokenizer: crate::text_tower::tokenizer(&clip_cfg, exp.model.text_tower.as_ref())?,
         device: device.clone(),
     })
