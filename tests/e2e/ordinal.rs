@@ -367,3 +367,54 @@ fn runs_from_a_pretrained_model_share_its_frozen_parts() {
         assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{k}");
     }
 }
+
+/// Stage keys that no method reads are errors that say which keys are read instead.
+#[test]
+fn unread_stage_options_are_errors() {
+    let dir = scratch("ordinal-unread");
+    let base = digits_config(&dir, "x");
+    let parse = |text: &str| {
+        OrdinalConfig::parse(text, Path::new("o.toml"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(parse(&base), "", "the base config is valid");
+    let err = parse(&base.replace(
+        "warmup_epochs = 1\n",
+        "warmup_epochs = 1\nmilestones = [1]\ngamma = 0.5\n",
+    ));
+    assert!(
+        err.contains("stage1.milestones and stage1.gamma are not read"),
+        "{err}"
+    );
+    let err = parse(&base.replace(
+        "milestones = [1]\n",
+        "milestones = [1]\nwarmup_epochs = 1\n",
+    ));
+    assert!(err.contains("stage2.warmup_epochs is not read"), "{err}");
+    // Without an L2RCLIP method, stage 1's budget is not read …
+    let no_l2r = base
+        .split("[[method]]\nname = \"l2rclip\"")
+        .next()
+        .unwrap()
+        .to_string();
+    let err = parse(&no_l2r);
+    assert!(
+        err.contains("stage1.epochs and stage1.batch_size are read only by L2RCLIP"),
+        "{err}"
+    );
+    // … and leaving it out is valid; with L2RCLIP it is required.
+    let trimmed = no_l2r.replacen(
+        "epochs = 2\nbatch_size = 16\nlr = 1e-3\nwarmup_epochs",
+        "lr = 1e-3\nwarmup_epochs",
+        1,
+    );
+    assert_eq!(parse(&trimmed), "");
+    let err = parse(&base.replacen(
+        "epochs = 2\nbatch_size = 16\nlr = 1e-3\nwarmup_epochs",
+        "lr = 1e-3\nwarmup_epochs",
+        1,
+    ));
+    assert!(err.contains("stage1.epochs must be given"), "{err}");
+}

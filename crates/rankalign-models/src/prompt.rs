@@ -28,7 +28,8 @@
 //!
 //! Learned offsets start at zero, so CoOp's slot starts at the rank embeddings and weight
 //! decay pulls it back towards them; OrdinalCLIP's bases start at the embeddings of the
-//! ranks nearest their anchors, and the RankFormer at `(1 − α)R`. See
+//! ranks nearest their anchors (their own tokens only; zero where an anchor rank is
+//! shorter than the slot), and the RankFormer at `(1 − α)R`. See
 //! `docs/decisions.md` for each choice the L2RCLIP paper leaves open.
 
 use candle_core::{Device, Module, Result, Tensor};
@@ -350,10 +351,18 @@ impl PromptLearner {
                     })
                     .collect();
                 let idx = Tensor::from_vec(idx, k, embeds.device())?;
+                // Only the anchor rank's own tokens: where it is shorter than the slot,
+                // the base starts at zero rather than at the template word (or EOT)
+                // that follows it there (decision 21: ranks never mix with templates).
+                let own = tokens
+                    .slot_mask(embeds.device())?
+                    .to_dtype(embeds.dtype())?
+                    .index_select(&idx, 0)?;
                 let anchors = embeds
                     .narrow(1, start, t)?
                     .contiguous()?
-                    .index_select(&idx, 0)?;
+                    .index_select(&idx, 0)?
+                    .broadcast_mul(&own)?;
                 RankSlot::Interpolated {
                     delta: vb.get_with_hints((k, t, d), "base_offset", Init::Const(0.0))?,
                     weights,

@@ -110,6 +110,9 @@ pub struct Sample {
     pub caption: String,
 }
 
+/// A decoded sample, or the key and reason of a skipped one.
+type Decoded = Result<Sample, (String, String)>;
+
 /// A seeded shuffle buffer over a pass's references.
 struct Shuffled {
     inner: RefIter,
@@ -270,7 +273,7 @@ impl PairStream {
             }
             let ended = chunk.len() < want;
             let (source, seed, pass) = (&self.source, self.seed, self.pos.pass);
-            let loaded: Vec<Result<Result<Sample, (String, String)>, DataError>> = chunk
+            let loaded: Vec<Result<Decoded, DataError>> = chunk
                 .par_iter()
                 .map(|(ordinal, r)| {
                     Ok(match source.load(r)? {

@@ -302,3 +302,23 @@ fn bad_prompts_are_errors() {
     .to_string();
     assert!(err.contains("bases"), "{err}");
 }
+
+/// OrdinalCLIP's bases start from the anchor ranks' own tokens only: rank 0 (two
+/// tokens) contributes nothing at the third slot position, where its prompt has EOT.
+#[test]
+fn interpolated_bases_never_start_from_template_words() -> Result<()> {
+    let f = tiny()?;
+    let slot = RankSlotConfig::Interpolated {
+        bases: 3,
+        interpolation: Interpolation::Linear,
+    };
+    let (p, _) = learner(&f, 0, &slot, 1)?;
+    let e = p.forward()?;
+    let tok = f.model.text_model()?.embed_tokens(&p.tokens().ids)?;
+    // Rank 1 = ¼·B0 + ½·B1 + ¼·B2; at slot position 2 only B1 (rank 1, three tokens)
+    // has a token, so the mix is half of rank 1's own third token.
+    let at = |t: &Tensor, r: usize| t.narrow(0, r, 1)?.narrow(1, 1 + 2, 1);
+    let want = (at(&tok, 1)? * 0.5)?;
+    assert!(max_diff(&at(&e, 1)?, &want)? < 1e-6);
+    Ok(())
+}

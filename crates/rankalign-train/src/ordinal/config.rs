@@ -174,12 +174,18 @@ pub struct PromptConfig {
     pub n_ctx: usize,
 }
 
-/// Budget and optimiser of one stage (Adam with decoupled weight decay).
+/// Budget and optimiser of one stage (Adam with decoupled weight decay). Which keys a
+/// stage reads is checked: `[stage1]` gives L2RCLIP's stage 1 its budget and every
+/// learned-prompt method its prompt learning rate, weight decay and warm-up; `[stage2]`
+/// gives the image encoder its budget, learning rate and step decay.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageConfig {
-    pub epochs: usize,
-    pub batch_size: usize,
+    /// Required for stage 2, and for stage 1 when an L2RCLIP method runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
     pub lr: f64,
     #[serde(default)]
     pub weight_decay: f64,
@@ -189,8 +195,21 @@ pub struct StageConfig {
     /// Stage 2: epochs after which the learning rate is multiplied by `gamma`.
     #[serde(default)]
     pub milestones: Vec<usize>,
-    #[serde(default = "default_gamma")]
-    pub gamma: f64,
+    /// Stage 2: the step decay's factor (default 0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gamma: Option<f64>,
+}
+
+impl StageConfig {
+    pub fn epochs(&self) -> usize {
+        self.epochs.unwrap_or(0)
+    }
+    pub fn batch_size(&self) -> usize {
+        self.batch_size.unwrap_or(0)
+    }
+    pub fn gamma(&self) -> f64 {
+        self.gamma.unwrap_or_else(default_gamma)
+    }
 }
 
 fn default_gamma() -> f64 {
@@ -503,12 +522,27 @@ impl OrdinalConfig {
             words.len() == m,
             format!("prompt.ranks has {} words for {m} ranks", words.len()),
         );
+        let stage1_runs = self
+            .methods
+            .iter()
+            .any(|m| matches!(m.recipe, Recipe::L2rclip(_)));
         for (key, s) in [("stage1", &self.stage1), ("stage2", &self.stage2)] {
-            need(s.epochs >= 1, format!("{key}.epochs must be at least 1"));
-            need(
-                s.batch_size >= 2,
-                format!("{key}.batch_size must be at least 2"),
-            );
+            let budget = key == "stage2" || stage1_runs;
+            if budget {
+                need(
+                    s.epochs.is_some_and(|e| e >= 1),
+                    format!("{key}.epochs must be given and at least 1"),
+                );
+                need(
+                    s.batch_size.is_some_and(|b| b >= 2),
+                    format!("{key}.batch_size must be given and at least 2"),
+                );
+            } else {
+                need(
+                    s.epochs.is_none() && s.batch_size.is_none(),
+                    "stage1.epochs and stage1.batch_size are read only by L2RCLIP's stage 1, and no method here runs it: CoOp and OrdinalCLIP train prompts and image encoder together for stage2.epochs at stage2.batch_size (stage1 gives them lr, weight_decay and warmup_epochs); remove them".into(),
+                );
+            }
             need(
                 s.lr.is_finite() && s.lr > 0.0,
                 format!("{key}.lr must be > 0, got {}", s.lr),
@@ -518,10 +552,18 @@ impl OrdinalConfig {
                 format!("{key}.weight_decay must be >= 0"),
             );
             need(
-                s.gamma > 0.0 && s.gamma <= 1.0,
+                s.gamma().is_finite() && s.gamma() > 0.0 && s.gamma() <= 1.0,
                 format!("{key}.gamma must be in (0, 1]"),
             );
         }
+        need(
+            self.stage1.milestones.is_empty() && self.stage1.gamma.is_none(),
+            "stage1.milestones and stage1.gamma are not read: stage 1 uses warm-up and cosine decay; the step decay is stage 2's".into(),
+        );
+        need(
+            self.stage2.warmup_epochs == 0,
+            "stage2.warmup_epochs is not read: stage 2 uses step decay (milestones, gamma); the prompts' warm-up is stage1.warmup_epochs".into(),
+        );
         need(
             self.eval.batch_size >= 1,
             "eval.batch_size must be at least 1".into(),

@@ -93,7 +93,7 @@ fn adam(vars: Vec<(String, Var)>, weight_decay: f64) -> Result<AdamW> {
 /// Step decay: `lr · gamma^(milestones passed)` at 0-based `epoch`.
 fn multistep(s: &StageConfig, epoch: usize) -> f64 {
     let passed = s.milestones.iter().filter(|&&m| epoch >= m).count();
-    s.lr * s.gamma.powi(passed as i32)
+    s.lr * s.gamma().powi(passed as i32)
 }
 
 /// A batch plan that tolerates sets smaller than the batch (few-shot).
@@ -202,8 +202,8 @@ impl Job<'_> {
     fn stage1(&mut self, r: &L2rclipRecipe, feats: &Tensor) -> Result<usize> {
         let s = &self.ctx.cfg.stage1;
         let n = self.fold.train.len();
-        let plan = plan(mix_seed(&[self.seed, 0x5A61]), n, s.batch_size)?;
-        let steps = s.epochs * plan.steps_per_epoch();
+        let plan = plan(mix_seed(&[self.seed, 0x5A61]), n, s.batch_size())?;
+        let steps = s.epochs() * plan.steps_per_epoch();
         let warmup = s.warmup_epochs * plan.steps_per_epoch();
         let mut opt = adam(self.prompt_vars.clone(), s.weight_decay)?;
         let raw_scale = self.model.logit_scale().detach();
@@ -242,8 +242,8 @@ impl Job<'_> {
         let ranks = self.rank_features()?.detach();
         let scale = self.scale()?;
         let n = self.fold.train.len();
-        let plan = plan(mix_seed(&[self.seed, 0x5A62]), n, s.batch_size)?;
-        let steps = s.epochs * plan.steps_per_epoch();
+        let plan = plan(mix_seed(&[self.seed, 0x5A62]), n, s.batch_size())?;
+        let steps = s.epochs() * plan.steps_per_epoch();
         let mut opt = adam(self.vision_vars(), s.weight_decay)?;
         let mut batches = self.batches(plan, steps, 0xF11B2)?;
         for step in 0..steps {
@@ -267,9 +267,9 @@ impl Job<'_> {
         let (s1, s2) = (self.ctx.cfg.stage1.clone(), self.ctx.cfg.stage2.clone());
         let scale = self.scale()?;
         let n = self.fold.train.len();
-        let plan = plan(mix_seed(&[self.seed, 0x5A63]), n, s2.batch_size)?;
-        let steps = s2.epochs * plan.steps_per_epoch();
-        let warmup = s1.warmup_epochs.min(s2.epochs.saturating_sub(1)) * plan.steps_per_epoch();
+        let plan = plan(mix_seed(&[self.seed, 0x5A63]), n, s2.batch_size())?;
+        let steps = s2.epochs() * plan.steps_per_epoch();
+        let warmup = s1.warmup_epochs.min(s2.epochs().saturating_sub(1)) * plan.steps_per_epoch();
         let mut opt_p = adam(self.prompt_vars.clone(), s1.weight_decay)?;
         let mut opt_v = adam(self.vision_vars(), s2.weight_decay)?;
         let mut batches = self.batches(plan, steps, 0xF11B1)?;
@@ -357,17 +357,18 @@ pub(super) fn run(
     let prompts = PromptLearner::new(tokens, embeds, &slot, pm.var_builder(DType::F32, device))?;
     let log_path = dir.join("metrics.jsonl");
     let log = std::fs::File::create(&log_path).map_err(io_err(&log_path))?;
-    let (s1_spe, s2_spe) = (
-        plan(0, fold.train.len(), ctx.cfg.stage1.batch_size)?.steps_per_epoch(),
-        plan(0, fold.train.len(), ctx.cfg.stage2.batch_size)?.steps_per_epoch(),
-    );
+    let spe = |s: &crate::ordinal::config::StageConfig| -> Result<usize> {
+        Ok(plan(0, fold.train.len(), s.batch_size())?.steps_per_epoch())
+    };
     let total = match &method.recipe {
         Recipe::ZeroShot => 0,
-        Recipe::Coop { .. } | Recipe::Ordinalclip { .. } => ctx.cfg.stage2.epochs * s2_spe,
+        Recipe::Coop { .. } | Recipe::Ordinalclip { .. } => {
+            ctx.cfg.stage2.epochs() * spe(&ctx.cfg.stage2)?
+        }
         Recipe::L2rclip(r) => {
-            ctx.cfg.stage1.epochs * s1_spe
+            ctx.cfg.stage1.epochs() * spe(&ctx.cfg.stage1)?
                 + if r.stage2 {
-                    ctx.cfg.stage2.epochs * s2_spe
+                    ctx.cfg.stage2.epochs() * spe(&ctx.cfg.stage2)?
                 } else {
                     0
                 }
