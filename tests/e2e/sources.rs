@@ -73,7 +73,7 @@ batch_size = 32
 fn shards(dir: &Path) -> String {
     let pattern = export(&dir.join("wds"), ExportFormat::Webdataset, Split::Train, 80);
     format!(
-        "source = \"webdataset\"\nimage_size = 24\nshards = \"{pattern}::{}\"\nnum_samples = 96\nshuffle_buffer = 10\ntransform = {{ scale = [0.5, 1.0], hflip = 0.5 }}\ncorrupt = {{ max_skipped = 0.1 }}",
+        "source = \"webdataset\"\nimage_size = 24\nshards = \"{pattern}::{}\"\nnum_samples = 96\nshuffle_buffer = 10\ntransform = {{ kind = \"random-resized-crop\", scale = [0.5, 1.0], hflip = 0.5 }}\ncorrupt = {{ max_skipped = 0.1 }}",
         corrupt_fixture().display()
     )
 }

@@ -10,10 +10,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CorruptPolicy, Loaded, Pair, PairSource, RefIter, SampleRef, Sharding, TransformConfig,
+    CorruptPolicy, ImageTransform, Loaded, Pair, PairSource, RefIter, SampleRef, Sharding, TransformConfig,
 };
 use crate::DataError;
-use crate::augment::TrainTransformConfig;
 use crate::image::SourceImage;
 
 /// Whose defaults the separator, column names and path base take.
@@ -103,7 +102,7 @@ struct Row {
 pub struct CsvSource {
     path: PathBuf,
     rows: Vec<Row>,
-    transform: TrainTransformConfig,
+    transform: ImageTransform,
     max_pixels: u64,
 }
 
@@ -278,7 +277,7 @@ impl PairSource for CsvSource {
         })
     }
 
-    fn transform(&self) -> Option<&TrainTransformConfig> {
+    fn transform(&self) -> Option<&ImageTransform> {
         Some(&self.transform)
     }
 }

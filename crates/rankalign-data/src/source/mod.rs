@@ -111,7 +111,7 @@ pub trait PairSource: Send + Sync {
     }
     /// The training transform of decoded images; `None`: images are used as they are
     /// (they must be the model's size).
-    fn transform(&self) -> Option<&TrainTransformConfig> {
+    fn transform(&self) -> Option<&ImageTransform> {
         None
     }
 }
@@ -144,17 +144,23 @@ impl Default for CorruptPolicy {
     }
 }
 
-/// The training transform of a file source: torchvision's `RandomResizedCrop` and flip
-/// at the model's size; the defaults are open_clip's (scale 0.9–1, no flip).
+/// The training transform of a file source's images, at the model's size.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TransformConfig {
-    #[serde(default = "default_scale")]
-    pub scale: (f64, f64),
-    #[serde(default = "default_ratio")]
-    pub ratio: (f64, f64),
-    #[serde(default)]
-    pub hflip: f64,
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum TransformConfig {
+    /// torchvision's `RandomResizedCrop` (bicubic) and a horizontal flip; the defaults
+    /// are open_clip's training transform (scale 0.9–1, ratio 3/4–4/3, no flip).
+    RandomResizedCrop {
+        #[serde(default = "default_scale")]
+        scale: (f64, f64),
+        #[serde(default = "default_ratio")]
+        ratio: (f64, f64),
+        #[serde(default)]
+        hflip: f64,
+    },
+    /// Resize the shorter side (bicubic) and crop the centre: CLIP's evaluation
+    /// transform, which CyCLIP and RankCLIP also train with (no augmentation).
+    ResizeCenterCrop,
 }
 
 fn default_scale() -> (f64, f64) {
@@ -166,7 +172,7 @@ fn default_ratio() -> (f64, f64) {
 
 impl Default for TransformConfig {
     fn default() -> Self {
-        Self {
+        Self::RandomResizedCrop {
             scale: default_scale(),
             ratio: default_ratio(),
             hflip: 0.0,
@@ -175,12 +181,43 @@ impl Default for TransformConfig {
 }
 
 impl TransformConfig {
-    pub fn at_size(&self, size: usize) -> TrainTransformConfig {
-        TrainTransformConfig {
-            size,
-            scale: self.scale,
-            ratio: self.ratio,
-            hflip: self.hflip,
+    pub fn at_size(&self, size: usize) -> ImageTransform {
+        match self {
+            Self::RandomResizedCrop {
+                scale,
+                ratio,
+                hflip,
+            } => ImageTransform::RandomResizedCrop(TrainTransformConfig {
+                size,
+                scale: *scale,
+                ratio: *ratio,
+                hflip: *hflip,
+            }),
+            Self::ResizeCenterCrop => ImageTransform::ResizeCenterCrop(size),
+        }
+    }
+}
+
+/// A training transform ready to apply.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ImageTransform {
+    RandomResizedCrop(TrainTransformConfig),
+    ResizeCenterCrop(usize),
+}
+
+impl ImageTransform {
+    /// The transformed image; `seed` keys the random draws.
+    pub fn apply(&self, img: &SourceImage, seed: u64) -> Result<crate::image::Image, DataError> {
+        match self {
+            Self::RandomResizedCrop(t) => t.apply(img, seed).map(|(out, _)| out),
+            Self::ResizeCenterCrop(size) => Ok(img.clip_eval(*size)),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), DataError> {
+        match self {
+            Self::RandomResizedCrop(t) => t.validate(),
+            Self::ResizeCenterCrop(_) => Ok(()),
         }
     }
 }

@@ -330,10 +330,7 @@ fn fit(source: &dyn PairSource, p: &super::Pair, size: usize, seed: u64) -> Resu
         ));
     }
     match source.transform() {
-        Some(t) => t
-            .apply(&p.image, seed)
-            .map(|(img, _)| img)
-            .map_err(|e| e.to_string()),
+        Some(t) => t.apply(&p.image, seed).map_err(|e| e.to_string()),
         None if p.image.width == size && p.image.height == size => Ok(p.image.to_rgb()),
         None => Err(format!(
             "the image is {}×{}, the model takes {size}×{size} and the source has no transform",

@@ -22,9 +22,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CorruptPolicy, Loaded, Member, Pair, PairSource, RefIter, SampleRef, Sharding, TransformConfig,
+    CorruptPolicy, ImageTransform, Loaded, Member, Pair, PairSource, RefIter, SampleRef, Sharding, TransformConfig,
 };
-use crate::augment::TrainTransformConfig;
 use crate::image::SourceImage;
 use crate::{DataError, mix_seed};
 
@@ -262,7 +261,7 @@ pub struct WdsSource {
     text_key: String,
     json_text_key: Option<String>,
     buffer: usize,
-    transform: TrainTransformConfig,
+    transform: ImageTransform,
     max_pixels: u64,
 }
 
@@ -530,7 +529,7 @@ impl PairSource for WdsSource {
         self.buffer
     }
 
-    fn transform(&self) -> Option<&TrainTransformConfig> {
+    fn transform(&self) -> Option<&ImageTransform> {
         Some(&self.transform)
     }
 }
