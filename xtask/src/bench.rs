@@ -170,20 +170,148 @@ pub fn run(args: &[String]) -> Result<()> {
         // Also on an existing venv, so that one made before the model benchmarks gets
         // transformers; pip leaves satisfied requirements alone.
         let mut pip = Command::new(venv.join("bin/pip"));
-        pip.args(["install", "--quiet", "torch", "numpy", "transformers"]);
+        pip.args([
+            "install",
+            "--quiet",
+            "torch",
+            "torchvision",
+            "numpy",
+            "transformers",
+            "webdataset",
+            "pillow",
+        ]);
         run_cmd(pip)?;
+    }
+    let path = project_root().join("docs/BENCHMARKS.md");
+    if args.iter().any(|a| a == "--data-only") {
+        // Replace the data section (the last one) of the existing document.
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let keep = old
+            .find("## Data loading")
+            .map_or(old.as_str(), |i| &old[..i]);
+        let doc = format!(
+            "{}{}",
+            keep.trim_end().to_string() + "\n\n",
+            run_data(&python, quick)?
+        );
+        eprintln!("{doc}");
+        std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("xtask: wrote {}", path.display());
+        return Ok(());
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (kernel_rows, kernel_note) = run_suite(&KERNELS, threads, quick, &python)?;
     let (model_rows, model_note) = run_suite(&MODELS, threads, quick, &python)?;
+    let data = run_data(&python, quick)?;
     let mut doc = render(&kernel_rows, threads, &kernel_note, quick);
     doc.push('\n');
     doc.push_str(&render_models(&model_rows, threads, &model_note, quick));
+    doc.push('\n');
+    doc.push_str(&data);
     eprintln!("{doc}");
-    let path = project_root().join("docs/BENCHMARKS.md");
     std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("xtask: wrote {}", path.display());
     Ok(())
+}
+
+/// The data-throughput comparison: `bench_data` (ours) and `torch_data.py` (a
+/// `DataLoader` over webdataset with PIL and torchvision) on the same JPEG shards, with
+/// 1 and 2 data threads / workers, each pair run `reps` times in turn; returns the
+/// markdown section.
+fn run_data(python: &Path, quick: bool) -> Result<String> {
+    let mut s = String::from("## Data loading\n\n");
+    if !python.exists() {
+        s.push_str("Not run: the shards are written and read by the PyTorch venv's Pillow and webdataset; run `cargo xtask bench --setup-torch`.\n");
+        return Ok(s);
+    }
+    let shards = project_root().join("target/bench-shards");
+    if !shards.join("sizes.json").exists() {
+        let mut mk = Command::new(python);
+        mk.arg(project_root().join("crates/rankalign-data/benches/make_bench_shards.py"))
+            .arg("--out")
+            .arg(&shards);
+        run_cmd(mk)?;
+    }
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "rankalign-data",
+        "--example",
+        "bench_data",
+    ]);
+    run_cmd(build)?;
+    let exe = project_root().join("target/release/examples/bench_data");
+    let reps = if quick { 1 } else { 3 };
+    // threads → (ours, torch) rows over the repetitions
+    let mut got: BTreeMap<usize, (Vec<Row>, Vec<Row>)> = BTreeMap::new();
+    for rep in 0..reps {
+        for threads in [1usize, 2] {
+            eprintln!(
+                "xtask: data throughput, {threads} thread(s), run {}",
+                rep + 1
+            );
+            let mut ours = Command::new(&exe);
+            ours.args(["--shards"])
+                .arg(&shards)
+                .args(["--threads", &threads.to_string(), "--quick"])
+                .envs(MALLOC);
+            let mut torch = Command::new(python);
+            torch
+                .arg(project_root().join("crates/rankalign-data/benches/torch_data.py"))
+                .arg("--shards")
+                .arg(&shards)
+                .args(["--threads", &threads.to_string(), "--quick"])
+                .envs(MALLOC);
+            let entry = got.entry(threads).or_default();
+            entry.0.extend(capture(ours)?.lines().filter_map(parse));
+            entry.1.extend(capture(torch)?.lines().filter_map(parse));
+        }
+    }
+    let mut v = Command::new(python);
+    v.args([
+        "-c",
+        "import torch, torchvision, webdataset, PIL; print(f'PyTorch {torch.__version__}, torchvision {torchvision.__version__}, webdataset {webdataset.__version__}, Pillow {PIL.__version__}')",
+    ]);
+    let versions = capture(v).unwrap_or_default().trim().to_string();
+    s.push_str(&format!(
+        "Decode + `RandomResizedCrop(224, scale 0.9–1, bicubic)` + normalisation + batching of 64, over 10 webdataset shards of 200 JPEGs \
+         (320×256 to 400×300, quality 90; `benches/make_bench_shards.py`) on {}. Ours: `examples/bench_data.rs` (`PairStream`: tar listing, \
+         seeded shuffle buffer, zune-jpeg, Pillow-exact resampling, collation into one f32 tensor) on N data threads. PyTorch: \
+         `benches/torch_data.py`, open_clip's webdataset pipeline in a `DataLoader` with N worker processes, PIL and torchvision ({versions}). \
+         Images per second of one full pass, {reps} run(s) each, in turn; the ratio is ours / PyTorch's (above 1× = ours is faster), \
+         median and range over the runs. Peak memory: our process's peak RSS over the whole 10-shard stream; PyTorch's is the sum of \
+         the main process's and its workers' peak RSS (shared library pages counted once per process).\n\n",
+        cpu_model()
+    ));
+    s.push_str("| data threads | ours img/s | torch img/s | ours / torch (range) | peak MB ours | torch |\n");
+    s.push_str("|---|---|---|---|---|---|\n");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    for (threads, (ours, torch)) in &got {
+        let rate = |r: &Row| 64_000.0 / r.ms;
+        let ratios: Vec<f64> = ours
+            .iter()
+            .zip(torch)
+            .map(|(o, t)| rate(o) / rate(t))
+            .collect();
+        let (lo, hi) = ratios
+            .iter()
+            .fold((f64::INFINITY, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
+        s.push_str(&format!(
+            "| {threads} | {:.0} | {:.0} | {:.2}× ({lo:.2}–{hi:.2}) | {:.0} | {:.0} |\n",
+            median(ours.iter().map(rate).collect()),
+            median(torch.iter().map(rate).collect()),
+            median(ratios.clone()),
+            median(ours.iter().map(|r| r.peak_mb).collect()),
+            median(torch.iter().map(|r| r.peak_mb).collect()),
+        ));
+    }
+    Ok(s)
 }
 
 fn cpu_model() -> String {

@@ -6,6 +6,7 @@
 //! same), and the EOT position of each row is recorded as a flat index `row · s + pos`.
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::DataError;
 use crate::image::Image;
@@ -35,7 +36,6 @@ pub fn collate_images(
     device: &Device,
 ) -> Result<Tensor, DataError> {
     let plane = size * size;
-    let mut out = vec![0f32; images.len() * 3 * plane];
     for (i, img) in images.iter().enumerate() {
         if img.width != size || img.height != size || img.data.len() != plane * 3 {
             return Err(DataError::Invalid(format!(
@@ -43,13 +43,19 @@ pub fn collate_images(
                 img.width, img.height
             )));
         }
-        for p in 0..plane {
-            for c in 0..3 {
-                let v = f32::from(img.data[p * 3 + c]) / 255.0;
-                out[(i * 3 + c) * plane + p] = (v - CLIP_MEAN[c]) / CLIP_STD[c];
-            }
-        }
     }
+    let mut out = vec![0f32; images.len() * 3 * plane];
+    // One image per task on the caller's rayon pool (the data threads).
+    out.par_chunks_mut((3 * plane).max(1))
+        .zip(images.par_iter())
+        .for_each(|(dst, img)| {
+            for (c, channel) in dst.chunks_exact_mut(plane.max(1)).enumerate() {
+                let (mean, std) = (CLIP_MEAN[c], CLIP_STD[c]);
+                for (p, o) in channel.iter_mut().enumerate() {
+                    *o = (f32::from(img.data[p * 3 + c]) / 255.0 - mean) / std;
+                }
+            }
+        });
     Ok(Tensor::from_vec(
         out,
         (images.len(), 3, size, size),

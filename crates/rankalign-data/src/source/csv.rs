@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CorruptPolicy, ImageTransform, Loaded, Pair, PairSource, RefIter, SampleRef, Sharding, TransformConfig,
+    CorruptPolicy, ImageTransform, Loaded, Pair, PairSource, RefIter, SampleRef, Sharding,
+    TransformConfig,
 };
 use crate::DataError;
 use crate::image::SourceImage;

@@ -22,7 +22,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CorruptPolicy, ImageTransform, Loaded, Member, Pair, PairSource, RefIter, SampleRef, Sharding, TransformConfig,
+    CorruptPolicy, ImageTransform, Loaded, Member, Pair, PairSource, RefIter, SampleRef, Sharding,
+    TransformConfig,
 };
 use crate::image::SourceImage;
 use crate::{DataError, mix_seed};
