@@ -71,6 +71,26 @@ mlp_dim = 64
 
 /// A config small enough to train in seconds: 24 px scenes, the [`TINY_MODEL`].
 pub fn tiny_config(name: &str, out_dir: &std::path::Path, extra_variant: &str) -> String {
+    tiny_experiment(
+        name,
+        out_dir,
+        "source = \"digits\"\nimage_size = 24\ntrain_size = 64\ntest_size = 40\n",
+        "zero_shot_size = 20\nretrieval_size = 20\nbatch_size = 32\n",
+        2,
+        extra_variant,
+    )
+}
+
+/// The [`TINY_MODEL`] experiment over the `[data]` table `data`, with the `[eval]`
+/// table `eval`, `epochs` of batch 16.
+pub fn tiny_experiment(
+    name: &str,
+    out_dir: &std::path::Path,
+    data: &str,
+    eval: &str,
+    epochs: usize,
+    extra_variant: &str,
+) -> String {
     format!(
         r#"
 name = "{name}"
@@ -78,11 +98,7 @@ out_dir = "{out}"
 seed = 5
 
 [data]
-source = "digits"
-image_size = 24
-train_size = 64
-test_size = 40
-
+{data}
 {TINY_MODEL}
 [optim]
 lr = 1e-3
@@ -91,16 +107,13 @@ warmup_steps = 2
 
 [train]
 batch_size = 16
-epochs = 2
+epochs = {epochs}
 checkpoint_every = 4
 keep_checkpoints = 3
 log_every = 1
 
 [eval]
-zero_shot_size = 20
-retrieval_size = 20
-batch_size = 32
-
+{eval}
 {extra_variant}
 "#,
         out = out_dir.display()

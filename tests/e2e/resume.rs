@@ -141,10 +141,9 @@ fn a_nan_loss_stops_with_the_step_and_keeps_the_checkpoint() {
     let state_path = ckpt.with_file_name("state.json");
     let mut state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
-    state["checksums"]
-        .as_object_mut()
-        .unwrap()
-        .remove("model.safetensors");
+    let sums = state["checksums"].as_object_mut().unwrap();
+    sums.remove("model.safetensors");
+    sums.remove("state.json");
     std::fs::write(&state_path, state.to_string()).unwrap();
     let err = run_experiment(&cfg, &Device::Cpu, &RunOptions::default())
         .unwrap_err()
@@ -155,4 +154,33 @@ fn a_nan_loss_stops_with_the_step_and_keeps_the_checkpoint() {
     );
     assert!(ckpt.exists());
     assert!(!dir.join("run/rankclip/checkpoints/step-00000008").exists());
+}
+
+/// A flipped field of `state.json` (here the data position) is caught by its own
+/// checksum: the run falls back to the previous checkpoint and says why.
+#[test]
+fn a_tampered_state_json_is_caught() {
+    let dir = scratch("state-flip");
+    let (cfg, _) = train_tiny(&dir, "run", VARIANT, 8);
+    let state = dir.join("run/rankclip/checkpoints/step-00000008/state.json");
+    let text = std::fs::read_to_string(&state).unwrap();
+    let flipped = text.replacen("\"consumed\": 64", "\"consumed\": 48", 1);
+    assert_ne!(text, flipped, "{text}");
+    std::fs::write(&state, flipped).unwrap();
+    let out = run_experiment(
+        &cfg,
+        &Device::Cpu,
+        &RunOptions {
+            stop_after: Some(8),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let v = &out.variants[0];
+    assert_eq!(v.resumed_from, Some(4));
+    assert!(
+        v.warnings.iter().any(|w| w.contains("state.json has CRC-32")),
+        "{:?}",
+        v.warnings
+    );
 }

@@ -10,7 +10,7 @@ use rankalign_train::data::source::DigitsSourceConfig;
 use rankalign_train::data::source::tools::{ExportFormat, export_digits};
 use rankalign_train::{ExperimentConfig, RunOptions, run_experiment};
 
-use crate::{TINY_MODEL, scratch};
+use crate::scratch;
 
 const VARIANT: &str = "[[variant]]\nname = \"rankclip\"\nloss = { kind = \"rankclip\" }\n";
 
@@ -36,35 +36,13 @@ pub fn export(dir: &Path, format: ExportFormat, split: Split, count: usize) -> S
 
 /// A tiny experiment over the `[data]` table `data`.
 pub fn file_config(name: &str, out: &Path, data: &str, epochs: usize) -> ExperimentConfig {
-    let text = format!(
-        r#"
-name = "{name}"
-out_dir = "{out}"
-seed = 5
-
-[data]
-{data}
-
-{TINY_MODEL}
-[optim]
-lr = 1e-3
-weight_decay = 0.1
-warmup_steps = 2
-
-[train]
-batch_size = 16
-epochs = {epochs}
-checkpoint_every = 4
-keep_checkpoints = 3
-log_every = 1
-
-[eval]
-retrieval_size = 20
-batch_size = 32
-
-{VARIANT}
-"#,
-        out = out.display()
+    let text = crate::tiny_experiment(
+        name,
+        out,
+        &format!("{data}\n"),
+        "retrieval_size = 20\nbatch_size = 32\n",
+        epochs,
+        VARIANT,
     );
     ExperimentConfig::parse(&text, Path::new("files.toml")).unwrap()
 }

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressDrawTarget};
 use rankalign_train::ordinal::{OrdinalConfig, OrdinalOptions, run_ordinal};
-use rankalign_train::trainer::{LogFn, StepRecord};
+use rankalign_train::trainer::{LogFn, NoticeFn, StepRecord};
 use rankalign_train::{ExperimentConfig, RunOptions, run_experiment};
 
 #[derive(Parser)]
@@ -343,17 +343,10 @@ fn train(
     per_run: usize,
     concurrent: usize,
 ) -> Result<()> {
-    let sched = exp.schedule()?;
-    let total = sched.total_steps;
     eprintln!(
-        "rankalign: {} — {} variant(s) × {} steps ({} epochs of {} steps over {} {} samples), {} at a time with {} compute thread(s) each",
+        "rankalign: {} — {} variant(s), {} at a time with {} compute thread(s) each",
         exp.name,
         exp.variants.len(),
-        total,
-        exp.train.epochs,
-        sched.steps_per_epoch,
-        sched.train_len,
-        exp.data.kind(),
         concurrent,
         per_run
     );
@@ -364,9 +357,9 @@ fn train(
         ProgressDrawTarget::hidden()
     });
     // Without a terminal the bars are hidden; print about twenty lines per variant instead.
-    let every = (total / 20).max(1);
     let log_every = exp.train.log_every;
-    let on_log: LogFn = Arc::new(move |name: &str, r: &StepRecord| {
+    let on_log: LogFn = Arc::new(move |name: &str, r: &StepRecord, total: usize| {
+        let every = (total / 20).max(1);
         if !terminal && (r.step % every < log_every || r.step == total) {
             let parts: Vec<String> = r
                 .parts
@@ -390,19 +383,18 @@ fn train(
             );
         }
     });
+    let on_notice: NoticeFn = Arc::new(|name: &str, line: &str| eprintln!("[{name}] {line}"));
     let opts = RunOptions {
         overwrite,
         stop_after,
         progress: Some(progress),
         on_log: Some(on_log),
+        on_notice: Some(on_notice),
     };
     let out =
         run_experiment(exp, device, &opts).with_context(|| format!("experiment {}", exp.name))?;
     let mut table = String::new();
     for v in &out.variants {
-        for w in &v.warnings {
-            eprintln!("rankalign: warning: {w}");
-        }
         let shown: Vec<String> = v
             .eval
             .metrics

@@ -41,7 +41,8 @@ pub struct CheckpointState {
     /// runs before streaming sources: then the step alone is the position).
     #[serde(default)]
     pub data: Option<rankalign_data::DataPosition>,
-    /// CRC-32 (hex) of each file of the checkpoint but this one.
+    /// CRC-32 (hex) of each tensor file, and of this state itself (`state.json`: the
+    /// JSON of the state without that entry).
     #[serde(default)]
     pub checksums: BTreeMap<String, String>,
 }
@@ -63,6 +64,16 @@ fn crc_of(path: &Path) -> Result<String> {
 }
 
 const FILES: [&str; 2] = ["model.safetensors", "optim.safetensors"];
+const STATE: &str = "state.json";
+
+/// CRC-32 of the state as JSON without its own entry in `checksums`: what `state.json`
+/// records for itself, so a flipped step or data position is caught too.
+fn state_crc(state: &CheckpointState) -> Result<String> {
+    let mut s = state.clone();
+    s.checksums.remove(STATE);
+    let json = serde_json::to_string_pretty(&s).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    Ok(format!("{:08x}", crc32fast::hash(json.as_bytes())))
+}
 
 const LATEST: &str = "latest";
 
@@ -98,9 +109,12 @@ pub fn save(
     candle_core::safetensors::save(&opt.state_tensors(), &optim_path)?;
     let state_path = tmp.join("state.json");
     let mut state = state.clone();
+    state.checksums.clear();
     for f in FILES {
         state.checksums.insert(f.to_string(), crc_of(&tmp.join(f))?);
     }
+    let own = state_crc(&state)?;
+    state.checksums.insert(STATE.to_string(), own);
     let json =
         serde_json::to_string_pretty(&state).map_err(|e| TrainError::Invalid(e.to_string()))?;
     std::fs::write(&state_path, json).map_err(io_err(&state_path))?;
@@ -122,7 +136,8 @@ pub fn save(
     Ok(final_dir)
 }
 
-fn prune(dir: &Path, keep: usize) -> Result<()> {
+/// The `step-*` checkpoint directories under `dir`, oldest first.
+fn step_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut steps: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(io_err(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -134,6 +149,11 @@ fn prune(dir: &Path, keep: usize) -> Result<()> {
         })
         .collect();
     steps.sort();
+    Ok(steps)
+}
+
+fn prune(dir: &Path, keep: usize) -> Result<()> {
+    let steps = step_dirs(dir)?;
     let excess = steps.len().saturating_sub(keep);
     for old in &steps[..excess] {
         std::fs::remove_dir_all(old).map_err(io_err(old))?;
@@ -170,6 +190,13 @@ pub fn damage(path: &Path) -> Option<String> {
         Ok(s) => s,
         Err(e) => return Some(format!("state.json does not parse: {e}")),
     };
+    if let Some(want) = state.checksums.get(STATE) {
+        match state_crc(&state) {
+            Ok(got) if got == *want => {}
+            Ok(got) => return Some(format!("state.json has CRC-32 {got}, it records {want}")),
+            Err(e) => return Some(format!("state.json: {e}")),
+        }
+    }
     for f in FILES {
         let p = path.join(f);
         if !p.is_file() {
@@ -192,17 +219,7 @@ pub fn resume_point(dir: &Path) -> Result<(Option<PathBuf>, Vec<String>)> {
     if !dir.exists() {
         return Ok((None, Vec::new()));
     }
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io_err(dir))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("step-"))
-        })
-        .collect();
-    steps.sort();
+    let steps = step_dirs(dir)?;
     let mut damaged = Vec::new();
     for p in steps.iter().rev() {
         match damage(p) {

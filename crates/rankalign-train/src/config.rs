@@ -345,10 +345,21 @@ impl ExperimentConfig {
                     e.retrieval_size, dc.test_size
                 ),
             ),
-            _ => need(
-                e.zero_shot_size == 0,
-                "eval.zero_shot_size is for the digit scenes; other sources are evaluated by retrieval on data.test_path / data.test_shards".into(),
-            ),
+            other => {
+                need(
+                    e.zero_shot_size == 0,
+                    "eval.zero_shot_size is for the digit scenes; other sources are evaluated by retrieval on data.test_path / data.test_shards".into(),
+                );
+                let held_out = match other {
+                    SourceConfig::Csv(c) => c.test_path.is_some(),
+                    SourceConfig::Webdataset(w) => w.test_shards.is_some(),
+                    SourceConfig::Digits(_) => false,
+                };
+                need(
+                    !held_out || e.retrieval_size >= 1,
+                    "eval.retrieval_size must be at least 1 when held-out data is named".into(),
+                );
+            }
         }
         need(
             e.batch_size >= 1,
@@ -388,7 +399,7 @@ impl ExperimentConfig {
         Schedule {
             train_len,
             steps_per_epoch,
-            total_steps: steps_per_epoch * self.train.epochs,
+            total_steps: steps_per_epoch.saturating_mul(self.train.epochs),
         }
     }
 

@@ -178,6 +178,14 @@ pub fn evaluate(
         Evaluation::Retrieval(source) => {
             let size = model.config().vision.image_size();
             let (pairs, skipped) = eval_pairs(source.as_ref(), cfg.retrieval_size, size)?;
+            if pairs.is_empty() {
+                return Err(crate::TrainError::Invalid(format!(
+                    "the held-out data has no good pair to evaluate on ({}; {} of {} read were corrupt)",
+                    source.describe(),
+                    skipped.skipped,
+                    skipped.seen
+                )));
+            }
             let (images, captions): (Vec<Image>, Vec<String>) =
                 pairs.into_iter().map(|p| (p.image, p.caption)).unzip();
             let si = embed_images(model, &images, cfg.batch_size, device)?;

@@ -9,7 +9,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::config::ExperimentConfig;
 use crate::report::{plot_losses, write_report};
-use crate::trainer::{LogFn, VariantOptions, VariantOutcome, prepare, train_variant};
+use crate::trainer::{LogFn, NoticeFn, VariantOptions, VariantOutcome, prepare, train_variant};
 use crate::{Result, TrainError, io_err};
 
 /// Options of a whole experiment run.
@@ -20,6 +20,8 @@ pub struct RunOptions {
     /// Where the progress bars draw; hidden if `None`.
     pub progress: Option<MultiProgress>,
     pub on_log: Option<LogFn>,
+    /// Lines to show as they happen (see [`NoticeFn`]).
+    pub on_notice: Option<NoticeFn>,
 }
 
 /// The results and where they were written.
@@ -46,6 +48,19 @@ pub fn run_experiment(
         .map_err(|e| TrainError::Invalid(format!("serialising the config: {e}")))?;
     std::fs::write(&cfg_path, text).map_err(io_err(&cfg_path))?;
     let shared = prepare(exp, device)?;
+    let sched = exp.schedule_for(shared.train.len());
+    if let Some(cb) = &opts.on_notice {
+        cb(
+            &exp.name,
+            &format!(
+                "training data: {}; {} steps ({} epochs of {})",
+                shared.train.describe(),
+                sched.total_steps,
+                exp.train.epochs,
+                sched.steps_per_epoch
+            ),
+        );
+    }
     let style = ProgressStyle::with_template(
         "{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}",
     )
@@ -70,6 +85,7 @@ pub fn run_experiment(
         stop_after: opts.stop_after,
         progress: bars[i].clone(),
         on_log: opts.on_log.clone(),
+        on_notice: opts.on_notice.clone(),
     };
     let outcomes: Vec<VariantOutcome> = if exp.train.parallel_variants && exp.variants.len() > 1 {
         std::thread::scope(|s| {
@@ -102,7 +118,14 @@ pub fn run_experiment(
     let plot = run_dir.join("loss.png");
     plot_losses(&plot, &outcomes)?;
     let report = run_dir.join("report.md");
-    write_report(&report, exp, &shared.train.describe(), &outcomes, wall_secs)?;
+    write_report(
+        &report,
+        exp,
+        &shared.train.describe(),
+        sched.total_steps,
+        &outcomes,
+        wall_secs,
+    )?;
     let summary = run_dir.join("summary.json");
     let rows: Vec<serde_json::Value> = outcomes
         .iter()

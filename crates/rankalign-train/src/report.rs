@@ -123,16 +123,17 @@ fn is_count(metric: &str) -> bool {
     )
 }
 
-/// Write `report.md` for the experiment; `data` describes the training source.
+/// Write `report.md` for the experiment; `data` describes the training source and
+/// `steps` is the budget.
 pub fn write_report(
     path: &Path,
     exp: &ExperimentConfig,
     data: &str,
+    steps: usize,
     outcomes: &[VariantOutcome],
     wall_secs: f64,
 ) -> Result<()> {
     let clip = exp.model.resolve().map_err(TrainError::Invalid)?;
-    let steps = outcomes.iter().map(|o| o.steps).max().unwrap_or(0);
     let mut md = String::new();
     let _ = writeln!(md, "# {}\n", exp.name);
     let _ = writeln!(

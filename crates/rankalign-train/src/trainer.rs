@@ -85,8 +85,13 @@ pub struct VariantOutcome {
     pub warnings: Vec<String>,
 }
 
-/// A callback that receives each logged record with its variant's name.
-pub type LogFn = Arc<dyn Fn(&str, &StepRecord) + Send + Sync>;
+/// A callback that receives each logged record with its variant's name and the run's
+/// total steps.
+pub type LogFn = Arc<dyn Fn(&str, &StepRecord, usize) + Send + Sync>;
+
+/// A callback for lines a person should see as they happen (the data opened, a damaged
+/// checkpoint passed over), with the variant's name or the experiment's.
+pub type NoticeFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// How to run: resume or start over, stop early, and where progress goes.
 #[derive(Clone)]
@@ -98,6 +103,7 @@ pub struct VariantOptions {
     pub progress: ProgressBar,
     /// Called with each logged record (e.g. to print lines when there is no terminal).
     pub on_log: Option<LogFn>,
+    pub on_notice: Option<NoticeFn>,
 }
 
 /// A stable digest of what determines a run, so that a checkpoint is only resumed by
@@ -111,10 +117,19 @@ pub fn config_digest(exp: &ExperimentConfig, variant: &VariantConfig) -> String 
         retrieval_size: 0,
         batch_size: 0,
     };
-    // Nor do the held-out files.
+    shared.train.prefetch = 0;
+    shared.train.data_threads = 0;
+    // Nor do the held-out files, or the share of corrupt samples tolerated (raising it
+    // after a stop must not refuse the resume).
     match &mut shared.data {
-        SourceConfig::Csv(c) => c.test_path = None,
-        SourceConfig::Webdataset(w) => w.test_shards = None,
+        SourceConfig::Csv(c) => {
+            c.test_path = None;
+            c.corrupt.max_skipped = 0.0;
+        }
+        SourceConfig::Webdataset(w) => {
+            w.test_shards = None;
+            w.corrupt.max_skipped = 0.0;
+        }
         SourceConfig::Digits(_) => {}
     }
     shared.train.checkpoint_every = 0;
@@ -202,8 +217,9 @@ pub fn build(
     exp: &ExperimentConfig,
     variant: &VariantConfig,
     device: &Device,
-    overwrite: bool,
+    opts: &VariantOptions,
 ) -> Result<Run> {
+    let overwrite = opts.overwrite;
     let dir = exp.run_dir().join(&variant.name);
     let ckpt_dir = dir.join("checkpoints");
     let metrics_path = dir.join("metrics.jsonl");
@@ -283,21 +299,16 @@ pub fn build(
             });
         }
         start = state.step;
-        data_position = match state.data {
-            Some(p) => p,
-            // Checkpoints of digit runs before streaming: the step is the position.
-            None => {
-                let sched = exp.schedule()?;
-                let pass = (start / sched.steps_per_epoch) as u64;
-                let within = (start % sched.steps_per_epoch) * exp.train.batch_size;
-                DataPosition {
-                    pass,
-                    consumed: within as u64,
-                    stats: SkipStats::default(),
-                }
-            }
-        };
+        data_position = state.data.ok_or_else(|| TrainError::Checkpoint {
+            path: path.clone(),
+            msg: "was written before checkpoints recorded the data position, so it cannot be resumed exactly; use --overwrite".into(),
+        })?;
         last_ckpt = Some(path);
+    }
+    if let Some(cb) = &opts.on_notice {
+        for w in &warnings {
+            cb(&variant.name, w);
+        }
     }
     let history = read_history(&metrics_path, start)?;
     // Rewrite the metrics so they end where the checkpoint does.
@@ -447,7 +458,7 @@ pub fn fit(
                 serde_json::to_string(&rec).map_err(|e| TrainError::Invalid(e.to_string()))?;
             writeln!(metrics, "{line}").map_err(io_err(&metrics_path))?;
             if let Some(cb) = &opts.on_log {
-                cb(&run.name, &rec);
+                cb(&run.name, &rec, total);
             }
             run.history.push(rec);
         }
@@ -541,7 +552,7 @@ pub fn train_variant(
     shared: &Shared,
     opts: &VariantOptions,
 ) -> Result<VariantOutcome> {
-    let mut run = build(exp, variant, &shared.device, opts.overwrite)?;
+    let mut run = build(exp, variant, &shared.device, opts)?;
     let fitted = fit(exp, &mut run, shared, opts)?;
     finish(exp, run, fitted, shared, opts)
 }

@@ -201,6 +201,29 @@ impl CsvSource {
         if rows.is_empty() {
             return Err(fmt(None, "the list has a header but no rows".into()));
         }
+        // A listed image that does not exist is a mistake in the list: say so now,
+        // with how many, rather than at the step that reaches it.
+        let missing: Vec<&Row> = {
+            use rayon::prelude::*;
+            let mut m: Vec<&Row> = rows.par_iter().filter(|r| !r.image.is_file()).collect();
+            m.sort_by_key(|r| r.line);
+            m
+        };
+        if let Some(first) = missing.first() {
+            return Err(fmt(
+                Some(first.line),
+                format!(
+                    "the image {} does not exist ({} of the {} listed images are missing{})",
+                    first.image.display(),
+                    missing.len(),
+                    rows.len(),
+                    match cfg.path_base() {
+                        PathBase::AsGiven => "; paths are taken as given, relative to the working directory",
+                        PathBase::CsvDir => "; paths are relative to the list's folder",
+                    }
+                ),
+            ));
+        }
         Ok(Self {
             path: path.to_path_buf(),
             rows,
@@ -233,6 +256,10 @@ impl PairSource for CsvSource {
             pass,
             sharding,
         ))
+    }
+
+    fn in_order(&self) -> Result<RefIter, DataError> {
+        Ok(super::digits::in_order(self.rows.len()))
     }
 
     fn load(&self, r: &SampleRef) -> Result<Loaded, DataError> {

@@ -104,13 +104,12 @@ pub(crate) fn permuted(n: usize, seed: u64, pass: u64, sharding: Sharding) -> Re
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[seed, 0xE90C, pass]));
     order.shuffle(&mut rng);
-    Box::new(
-        order
-            .into_iter()
-            .skip(sharding.rank)
-            .step_by(sharding.world.max(1))
-            .map(|i| Ok(SampleRef::Index(i))),
-    )
+    Box::new(sharding.share(order.into_iter()).map(|i| Ok(SampleRef::Index(i))))
+}
+
+/// The indices `0..n` in order.
+pub(crate) fn in_order(n: usize) -> RefIter {
+    Box::new((0..n).map(|i| Ok(SampleRef::Index(i))))
 }
 
 impl PairSource for DigitsSource {
@@ -128,6 +127,10 @@ impl PairSource for DigitsSource {
 
     fn pass(&self, seed: u64, pass: u64, sharding: Sharding) -> Result<RefIter, DataError> {
         Ok(permuted(self.scenes.len(), seed, pass, sharding))
+    }
+
+    fn in_order(&self) -> Result<RefIter, DataError> {
+        Ok(in_order(self.scenes.len()))
     }
 
     fn load(&self, r: &SampleRef) -> Result<Loaded, DataError> {

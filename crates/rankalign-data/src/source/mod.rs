@@ -81,6 +81,13 @@ pub struct Sharding {
     pub world: usize,
 }
 
+impl Sharding {
+    /// This rank's items of `items`: every `world`-th, starting at `rank`.
+    pub fn share<T>(self, items: impl Iterator<Item = T>) -> impl Iterator<Item = T> {
+        items.skip(self.rank).step_by(self.world.max(1))
+    }
+}
+
 impl Default for Sharding {
     fn default() -> Self {
         Self { rank: 0, world: 1 }
@@ -102,6 +109,9 @@ pub trait PairSource: Send + Sync {
     }
     /// The references of pass `pass` for `sharding`, a pure function of the arguments.
     fn pass(&self, seed: u64, pass: u64, sharding: Sharding) -> Result<RefIter, DataError>;
+    /// Every reference in file order (rows, shards in the order listed): what
+    /// evaluation and `data check` read.
+    fn in_order(&self) -> Result<RefIter, DataError>;
     /// Read and decode one reference. `Err` only for what skipping cannot mend.
     fn load(&self, r: &SampleRef) -> Result<Loaded, DataError>;
     /// Samples held in the seeded shuffle buffer between listing and batching (0: the
@@ -308,20 +318,21 @@ impl SourceConfig {
         Ok(match self {
             SourceConfig::Digits(_) => None,
             SourceConfig::Csv(c) => match &c.test_path {
-                Some(p) => Some(Arc::new(CsvSource::open(c, p)?)),
+                Some(p) => Some(Arc::new(CsvSource::open(c, p)?) as Arc<dyn PairSource>),
                 None => None,
             },
             SourceConfig::Webdataset(c) => match &c.test_shards {
-                Some(s) => Some(Arc::new(WdsSource::open(c, s)?)),
+                Some(s) => Some(Arc::new(WdsSource::open_held_out(c, s)?) as Arc<dyn PairSource>),
                 None => None,
             },
         })
     }
 }
 
-/// The seed of the training transform of the `ordinal`-th reference of a pass.
-pub fn transform_seed(seed: u64, pass: u64, ordinal: u64) -> u64 {
-    mix_seed(&[seed, 0x7A4F, pass, ordinal])
+/// The seed of the training transform of the `ordinal`-th reference of a pass on
+/// `rank`.
+pub fn transform_seed(seed: u64, pass: u64, rank: usize, ordinal: u64) -> u64 {
+    mix_seed(&[seed, 0x7A4F, pass, rank as u64, ordinal])
 }
 
 /// Which caption a sample carries: a text member, or a field of its JSON member.

@@ -54,20 +54,19 @@ impl SkipStats {
     }
 }
 
-/// A short, countable form of a skip reason: its words before any detail.
+/// A short, countable form of a skip reason: the words that say what is wrong, before
+/// any detail (a leading file or member name, numbers, parentheses).
 fn reason_kind(reason: &str) -> String {
-    let r = reason.split_once(": ").map_or(reason, |(a, b)| {
-        // "file.jpg: not a …" → "not a …"; keep the part that says what is wrong.
-        if a.contains('/') || a.starts_with('.') {
-            b
-        } else {
-            a
-        }
-    });
+    let r = match reason.split_once(": ") {
+        // "img.jpg: not a …", ".png: empty …", "a/b.png: …" → the part after the name.
+        Some((a, b)) if !a.contains(' ') => b,
+        _ => reason,
+    };
     r.split([':', '('])
         .next()
         .unwrap_or(r)
         .split_whitespace()
+        .filter(|w| !w.chars().any(|c| c.is_ascii_digit()))
         .take(8)
         .collect::<Vec<_>>()
         .join(" ")
@@ -109,9 +108,6 @@ pub struct Sample {
     pub image: Image,
     pub caption: String,
 }
-
-/// A decoded sample, or the key and reason of a skipped one.
-type Decoded = Result<Sample, (String, String)>;
 
 /// A seeded shuffle buffer over a pass's references.
 struct Shuffled {
@@ -207,7 +203,7 @@ impl PairStream {
         let rng = ChaCha8Rng::seed_from_u64(mix_seed(&[seed, 0x5B0F, pass, sharding.rank as u64]));
         Ok(Box::new(Shuffled {
             inner,
-            buf: Vec::with_capacity(cap),
+            buf: Vec::new(),
             cap,
             rng,
             done: false,
@@ -272,31 +268,18 @@ impl PairStream {
                 }
             }
             let ended = chunk.len() < want;
-            let (source, seed, pass) = (&self.source, self.seed, self.pos.pass);
-            let loaded: Vec<Result<Decoded, DataError>> = chunk
-                .par_iter()
-                .map(|(ordinal, r)| {
-                    Ok(match source.load(r)? {
-                        Loaded::Skip { key, reason } => Err((key, reason)),
-                        Loaded::Pair(p) => match fit(
-                            source.as_ref(),
-                            &p,
-                            size,
-                            transform_seed(seed, pass, *ordinal),
-                        ) {
-                            Ok(image) => Ok(Sample {
-                                key: p.key,
-                                image,
-                                caption: p.caption,
-                            }),
-                            Err(reason) => Err((p.key, reason)),
-                        },
-                    })
+            let (source, seed, pass, rank) = (&self.source, self.seed, self.pos.pass, self.sharding.rank);
+            let loaded = decode_all(source.as_ref(), &chunk, |ordinal, p| {
+                let image = fit(source.as_ref(), &p, size, transform_seed(seed, pass, rank, ordinal))?;
+                Ok(Sample {
+                    key: p.key,
+                    image,
+                    caption: p.caption,
                 })
-                .collect();
+            })?;
             for item in loaded {
                 self.pos.stats.seen += 1;
-                match item? {
+                match item {
                     Ok(s) => good.push(s),
                     Err((key, reason)) => self.pos.stats.record(&key, &reason),
                 }
@@ -321,14 +304,66 @@ impl PairStream {
     }
 }
 
+/// Load `refs` (with their ordinals in the pass) in parallel on the current rayon pool
+/// and turn each good pair into a `T` with `make`: per reference, in order, the `T` or
+/// the key and reason of a skip. An empty (0×0) image is a skip. `Err` only for what
+/// skipping cannot mend.
+pub fn decode_all<T: Send>(
+    source: &dyn PairSource,
+    refs: &[(u64, SampleRef)],
+    make: impl Fn(u64, super::Pair) -> Result<T, String> + Sync,
+) -> Result<Vec<Result<T, (String, String)>>, DataError> {
+    refs.par_iter()
+        .map(|(ordinal, r)| {
+            Ok(match source.load(r)? {
+                Loaded::Skip { key, reason } => Err((key, reason)),
+                Loaded::Pair(p) if p.image.width == 0 || p.image.height == 0 => {
+                    let reason = format!("the image is empty ({}×{})", p.image.width, p.image.height);
+                    Err((p.key, reason))
+                }
+                Loaded::Pair(p) => {
+                    let key = p.key.clone();
+                    make(*ordinal, p).map_err(|reason| (key, reason))
+                }
+            })
+        })
+        .collect()
+}
+
+/// Read `source` in file order, `chunk` references at a time, decoding each with
+/// `make`, until `keep` says stop; returns what was kept and the skip counts.
+pub fn read_in_order<T: Send>(
+    source: &dyn PairSource,
+    limit: usize,
+    make: impl Fn(u64, super::Pair) -> Result<T, String> + Sync,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(Vec<T>, SkipStats), DataError> {
+    let mut stats = SkipStats::default();
+    let mut out = Vec::new();
+    let mut refs = source.in_order()?.enumerate();
+    while out.len() < limit {
+        let chunk: Vec<(u64, SampleRef)> = refs
+            .by_ref()
+            .take(256.min(limit - out.len()))
+            .map(|(i, r)| r.map(|r| (i as u64, r)))
+            .collect::<Result<_, _>>()?;
+        if chunk.is_empty() {
+            break;
+        }
+        for item in decode_all(source, &chunk, &make)? {
+            stats.seen += 1;
+            match item {
+                Ok(t) => out.push(t),
+                Err((key, reason)) => stats.record(&key, &reason),
+            }
+        }
+        progress(stats.seen);
+    }
+    Ok((out, stats))
+}
+
 /// The source's transform, or the image as it is when it already has the size.
 fn fit(source: &dyn PairSource, p: &super::Pair, size: usize, seed: u64) -> Result<Image, String> {
-    if p.image.width == 0 || p.image.height == 0 {
-        return Err(format!(
-            "the image is empty ({}×{})",
-            p.image.width, p.image.height
-        ));
-    }
     match source.transform() {
         Some(t) => t.apply(&p.image, seed).map_err(|e| e.to_string()),
         None if p.image.width == size && p.image.height == size => Ok(p.image.to_rgb()),
@@ -339,39 +374,24 @@ fn fit(source: &dyn PairSource, p: &super::Pair, size: usize, seed: u64) -> Resu
     }
 }
 
-/// The first `n` good pairs of pass 0 (seed 0, one rank) with CLIP's evaluation
-/// transform (resize, centre crop) at `size`, and what was skipped on the way: the
-/// held-out pairs of a final evaluation.
+/// The first `n` good pairs of `source` in file order, with CLIP's evaluation transform
+/// (resize, centre crop) at `size`, and what was skipped on the way: the held-out pairs
+/// of a final evaluation.
 pub fn eval_pairs(
     source: &dyn PairSource,
     n: usize,
     size: usize,
 ) -> Result<(Vec<Sample>, SkipStats), DataError> {
-    let mut stats = SkipStats::default();
-    let mut out = Vec::with_capacity(n);
-    let mut refs = source.pass(0, 0, Sharding::default())?;
-    while out.len() < n {
-        let chunk: Vec<SampleRef> = refs.by_ref().take(64).collect::<Result<_, _>>()?;
-        if chunk.is_empty() {
-            break;
-        }
-        let loaded: Vec<Result<Loaded, DataError>> =
-            chunk.par_iter().map(|r| source.load(r)).collect();
-        for l in loaded {
-            if out.len() == n {
-                break;
-            }
-            stats.seen += 1;
-            match l? {
-                Loaded::Pair(p) if p.image.width > 0 && p.image.height > 0 => out.push(Sample {
-                    key: p.key,
-                    image: p.image.clip_eval(size),
-                    caption: p.caption,
-                }),
-                Loaded::Pair(p) => stats.record(&p.key, "the image is empty"),
-                Loaded::Skip { key, reason } => stats.record(&key, &reason),
-            }
-        }
-    }
-    Ok((out, stats))
+    read_in_order(
+        source,
+        n,
+        |_, p| {
+            Ok(Sample {
+                key: p.key,
+                image: p.image.clip_eval(size),
+                caption: p.caption,
+            })
+        },
+        &|_| {},
+    )
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{Loaded, PairSource, Sharding, SkipStats};
+use super::{PairSource, SkipStats};
 use crate::scenes::DigitScenes;
 use crate::{DataError, Dataset};
 
@@ -175,47 +175,35 @@ pub struct ScanReport {
     pub height: Spread,
 }
 
-/// Read (up to `limit` of) pass 0 of `source`, decoding every sample; `progress` gets
-/// the number read so far.
+/// Read (up to `limit` samples of) `source` in file order, decoding every sample as
+/// training does; `progress` gets the number read so far.
 pub fn scan(
     source: &dyn PairSource,
     limit: Option<usize>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<ScanReport, DataError> {
-    let mut stats = SkipStats::default();
-    let (mut chars, mut words, mut widths, mut heights) = (vec![], vec![], vec![], vec![]);
-    let mut refs = source.pass(0, 0, Sharding::default())?;
-    let limit = limit.unwrap_or(usize::MAX);
-    loop {
-        let want = 256.min(limit.saturating_sub(stats.seen as usize));
-        let chunk: Vec<_> = refs.by_ref().take(want).collect::<Result<_, _>>()?;
-        if chunk.is_empty() {
-            break;
-        }
-        let loaded: Vec<Result<Loaded, DataError>> =
-            chunk.par_iter().map(|r| source.load(r)).collect();
-        for l in loaded {
-            stats.seen += 1;
-            match l? {
-                Loaded::Pair(p) => {
-                    chars.push(p.caption.chars().count() as u64);
-                    words.push(p.caption.split_whitespace().count() as u64);
-                    widths.push(p.image.width as u64);
-                    heights.push(p.image.height as u64);
-                }
-                Loaded::Skip { key, reason } => stats.record(&key, &reason),
-            }
-        }
-        progress(stats.seen);
-    }
+    let (shapes, stats) = super::stream::read_in_order(
+        source,
+        limit.unwrap_or(usize::MAX),
+        |_, p| {
+            Ok([
+                p.caption.chars().count() as u64,
+                p.caption.split_whitespace().count() as u64,
+                p.image.width as u64,
+                p.image.height as u64,
+            ])
+        },
+        progress,
+    )?;
+    let column = |i: usize| Spread::of(shapes.iter().map(|s| s[i]).collect());
     Ok(ScanReport {
         source: source.describe(),
         declared: source.len(),
         decodable_share: 1.0 - stats.share(),
         stats,
-        caption_chars: Spread::of(chars),
-        caption_words: Spread::of(words),
-        width: Spread::of(widths),
-        height: Spread::of(heights),
+        caption_chars: column(0),
+        caption_words: column(1),
+        width: column(2),
+        height: column(3),
     })
 }

@@ -70,6 +70,12 @@ fn default_buffer() -> usize {
 /// Members larger than this are skipped rather than read into memory.
 const MAX_MEMBER_BYTES: u64 = 256 << 20;
 
+/// The most shards a list may expand to.
+const MAX_SHARDS: usize = 10_000_000;
+
+/// The largest shuffle buffer accepted.
+pub const MAX_SHUFFLE_BUFFER: usize = 1_000_000;
+
 impl WdsSourceConfig {
     pub fn validate(&self) -> Vec<String> {
         let mut errs = Vec::new();
@@ -92,12 +98,18 @@ impl WdsSourceConfig {
         if self.num_samples == Some(0) {
             errs.push("data.num_samples must be at least 1".into());
         }
+        if self.shuffle_buffer > MAX_SHUFFLE_BUFFER {
+            errs.push(format!(
+                "data.shuffle_buffer must be at most {MAX_SHUFFLE_BUFFER}, got {}",
+                self.shuffle_buffer
+            ));
+        }
         errs
     }
 }
 
-/// Expand brace notation (`{000..012}` numeric ranges, zero-padded to the width of the
-/// first bound, and `{a,b}` lists) in each `::`-separated part.
+/// Expand brace notation (`{000..012}` numeric ranges, zero-padded as `braceexpand`
+/// pads them, and `{a,b}` lists) in each `::`-separated part.
 pub fn expand_shards(spec: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     for part in spec.split("::").map(str::trim).filter(|p| !p.is_empty()) {
@@ -138,18 +150,27 @@ fn expand_one(pattern: &str, out: &mut Vec<String>) -> Result<(), String> {
         if lo > hi {
             return Err(format!("{{{body}}} in {pattern:?}: the range is empty"));
         }
-        if hi - lo > 10_000_000 {
+        if hi - lo > MAX_SHARDS as u64 {
             return Err(format!(
-                "{{{body}}} in {pattern:?}: more than 10 million shards"
+                "{{{body}}} in {pattern:?}: more than {MAX_SHARDS} shards"
             ));
         }
-        let width = a.len();
+        // As `braceexpand`: with a leading zero on either bound, pad to the longer.
+        let padded = |s: &str| s.len() > 1 && s.starts_with('0');
+        let width = if padded(a) || padded(b) {
+            a.len().max(b.len())
+        } else {
+            0
+        };
         (lo..=hi).map(|i| format!("{i:0width$}")).collect()
     } else {
         body.split(',').map(str::to_string).collect()
     };
     for alt in alternatives {
         expand_one(&format!("{head}{alt}{tail}"), out)?;
+        if out.len() > MAX_SHARDS {
+            return Err(format!("{pattern:?} expands to more than {MAX_SHARDS} shards"));
+        }
     }
     Ok(())
 }
@@ -165,6 +186,13 @@ pub fn key_and_ext(path: &str) -> Option<(&str, &str)> {
     Some((&path[..dot], &path[dot + 1..]))
 }
 
+/// webdataset's metadata members: a first path component `__…__` (`__index__`,
+/// `__meta__/x`), which its tar reader drops.
+fn is_metadata(path: &str) -> bool {
+    let first = path.split('/').next().unwrap_or(path);
+    first.len() >= 4 && first.starts_with("__") && first.ends_with("__")
+}
+
 /// One regular member of a tar: its path and where its bytes are.
 #[derive(Clone, Debug)]
 struct TarMember {
@@ -174,8 +202,28 @@ struct TarMember {
 }
 
 /// The regular members of a tar stream, in order, and the error that ended the listing
-/// early, if any. Contents are skipped by seeking.
-fn list_members<R: Read + Seek>(reader: R) -> (Vec<TarMember>, Option<String>) {
+/// early, if any. Contents are skipped by seeking. A member whose contents run past the
+/// end of the stream (a shard cut mid-member, which `tar` reads as a normal end) ends
+/// the listing with that error.
+fn list_members<R: Read + Seek>(mut reader: R) -> (Vec<TarMember>, Option<String>) {
+    let len = match reader.seek(SeekFrom::End(0)).and_then(|l| reader.seek(SeekFrom::Start(0)).map(|_| l)) {
+        Ok(l) => l,
+        Err(e) => return (Vec::new(), Some(format!("cannot seek: {e}"))),
+    };
+    let (mut out, err) = list_entries(reader);
+    if let Some(cut) = out.iter().position(|m| m.offset.saturating_add(m.size) > len) {
+        let m = &out[cut];
+        let reason = format!(
+            "the shard is truncated: member {} needs {} bytes at offset {}, the file has {len}",
+            m.path, m.size, m.offset
+        );
+        out.truncate(cut);
+        return (out, Some(reason));
+    }
+    (out, err)
+}
+
+fn list_entries<R: Read + Seek>(reader: R) -> (Vec<TarMember>, Option<String>) {
     let mut archive = tar::Archive::new(reader);
     let mut out = Vec::new();
     let entries = match archive.entries_with_seek() {
@@ -207,13 +255,12 @@ fn list_members<R: Read + Seek>(reader: R) -> (Vec<TarMember>, Option<String>) {
 fn group(members: Vec<TarMember>, shard: usize) -> Vec<SampleRef> {
     let mut out: Vec<SampleRef> = Vec::new();
     for m in members {
+        if is_metadata(&m.path) {
+            continue;
+        }
         let Some((key, ext)) = key_and_ext(&m.path) else {
             continue;
         };
-        let name = key.rsplit('/').next().unwrap_or(key);
-        if name.starts_with("__") {
-            continue;
-        }
         let member = Member {
             ext: ext.to_ascii_lowercase(),
             offset: m.offset,
@@ -267,6 +314,33 @@ pub struct WdsSource {
 }
 
 impl WdsSource {
+    /// Held-out shards: as [`Self::open`], but the count comes from `sizes.json` or the
+    /// stats when they are there and from listing the shards otherwise (`num_samples` is
+    /// the training shards').
+    pub fn open_held_out(cfg: &WdsSourceConfig, spec: &str) -> Result<Self, DataError> {
+        let mut src = Self::open(
+            &WdsSourceConfig {
+                num_samples: Some(1),
+                ..cfg.clone()
+            },
+            spec,
+        )?;
+        src.len = match declared_count(&src.shards)? {
+            Some(n) => n,
+            None => {
+                let mut n = 0;
+                for (i, s) in src.shards.iter().enumerate() {
+                    n += list_shard(s, i)?
+                        .iter()
+                        .filter(|r| matches!(r, SampleRef::Tar { .. }))
+                        .count();
+                }
+                n
+            }
+        };
+        Ok(src)
+    }
+
     /// Expand `spec`, check that every shard exists, and find the sample count.
     pub fn open(cfg: &WdsSourceConfig, spec: &str) -> Result<Self, DataError> {
         let names = expand_shards(spec).map_err(DataError::Invalid)?;
@@ -307,11 +381,29 @@ impl WdsSource {
         &self.shards
     }
 
+    /// The samples of `shards`, in that order, one shard listed at a time.
+    fn listed(&self, shards: Vec<usize>) -> RefIter {
+        let paths = self.shards.clone();
+        Box::new(shards.into_iter().flat_map(move |i| {
+            let items: Vec<Result<SampleRef, DataError>> = match list_shard(&paths[i], i) {
+                Ok(refs) => refs.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e)],
+            };
+            items
+        }))
+    }
+
     fn read_member(&self, shard: usize, m: &Member) -> std::io::Result<Vec<u8>> {
         let mut f = std::fs::File::open(&self.shards[shard])?;
         f.seek(SeekFrom::Start(m.offset))?;
-        let mut buf = vec![0u8; m.size as usize];
-        f.read_exact(&mut buf)?;
+        let mut buf = Vec::new();
+        f.take(m.size).read_to_end(&mut buf)?;
+        if buf.len() as u64 != m.size {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("only {} bytes are there", buf.len()),
+            ));
+        }
         Ok(buf)
     }
 
@@ -324,8 +416,9 @@ impl WdsSource {
                 reason,
             })
         };
-        for (i, m) in members.iter().enumerate() {
-            if members[..i].iter().any(|o| o.ext == m.ext) {
+        let mut seen = std::collections::HashSet::new();
+        for m in members {
+            if !seen.insert(m.ext.as_str()) {
                 return skip(format!("two members end in .{}", m.ext));
             }
         }
@@ -399,45 +492,36 @@ pub fn json_caption(bytes: &[u8], field: &str) -> Result<String, String> {
     }
 }
 
-/// Samples in `shards` from `sizes.json` beside the first, else `<stem>_stats.json`.
-fn count_samples(shards: &[PathBuf]) -> Result<usize, DataError> {
-    let dir = shards[0]
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let sizes = dir.join("sizes.json");
-    let read_json = |p: &Path| -> Result<serde_json::Value, DataError> {
-        let text = std::fs::read(p).map_err(|source| DataError::Io {
-            path: p.to_path_buf(),
-            source,
-        })?;
-        serde_json::from_slice(&text).map_err(|e| DataError::Format {
-            path: p.to_path_buf(),
-            line: Some(e.line()),
-            msg: format!("not JSON: {e}"),
-        })
-    };
-    let file_name = |s: &Path| {
+/// A sample count in JSON: a number, or a string of one (open_clip reads both).
+fn json_count(v: Option<&serde_json::Value>) -> Option<u64> {
+    match v? {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn read_json(p: &Path) -> Result<serde_json::Value, DataError> {
+    let text = std::fs::read(p).map_err(|source| DataError::Io {
+        path: p.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&text).map_err(|e| DataError::Format {
+        path: p.to_path_buf(),
+        line: Some(e.line()),
+        msg: format!("not JSON: {e}"),
+    })
+}
+
+/// Samples in `shards`: from `sizes.json` beside the first (open_clip), else every
+/// shard's `<stem>_stats.json` `successes` (img2dataset); `None` when neither is there.
+fn declared_count(shards: &[PathBuf]) -> Result<Option<usize>, DataError> {
+    let dir = shards[0].parent().map(Path::to_path_buf).unwrap_or_default();
+    let name = |s: &Path| {
         s.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     };
-    if sizes.is_file() {
-        let v = read_json(&sizes)?;
-        let mut total = 0usize;
-        for s in shards {
-            let n = v
-                .get(file_name(s))
-                .and_then(serde_json::Value::as_u64)
-                .ok_or_else(|| DataError::Format {
-                    path: sizes.clone(),
-                    line: None,
-                    msg: format!("no sample count for {:?}", file_name(s)),
-                })?;
-            total += n as usize;
-        }
-        return Ok(total);
-    }
     let stats = |s: &Path| {
         let stem = s
             .file_stem()
@@ -445,28 +529,59 @@ fn count_samples(shards: &[PathBuf]) -> Result<usize, DataError> {
             .unwrap_or_default();
         s.with_file_name(format!("{stem}_stats.json"))
     };
-    if shards.iter().all(|s| stats(s).is_file()) {
-        let mut total = 0usize;
-        for s in shards {
-            let p = stats(s);
-            let v = read_json(&p)?;
-            let n = v
-                .get("successes")
-                .and_then(serde_json::Value::as_u64)
-                .ok_or_else(|| DataError::Format {
-                    path: p.clone(),
-                    line: None,
-                    msg: "no \"successes\" count (img2dataset's stats)".into(),
-                })?;
-            total += n as usize;
-        }
-        return Ok(total);
+    let sizes = dir.join("sizes.json");
+    // (file, how to find one shard's count in it, what is missing when it is not there)
+    let per_shard: Vec<(PathBuf, String, String)> = if sizes.is_file() {
+        let v = read_json(&sizes)?;
+        shards
+            .iter()
+            .map(|s| {
+                let n = json_count(v.get(name(s))).map(|n| n.to_string());
+                (sizes.clone(), n.unwrap_or_default(), format!("no sample count for {:?}", name(s)))
+            })
+            .collect()
+    } else if shards.iter().all(|s| stats(s).is_file()) {
+        shards
+            .iter()
+            .map(|s| {
+                let p = stats(s);
+                let n = read_json(&p).map(|v| json_count(v.get("successes")));
+                Ok((
+                    p,
+                    n?.map(|n| n.to_string()).unwrap_or_default(),
+                    "no \"successes\" count (img2dataset's stats)".to_string(),
+                ))
+            })
+            .collect::<Result<_, DataError>>()?
+    } else {
+        return Ok(None);
+    };
+    let mut total = 0usize;
+    for (file, n, missing) in per_shard {
+        let n: usize = n.parse().map_err(|_| DataError::Format {
+            path: file.clone(),
+            line: None,
+            msg: missing,
+        })?;
+        total = total.checked_add(n).ok_or_else(|| DataError::Format {
+            path: file,
+            line: None,
+            msg: "the sample counts add up to more than fits in a usize".into(),
+        })?;
     }
-    Err(DataError::Invalid(format!(
-        "cannot tell how many samples the {} shard(s) in {} hold: set data.num_samples, or put open_clip's sizes.json or img2dataset's <shard>_stats.json beside them",
-        shards.len(),
-        dir.display()
-    )))
+    Ok(Some(total))
+}
+
+/// Samples in `shards` by [`declared_count`], or an error saying how to declare it.
+fn count_samples(shards: &[PathBuf]) -> Result<usize, DataError> {
+    declared_count(shards)?.ok_or_else(|| {
+        let dir = shards[0].parent().map(Path::to_path_buf).unwrap_or_default();
+        DataError::Invalid(format!(
+            "cannot tell how many samples the {} shard(s) in {} hold: set data.num_samples, or put open_clip's sizes.json or img2dataset's <shard>_stats.json beside them",
+            shards.len(),
+            dir.display()
+        ))
+    })
 }
 
 impl PairSource for WdsSource {
@@ -487,11 +602,7 @@ impl PairSource for WdsSource {
         let mut order: Vec<usize> = (0..self.shards.len()).collect();
         let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[seed, 0x5A4D, pass]));
         order.shuffle(&mut rng);
-        let mine: Vec<usize> = order
-            .into_iter()
-            .skip(sharding.rank)
-            .step_by(sharding.world.max(1))
-            .collect();
+        let mine: Vec<usize> = sharding.share(order.into_iter()).collect();
         if mine.is_empty() {
             return Err(DataError::Invalid(format!(
                 "{} shard(s) cannot be split over {} ranks",
@@ -499,14 +610,11 @@ impl PairSource for WdsSource {
                 sharding.world
             )));
         }
-        let shards = self.shards.clone();
-        Ok(Box::new(mine.into_iter().flat_map(move |i| {
-            let items: Vec<Result<SampleRef, DataError>> = match list_shard(&shards[i], i) {
-                Ok(refs) => refs.into_iter().map(Ok).collect(),
-                Err(e) => vec![Err(e)],
-            };
-            items
-        })))
+        Ok(self.listed(mine))
+    }
+
+    fn in_order(&self) -> Result<RefIter, DataError> {
+        Ok(self.listed((0..self.shards.len()).collect()))
     }
 
     fn load(&self, r: &SampleRef) -> Result<Loaded, DataError> {

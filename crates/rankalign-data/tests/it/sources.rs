@@ -275,11 +275,14 @@ fn missing_columns_files_shards_and_bad_lines_are_named() {
         "{err}"
     );
 
-    std::fs::write(&csv, "image,caption\nmissing.png,x\n").unwrap();
-    let src = CsvSource::open(&csv_config(&csv, CsvConvention::Cyclip), &csv).unwrap();
-    let err = src.load(&SampleRef::Index(0)).unwrap_err().to_string();
+    // Listed images that do not exist are found when the list opens.
+    std::fs::write(d.join("here.png"), b"x").unwrap();
+    std::fs::write(&csv, "image,caption\nhere.png,x\nmissing.png,y\ngone.png,z\n").unwrap();
+    let err = CsvSource::open(&csv_config(&csv, CsvConvention::Cyclip), &csv)
+        .unwrap_err()
+        .to_string();
     assert!(
-        err.contains("list.csv:2") && err.contains("missing.png"),
+        err.contains("list.csv:3") && err.contains("missing.png") && err.contains("2 of the 3"),
         "{err}"
     );
 
@@ -506,5 +509,86 @@ fn readers_survive_random_truncated_and_flipped_bytes() {
             let _ = SourceImage::decode(&bytes, Some(1 << 20));
             let _ = SourceImage::decode(&bytes, None);
         }
+    }
+}
+
+#[test]
+fn a_shard_cut_mid_member_ends_with_a_counted_skip() {
+    let tar = std::fs::read(fixtures().join("wds/shard-00000.tar")).unwrap();
+    let full = list_reader(std::io::Cursor::new(&tar), 0);
+    // Cut inside the contents of a member of the fourth sample.
+    let SampleRef::Tar { members, .. } = &full[3] else {
+        panic!("{:?}", full[3])
+    };
+    let cut = (members[0].offset + members[0].size / 2) as usize;
+    let refs = list_reader(std::io::Cursor::new(&tar[..cut]), 0);
+    assert!(refs.len() <= 4, "{refs:?}");
+    match refs.last() {
+        Some(SampleRef::Broken { reason, .. }) => {
+            assert!(reason.contains("truncated"), "{reason}")
+        }
+        other => panic!("expected a broken tail, got {other:?}"),
+    }
+}
+
+#[test]
+fn metadata_members_and_counts_as_webdataset_and_open_clip_read_them() {
+    let d = tmp_dir("meta");
+    let mut b = tar::Builder::new(Vec::new());
+    let img = std::fs::read(fixtures().join("images/img-000.png")).unwrap();
+    for (name, bytes) in [
+        ("__index__", b"meta".as_slice()),
+        ("__meta__/x.txt", b"meta"),
+        ("__a.png", img.as_slice()),
+        ("__a.txt", b"a caption"),
+    ] {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, bytes).unwrap();
+    }
+    let path = d.join("m-01.tar");
+    std::fs::write(&path, b.into_inner().unwrap()).unwrap();
+    // `__index__` and `__meta__/…` are metadata; `__a` is an ordinary key.
+    let refs = list_shard(&path, 0).unwrap();
+    let keys: Vec<&str> = refs
+        .iter()
+        .map(|r| match r {
+            SampleRef::Tar { key, .. } => key.as_str(),
+            _ => "?",
+        })
+        .collect();
+    assert_eq!(keys, ["__a"]);
+    // Counts in sizes.json may be strings, as open_clip's int() accepts.
+    std::fs::write(d.join("sizes.json"), r#"{"m-01.tar": "1"}"#).unwrap();
+    let spec = format!("{}/m-{{1..01}}.tar", d.display());
+    let src = WdsSource::open(&wds_config(&spec, ""), &spec).unwrap();
+    assert_eq!(src.len(), 1);
+}
+
+/// The digit scenes through `PairStream` give, step for step, the batches `BatchPlan`
+/// gave before streaming sources existed (drop_last included), so the default job
+/// trains on the same data in the same order.
+#[test]
+fn digit_batches_are_the_batch_plans() {
+    use rankalign_data::source::{DigitsSource, DigitsSourceConfig};
+    use rankalign_data::{BatchPlan, Split, mix_seed};
+    let cfg = DigitsSourceConfig {
+        image_size: 24,
+        train_size: 100,
+        val_size: None,
+        test_size: 1,
+        mnist_images: None,
+        mnist_labels: None,
+    };
+    let src: Arc<dyn PairSource> = Arc::new(DigitsSource::open(&cfg, 17, Split::Train).unwrap());
+    let seed = mix_seed(&[17, 0xBA7C4]);
+    let plan = BatchPlan::new(seed, 100, 16).unwrap();
+    let mut s = PairStream::new(src, seed, Sharding::default(), policy(), DataPosition::default()).unwrap();
+    for step in 0..plan.steps_per_epoch() * 3 {
+        let (b, _) = s.next_batch(16, 24).unwrap();
+        let got: Vec<usize> = b.iter().map(|x| x.key.parse().unwrap()).collect();
+        assert_eq!(got, plan.indices(step), "step {step}");
     }
 }
