@@ -179,7 +179,9 @@ fn a_tampered_state_json_is_caught() {
     let v = &out.variants[0];
     assert_eq!(v.resumed_from, Some(4));
     assert!(
-        v.warnings.iter().any(|w| w.contains("state.json has CRC-32")),
+        v.warnings
+            .iter()
+            .any(|w| w.contains("state.json has CRC-32")),
         "{:?}",
         v.warnings
     );

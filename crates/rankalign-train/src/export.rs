@@ -483,10 +483,12 @@ pub fn export_run(run_dir: &Path, variant: &str, out: &Path) -> Result<std::path
         });
     }
     let ckpt_dir = run_dir.join(variant).join("checkpoints");
-    let ckpt = crate::checkpoint::resume_point(&ckpt_dir)?.0.ok_or_else(|| TrainError::Checkpoint {
-        path: ckpt_dir.clone(),
-        msg: "no intact checkpoint (none yet, or every one is damaged)".into(),
-    })?;
+    let ckpt = crate::checkpoint::resume_point(&ckpt_dir)?
+        .0
+        .ok_or_else(|| TrainError::Checkpoint {
+            path: ckpt_dir.clone(),
+            msg: "no intact checkpoint (none yet, or every one is damaged)".into(),
+        })?;
     let weights = ckpt.join("model.safetensors");
     let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| {
         TrainError::Checkpoint {

@@ -218,7 +218,8 @@ impl CsvSource {
                     missing.len(),
                     rows.len(),
                     match cfg.path_base() {
-                        PathBase::AsGiven => "; paths are taken as given, relative to the working directory",
+                        PathBase::AsGiven =>
+                            "; paths are taken as given, relative to the working directory",
                         PathBase::CsvDir => "; paths are relative to the list's folder",
                     }
                 ),

@@ -104,7 +104,11 @@ pub(crate) fn permuted(n: usize, seed: u64, pass: u64, sharding: Sharding) -> Re
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(&[seed, 0xE90C, pass]));
     order.shuffle(&mut rng);
-    Box::new(sharding.share(order.into_iter()).map(|i| Ok(SampleRef::Index(i))))
+    Box::new(
+        sharding
+            .share(order.into_iter())
+            .map(|i| Ok(SampleRef::Index(i))),
+    )
 }
 
 /// The indices `0..n` in order.

@@ -268,9 +268,15 @@ impl PairStream {
                 }
             }
             let ended = chunk.len() < want;
-            let (source, seed, pass, rank) = (&self.source, self.seed, self.pos.pass, self.sharding.rank);
+            let (source, seed, pass, rank) =
+                (&self.source, self.seed, self.pos.pass, self.sharding.rank);
             let loaded = decode_all(source.as_ref(), &chunk, |ordinal, p| {
-                let image = fit(source.as_ref(), &p, size, transform_seed(seed, pass, rank, ordinal))?;
+                let image = fit(
+                    source.as_ref(),
+                    &p,
+                    size,
+                    transform_seed(seed, pass, rank, ordinal),
+                )?;
                 Ok(Sample {
                     key: p.key,
                     image,
@@ -304,6 +310,9 @@ impl PairStream {
     }
 }
 
+/// A decoded reference: the value, or the key and reason of a skip.
+pub type Decoded<T> = Result<T, (String, String)>;
+
 /// Load `refs` (with their ordinals in the pass) in parallel on the current rayon pool
 /// and turn each good pair into a `T` with `make`: per reference, in order, the `T` or
 /// the key and reason of a skip. An empty (0×0) image is a skip. `Err` only for what
@@ -312,13 +321,14 @@ pub fn decode_all<T: Send>(
     source: &dyn PairSource,
     refs: &[(u64, SampleRef)],
     make: impl Fn(u64, super::Pair) -> Result<T, String> + Sync,
-) -> Result<Vec<Result<T, (String, String)>>, DataError> {
+) -> Result<Vec<Decoded<T>>, DataError> {
     refs.par_iter()
         .map(|(ordinal, r)| {
             Ok(match source.load(r)? {
                 Loaded::Skip { key, reason } => Err((key, reason)),
                 Loaded::Pair(p) if p.image.width == 0 || p.image.height == 0 => {
-                    let reason = format!("the image is empty ({}×{})", p.image.width, p.image.height);
+                    let reason =
+                        format!("the image is empty ({}×{})", p.image.width, p.image.height);
                     Err((p.key, reason))
                 }
                 Loaded::Pair(p) => {

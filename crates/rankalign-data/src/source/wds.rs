@@ -169,7 +169,9 @@ fn expand_one(pattern: &str, out: &mut Vec<String>) -> Result<(), String> {
     for alt in alternatives {
         expand_one(&format!("{head}{alt}{tail}"), out)?;
         if out.len() > MAX_SHARDS {
-            return Err(format!("{pattern:?} expands to more than {MAX_SHARDS} shards"));
+            return Err(format!(
+                "{pattern:?} expands to more than {MAX_SHARDS} shards"
+            ));
         }
     }
     Ok(())
@@ -206,12 +208,18 @@ struct TarMember {
 /// end of the stream (a shard cut mid-member, which `tar` reads as a normal end) ends
 /// the listing with that error.
 fn list_members<R: Read + Seek>(mut reader: R) -> (Vec<TarMember>, Option<String>) {
-    let len = match reader.seek(SeekFrom::End(0)).and_then(|l| reader.seek(SeekFrom::Start(0)).map(|_| l)) {
+    let len = match reader
+        .seek(SeekFrom::End(0))
+        .and_then(|l| reader.seek(SeekFrom::Start(0)).map(|_| l))
+    {
         Ok(l) => l,
         Err(e) => return (Vec::new(), Some(format!("cannot seek: {e}"))),
     };
     let (mut out, err) = list_entries(reader);
-    if let Some(cut) = out.iter().position(|m| m.offset.saturating_add(m.size) > len) {
+    if let Some(cut) = out
+        .iter()
+        .position(|m| m.offset.saturating_add(m.size) > len)
+    {
         let m = &out[cut];
         let reason = format!(
             "the shard is truncated: member {} needs {} bytes at offset {}, the file has {len}",
@@ -516,7 +524,10 @@ fn read_json(p: &Path) -> Result<serde_json::Value, DataError> {
 /// Samples in `shards`: from `sizes.json` beside the first (open_clip), else every
 /// shard's `<stem>_stats.json` `successes` (img2dataset); `None` when neither is there.
 fn declared_count(shards: &[PathBuf]) -> Result<Option<usize>, DataError> {
-    let dir = shards[0].parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = shards[0]
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let name = |s: &Path| {
         s.file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -537,7 +548,11 @@ fn declared_count(shards: &[PathBuf]) -> Result<Option<usize>, DataError> {
             .iter()
             .map(|s| {
                 let n = json_count(v.get(name(s))).map(|n| n.to_string());
-                (sizes.clone(), n.unwrap_or_default(), format!("no sample count for {:?}", name(s)))
+                (
+                    sizes.clone(),
+                    n.unwrap_or_default(),
+                    format!("no sample count for {:?}", name(s)),
+                )
             })
             .collect()
     } else if shards.iter().all(|s| stats(s).is_file()) {

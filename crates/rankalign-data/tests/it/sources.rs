@@ -277,7 +277,11 @@ fn missing_columns_files_shards_and_bad_lines_are_named() {
 
     // Listed images that do not exist are found when the list opens.
     std::fs::write(d.join("here.png"), b"x").unwrap();
-    std::fs::write(&csv, "image,caption\nhere.png,x\nmissing.png,y\ngone.png,z\n").unwrap();
+    std::fs::write(
+        &csv,
+        "image,caption\nhere.png,x\nmissing.png,y\ngone.png,z\n",
+    )
+    .unwrap();
     let err = CsvSource::open(&csv_config(&csv, CsvConvention::Cyclip), &csv)
         .unwrap_err()
         .to_string();
@@ -585,7 +589,14 @@ fn digit_batches_are_the_batch_plans() {
     let src: Arc<dyn PairSource> = Arc::new(DigitsSource::open(&cfg, 17, Split::Train).unwrap());
     let seed = mix_seed(&[17, 0xBA7C4]);
     let plan = BatchPlan::new(seed, 100, 16).unwrap();
-    let mut s = PairStream::new(src, seed, Sharding::default(), policy(), DataPosition::default()).unwrap();
+    let mut s = PairStream::new(
+        src,
+        seed,
+        Sharding::default(),
+        policy(),
+        DataPosition::default(),
+    )
+    .unwrap();
     for step in 0..plan.steps_per_epoch() * 3 {
         let (b, _) = s.next_batch(16, 24).unwrap();
         let got: Vec<usize> = b.iter().map(|x| x.key.parse().unwrap()).collect();
