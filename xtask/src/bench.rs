@@ -86,6 +86,22 @@ const MALLOC: [(&str, &str); 2] = [
     ("MALLOC_TRIM_THRESHOLD_", "4294967296"),
 ];
 
+/// Builds a release example of `package` and returns its path.
+fn build_example(package: &str, example: &str) -> Result<PathBuf> {
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        package,
+        "--example",
+        example,
+    ]);
+    run_cmd(build)?;
+    Ok(project_root().join("target/release/examples").join(example))
+}
+
 /// Runs one suite's Rust example and, if the venv exists, its PyTorch script; returns
 /// their rows and a note on the PyTorch column.
 fn run_suite(
@@ -94,20 +110,7 @@ fn run_suite(
     quick: bool,
     python: &Path,
 ) -> Result<(Vec<Row>, String)> {
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        suite.package,
-        "--example",
-        suite.example,
-    ]);
-    run_cmd(build)?;
-    let exe = project_root()
-        .join("target/release/examples")
-        .join(suite.example);
+    let exe = build_example(suite.package, suite.example)?;
     let mut rust = Command::new(&exe);
     rust.env("RAYON_NUM_THREADS", threads.to_string())
         .env("CANDLE_NUM_THREADS", threads.to_string())
@@ -232,18 +235,7 @@ fn run_data(python: &Path, quick: bool) -> Result<String> {
             .arg(&shards);
         run_cmd(mk)?;
     }
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "rankalign-data",
-        "--example",
-        "bench_data",
-    ]);
-    run_cmd(build)?;
-    let exe = project_root().join("target/release/examples/bench_data");
+    let exe = build_example("rankalign-data", "bench_data")?;
     let reps = if quick { 1 } else { 3 };
     // threads → (ours, torch) rows over the repetitions
     let mut got: BTreeMap<usize, (Vec<Row>, Vec<Row>)> = BTreeMap::new();
