@@ -399,6 +399,8 @@ fn train(
             .eval
             .metrics
             .iter()
+            // The counts the report states in words stay out of this line.
+            .filter(|(k, _)| !rankalign_train::eval::is_count(k))
             .take(8)
             .map(|(k, x)| format!("{k} {x:.3}"))
             .collect();

@@ -77,6 +77,15 @@ mod ordered {
     }
 }
 
+/// Whether `metric` is a count that the report's description states in words (kept out
+/// of tables and summary lines).
+pub fn is_count(metric: &str) -> bool {
+    matches!(
+        metric,
+        "zero_shot_images" | "retrieval_pairs" | "eval_skipped"
+    )
+}
+
 /// What the final evaluation runs on.
 pub enum Evaluation {
     /// The digit scenes' test split: zero-shot digits, 1:1 retrieval, S_A / S_U.

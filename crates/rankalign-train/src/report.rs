@@ -115,14 +115,6 @@ fn heading(metric: &str) -> &str {
     }
 }
 
-/// Counts that the description already states, kept out of the table.
-fn is_count(metric: &str) -> bool {
-    matches!(
-        metric,
-        "zero_shot_images" | "retrieval_pairs" | "eval_skipped"
-    )
-}
-
 /// Write `report.md` for the experiment; `data` describes the training source and
 /// `steps` is the budget.
 pub fn write_report(
@@ -164,7 +156,7 @@ pub fn write_report(
                 .metrics
                 .iter()
                 .map(|(n, _)| n.as_str())
-                .filter(|n| !is_count(n))
+                .filter(|n| !crate::eval::is_count(n))
                 .collect()
         })
         .unwrap_or_default();
