@@ -25,8 +25,6 @@ pub struct Batch {
     pub ids: Tensor,
     /// `(b)` u32 flat EOT indices into `(b·s)`.
     pub eot: Tensor,
-    /// Dataset indices of the items, in batch order.
-    pub indices: Vec<usize>,
 }
 
 /// Images to a normalised `(b, 3, size, size)` tensor; every image must be `size × size`.
@@ -92,19 +90,13 @@ pub fn collate_texts(
 pub fn collate_pairs(
     images: &[&Image],
     captions: &[&str],
-    indices: Vec<usize>,
     image_size: usize,
     tokenizer: &(impl Tokenize + ?Sized),
     device: &Device,
 ) -> Result<Batch, DataError> {
     let pixels = collate_images(images, image_size, device)?;
     let (ids, eot) = collate_texts(captions, tokenizer, device)?;
-    Ok(Batch {
-        pixels,
-        ids,
-        eot,
-        indices,
-    })
+    Ok(Batch { pixels, ids, eot })
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let images: Vec<_> = items.iter().map(|i| &i.image).collect();
     let caps: Vec<_> = items.iter().map(|i| i.caption.as_str()).collect();
-    let batch = collate_pairs(&images, &caps, (0..b).collect(), 48, &tok, &dev)?;
+    let batch = collate_pairs(&images, &caps, 48, &tok, &dev)?;
     eprintln!(
         "collate {:.1} ms, ids {:?}",
         t.elapsed().as_secs_f64() * 1e3,

@@ -405,11 +405,7 @@ impl ExperimentConfig {
 
     /// [`Self::schedule_for`] the training source, opened to learn its length.
     pub fn schedule(&self) -> Result<Schedule> {
-        let len = match &self.data {
-            SourceConfig::Digits(d) => d.train_size,
-            other => other.open_train(self.seed)?.len(),
-        };
-        Ok(self.schedule_for(len))
+        Ok(self.schedule_for(self.data.open_train(self.seed)?.len()))
     }
 
     pub fn run_dir(&self) -> PathBuf {

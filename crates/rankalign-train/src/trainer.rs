@@ -9,7 +9,8 @@
 //! `logit_scale` to [0, ln 100], append metrics, and checkpoint on schedule. The image
 //! tower runs in training mode (a ResNet's BatchNorm on batch statistics, updating its
 //! running statistics, which checkpoints keep); evaluation runs it in evaluation mode.
-//! A run resumes from its latest checkpoint when the config is unchanged.
+//! A run resumes from its newest intact checkpoint when the config is unchanged, at
+//! the data position that checkpoint records.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -361,10 +362,7 @@ pub fn fit(
         shared.train.clone(),
         mix_seed(&[exp.seed, 0xBA7C4]),
         Sharding::default(),
-        SkipPolicy {
-            max_skipped: policy.max_skipped,
-            ..SkipPolicy::default()
-        },
+        SkipPolicy::from(&policy),
         run.data_position.clone(),
     )?;
     let mut skipped = stream.position().stats.clone();
@@ -383,8 +381,7 @@ pub fn fit(
             let (samples, pos) = stream.next_batch(batch_size, image_size)?;
             let images: Vec<_> = samples.iter().map(|s| &s.image).collect();
             let captions: Vec<_> = samples.iter().map(|s| s.caption.as_str()).collect();
-            let batch =
-                collate_pairs(&images, &captions, Vec::new(), image_size, &tokenizer, &dev)?;
+            let batch = collate_pairs(&images, &captions, image_size, &tokenizer, &dev)?;
             Ok((batch, pos))
         },
     )?;

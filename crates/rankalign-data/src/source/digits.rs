@@ -93,10 +93,6 @@ impl DigitsSource {
     pub fn new(scenes: DigitScenes) -> Self {
         Self { scenes }
     }
-
-    pub fn scenes(&self) -> &DigitScenes {
-        &self.scenes
-    }
 }
 
 /// The indices `0..n` in the order of pass `pass`, then this rank's every `world`-th.

@@ -251,14 +251,6 @@ impl SourceConfig {
         }
     }
 
-    pub fn kind(&self) -> &'static str {
-        match self {
-            SourceConfig::Digits(_) => "digits",
-            SourceConfig::Csv(_) => "csv",
-            SourceConfig::Webdataset(_) => "webdataset",
-        }
-    }
-
     /// The corrupt-data policy (the digit scenes have none to skip).
     pub fn corrupt(&self) -> CorruptPolicy {
         match self {
@@ -333,14 +325,6 @@ impl SourceConfig {
 /// `rank`.
 pub fn transform_seed(seed: u64, pass: u64, rank: usize, ordinal: u64) -> u64 {
     mix_seed(&[seed, 0x7A4F, pass, rank as u64, ordinal])
-}
-
-/// Which caption a sample carries: a text member, or a field of its JSON member.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CaptionFrom {
-    Txt,
-    Json,
 }
 
 /// A caption from raw bytes: valid UTF-8 with something besides white space.

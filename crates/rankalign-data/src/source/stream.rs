@@ -92,6 +92,15 @@ pub struct SkipPolicy {
     pub min_seen: u64,
 }
 
+impl From<&super::CorruptPolicy> for SkipPolicy {
+    fn from(c: &super::CorruptPolicy) -> Self {
+        Self {
+            max_skipped: c.max_skipped,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for SkipPolicy {
     fn default() -> Self {
         Self {
@@ -214,10 +223,6 @@ impl PairStream {
         &self.pos
     }
 
-    pub fn source(&self) -> &Arc<dyn PairSource> {
-        &self.source
-    }
-
     fn next_pass(&mut self) -> Result<(), DataError> {
         self.check(true)?;
         self.pos.pass += 1;
@@ -271,7 +276,7 @@ impl PairStream {
             let (source, seed, pass, rank) =
                 (&self.source, self.seed, self.pos.pass, self.sharding.rank);
             let loaded = decode_all(source.as_ref(), &chunk, |ordinal, p| {
-                let image = fit(
+                let image = to_model_size(
                     source.as_ref(),
                     &p,
                     size,
@@ -291,17 +296,16 @@ impl PairStream {
                 }
             }
             if ended {
-                if good.len() < b {
-                    // The pass ended inside this batch: drop it, as drop_last does.
-                    empty_passes += 1;
-                    if empty_passes > 1 {
-                        return Err(DataError::Invalid(format!(
-                            "a whole pass over {} gave fewer than one batch of {b} good samples",
-                            self.source.describe()
-                        )));
-                    }
-                    good.clear();
+                // The pass ended inside this batch (a short chunk leaves it short of
+                // `b`): drop it, as drop_last does, and start over in the next pass.
+                empty_passes += 1;
+                if empty_passes > 1 {
+                    return Err(DataError::Invalid(format!(
+                        "a whole pass over {} gave fewer than one batch of {b} good samples",
+                        self.source.describe()
+                    )));
                 }
+                good.clear();
                 self.next_pass()?;
             }
         }
@@ -373,7 +377,12 @@ pub fn read_in_order<T: Send>(
 }
 
 /// The source's transform, or the image as it is when it already has the size.
-fn fit(source: &dyn PairSource, p: &super::Pair, size: usize, seed: u64) -> Result<Image, String> {
+fn to_model_size(
+    source: &dyn PairSource,
+    p: &super::Pair,
+    size: usize,
+    seed: u64,
+) -> Result<Image, String> {
     match source.transform() {
         Some(t) => t.apply(&p.image, seed).map_err(|e| e.to_string()),
         None if p.image.width == size && p.image.height == size => Ok(p.image.to_rgb()),
