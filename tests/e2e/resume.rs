@@ -210,12 +210,20 @@ fn checkpoint_files_survive_random_truncated_and_flipped_bytes() {
                     bytes[at] ^= 1 << rng.random_range(0..8);
                 }
             }
-            _ => bytes = (0..rng.random_range(0..2048)).map(|_| rng.random()).collect(),
+            _ => {
+                bytes = (0..rng.random_range(0..2048))
+                    .map(|_| rng.random())
+                    .collect()
+            }
         }
         std::fs::write(&path, &bytes).unwrap();
         let (chosen, warnings) = rankalign_train::checkpoint::resume_point(&ckpts).unwrap();
         if bytes != original {
-            assert_eq!(chosen, Some(ckpts.join("step-00000004")), "mutation {i} of {name}");
+            assert_eq!(
+                chosen,
+                Some(ckpts.join("step-00000004")),
+                "mutation {i} of {name}"
+            );
             assert!(warnings[0].contains("step-00000008"), "{warnings:?}");
         }
         std::fs::write(&path, &original).unwrap();
