@@ -72,6 +72,12 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
     },
+    /// Evaluate a model as CLIP_benchmark does: zero-shot classification, multi-caption
+    /// retrieval, a linear probe or the embedding geometry, on ImageFolder, CSV, COCO or
+    /// CLIP_benchmark webdataset data. One task from flags, or a suite file; writes one
+    /// JSON per task (CLIP_benchmark's schema) and a markdown table. `--collect DIR`
+    /// tables the JSON files of a folder instead.
+    Eval(Box<EvalArgs>),
     /// Data tools: write the digit scenes as real files, or scan a source.
     Data {
         #[command(subcommand)]
@@ -93,6 +99,59 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// The model: a `rankalign export` / HF / open_clip directory, a checkpoint file,
+    /// or a hub name in the local Hugging Face cache (overrides the suite's `model`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A suite file (TOML) with `[[task]]` tables.
+    #[arg(long, conflicts_with_all = ["task", "collect"])]
+    suite: Option<PathBuf>,
+    /// One task: zeroshot_classification, zeroshot_retrieval, linear_probe or geometry.
+    #[arg(long, value_parser = ["zeroshot_classification", "zeroshot_retrieval", "linear_probe", "geometry"])]
+    task: Option<String>,
+    /// The dataset as FORMAT:PATH: imagefolder:DIR, wds:ROOT or csv:FILE (labelled
+    /// images); csv:FILE, coco:FILE or wds:ROOT (captions). For linear_probe, the test set.
+    #[arg(long)]
+    dataset: Option<String>,
+    /// linear_probe: the training set (FORMAT:PATH).
+    #[arg(long)]
+    train_dataset: Option<String>,
+    /// linear_probe: a validation set for choosing λ (default: 20% of the training set).
+    #[arg(long)]
+    val_dataset: Option<String>,
+    /// The split folder of a CLIP_benchmark webdataset (`test`; the probe's training
+    /// set reads `train`).
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// The dataset's name in results (default: from its path).
+    #[arg(long)]
+    name: Option<String>,
+    /// Class names: imagenet1k, cifar10, cifar100, imagenet-r, imagenet-a, or a file.
+    #[arg(long)]
+    classnames: Option<String>,
+    /// Templates with `{c}`: a built-in name, or a file.
+    #[arg(long)]
+    templates: Option<String>,
+    /// A class subset (indices into the class names): imagenet-r, imagenet-a, or a file.
+    #[arg(long)]
+    subset: Option<String>,
+    /// Retrieval: the ks of recall@k.
+    #[arg(long, value_delimiter = ',', default_value = "1,5,10")]
+    recall_k: Vec<usize>,
+    /// Where result files go.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Table the result JSONs (ours or CLIP_benchmark's) in this folder, and stop.
+    #[arg(long)]
+    collect: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
 #[derive(Subcommand)]
 enum DataCommand {
     /// Write digit scenes as files in a format `[data]` reads: `csv` (CyCLIP's
@@ -101,7 +160,10 @@ enum DataCommand {
         /// Only `digits` is generated here.
         #[arg(long, default_value = "digits")]
         source: String,
-        #[arg(long, value_parser = ["csv", "tsv", "webdataset"])]
+        /// Training pairs: `csv`, `tsv`, `webdataset` (one caption per scene).
+        /// Evaluation sets: `imagefolder` / `clip-benchmark` (single digits, labelled),
+        /// `captions-csv` / `clip-benchmark-retrieval` (scenes with four captions).
+        #[arg(long, value_parser = ["csv", "tsv", "webdataset", "imagefolder", "clip-benchmark", "captions-csv", "clip-benchmark-retrieval"])]
         format: String,
         #[arg(long)]
         out: PathBuf,
@@ -238,6 +300,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Data { command } => data(command),
+        Command::Eval(args) => eval(*args),
         Command::Export { run, variant, out } => {
             let ckpt = rankalign_train::export::export_run(&run, &variant, &out)?;
             eprintln!("rankalign: wrote {} from {}", out.display(), ckpt.display());
@@ -432,7 +495,9 @@ fn train(
 }
 
 fn data(command: DataCommand) -> Result<()> {
-    use rankalign_train::data::source::tools::{ExportFormat, export_digits, scan};
+    use rankalign_train::data::source::tools::{
+        EvalExportFormat, ExportFormat, export_digits, export_eval_digits, scan,
+    };
     use rankalign_train::data::source::{DigitsSourceConfig, PairSource};
     match command {
         DataCommand::Export {
@@ -463,6 +528,21 @@ fn data(command: DataCommand) -> Result<()> {
             };
             let digits = Arc::new(cfg.digits()?);
             let scenes = cfg.split(digits, seed, which)?;
+            let eval_format = match format.as_str() {
+                "imagefolder" => Some(EvalExportFormat::ImageFolder),
+                "clip-benchmark" => Some(EvalExportFormat::ClipBenchmark),
+                "captions-csv" => Some(EvalExportFormat::CaptionsCsv),
+                "clip-benchmark-retrieval" => Some(EvalExportFormat::ClipBenchmarkRetrieval),
+                _ => None,
+            };
+            if let Some(f) = eval_format {
+                let named = export_eval_digits(&scenes, count, f, &out, &split, shard_size)?;
+                eprintln!(
+                    "rankalign: wrote {count} {split} items as {format}; point a task at {}",
+                    named.display()
+                );
+                return Ok(());
+            }
             let format = match format.as_str() {
                 "csv" => ExportFormat::Csv,
                 "tsv" => ExportFormat::Tsv,
@@ -546,4 +626,167 @@ fn data(command: DataCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The task that `rankalign eval`'s flags describe.
+fn task_from_flags(a: &EvalArgs) -> Result<rankalign_train::eval::Task> {
+    use rankalign_train::data::benchmark::{ClassificationData, RetrievalData};
+    use rankalign_train::eval::Task;
+    use rankalign_train::eval::tasks::{GeometryTask, ProbeTask, RetrievalTask, ZeroShotTask};
+    let task = a
+        .task
+        .as_deref()
+        .context("eval: give --task with --dataset, a --suite file, or --collect DIR")?;
+    let dataset = a
+        .dataset
+        .as_deref()
+        .context("eval: --task needs --dataset FORMAT:PATH")?;
+    let classes = |spec: &str, split: &str| {
+        ClassificationData::parse_spec(spec, split).map_err(|e| anyhow::anyhow!("--dataset: {e}"))
+    };
+    let captions = |spec: &str| {
+        RetrievalData::parse_spec(spec, &a.split).map_err(|e| anyhow::anyhow!("--dataset: {e}"))
+    };
+    Ok(match task {
+        "zeroshot_classification" => Task::ZeroshotClassification(ZeroShotTask {
+            dataset: classes(dataset, &a.split)?,
+            name: a.name.clone(),
+            classnames: a.classnames.clone(),
+            templates: a.templates.clone(),
+            subset: a.subset.clone(),
+        }),
+        "zeroshot_retrieval" => Task::ZeroshotRetrieval(RetrievalTask {
+            dataset: captions(dataset)?,
+            name: a.name.clone(),
+            recall_k: a.recall_k.clone(),
+        }),
+        "geometry" => Task::Geometry(GeometryTask {
+            dataset: captions(dataset)?,
+            name: a.name.clone(),
+            plot: true,
+        }),
+        _ => {
+            let train = a
+                .train_dataset
+                .as_deref()
+                .context("eval: linear_probe needs --train-dataset FORMAT:PATH")?;
+            Task::LinearProbe(ProbeTask {
+                train: classes(train, "train")?,
+                test: classes(dataset, &a.split)?,
+                val: a
+                    .val_dataset
+                    .as_deref()
+                    .map(|v| classes(v, "val"))
+                    .transpose()?,
+                name: a.name.clone(),
+                val_proportion: 0.2,
+                lambda: None,
+                seed: 0,
+                normalize: true,
+                max_iter: 1000,
+            })
+        }
+    })
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    use rankalign_train::eval::suite::{ResultFile, SuiteConfig, collect, markdown, model_name};
+    if let Some(dir) = &a.collect {
+        let (results, other) = collect(dir)?;
+        if results.is_empty() {
+            anyhow::bail!("eval --collect: no result JSON in {}", dir.display());
+        }
+        for p in other {
+            eprintln!("rankalign: skipped {} (not a result file)", p.display());
+        }
+        let md = markdown(&results);
+        let out = a.output.clone().unwrap_or_else(|| dir.join("results.md"));
+        std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
+        eprint!("{md}");
+        eprintln!(
+            "rankalign: {} result(s) tabled in {}",
+            results.len(),
+            out.display()
+        );
+        return Ok(());
+    }
+    let (tasks, suite_model, suite_output, suite_batch) = match &a.suite {
+        Some(p) => {
+            let s = SuiteConfig::load(p)?;
+            (s.task, s.model, s.output, s.batch_size)
+        }
+        None => (vec![task_from_flags(&a)?], None, None, None),
+    };
+    let model = a
+        .model
+        .clone()
+        .or(suite_model)
+        .context("eval: give --model (or `model` in the suite file)")?;
+    let output = a
+        .output
+        .clone()
+        .or(suite_output)
+        .unwrap_or_else(|| PathBuf::from("eval-results"));
+    let device = parse_device(&a.device)?;
+    let clip = rankalign_train::Clip::load(&model, &device)?;
+    let arch = model_name(clip.config());
+    let pretrained = model.display().to_string();
+    let mut ev = rankalign_train::eval::Evaluator::new(&clip.model, &clip.tokenizer, &device);
+    ev.batch_size = a.batch_size.or(suite_batch).unwrap_or(64).max(1);
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} images {per_sec} ETA {eta}",
+        )
+        .expect("invariant: the template is valid")
+        .progress_chars("=> "),
+    );
+    let shown = bar.clone();
+    ev.progress = Some(Arc::new(move |what: &str, done: usize, total: usize| {
+        shown.set_message(what.split('|').next().unwrap_or(what).to_string());
+        shown.set_length(total as u64);
+        shown.set_position(done as u64);
+    }));
+    let mut results = Vec::new();
+    for (i, task) in tasks.iter().enumerate() {
+        eprintln!(
+            "rankalign: task {}/{}: {} on {}",
+            i + 1,
+            tasks.len(),
+            task.kind(),
+            task.dataset_name()
+        );
+        let started = std::time::Instant::now();
+        let r = ev
+            .run(task, Some(&output))
+            .with_context(|| format!("{} on {}", task.kind(), task.dataset_name()))?;
+        bar.finish_and_clear();
+        let file = ResultFile::new(&r, &arch, &pretrained);
+        let path = file.write(&output)?;
+        let shown: Vec<String> = r
+            .metrics
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.4}"))
+            .collect();
+        eprintln!("  {} ({:.1} s)", r.details, started.elapsed().as_secs_f64());
+        eprintln!("  {}", shown.join("  "));
+        for f in &r.files {
+            eprintln!("  wrote {}", f.display());
+        }
+        eprintln!("  wrote {}", path.display());
+        results.push(file);
+    }
+    let md = markdown(&results);
+    let table = output.join("results.md");
+    std::fs::write(&table, &md).with_context(|| format!("writing {}", table.display()))?;
+    eprintln!(
+        "rankalign: {} task(s) done; table: {}",
+        results.len(),
+        table.display()
+    );
+    Ok(())
 }

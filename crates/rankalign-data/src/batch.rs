@@ -61,6 +61,17 @@ pub fn collate_images(
     )?)
 }
 
+/// An image file (PNG, JPEG, WebP) through CLIP's evaluation transform (shorter side
+/// to `size`, bicubic as Pillow; centre crop; CLIP normalisation): `(1, 3, size, size)`.
+pub fn preprocess_image(
+    path: &std::path::Path,
+    size: usize,
+    device: &Device,
+) -> Result<Tensor, DataError> {
+    let img = crate::image::SourceImage::open(path)?.clip_eval(size);
+    collate_images(&[&img], size, device)
+}
+
 /// Token ids `(b, s)` padded with zeros, and flat EOT indices `(b)` (each row's last
 /// token: CLIP's EOT, BERT's `[SEP]`).
 pub fn collate_texts(

@@ -16,6 +16,9 @@
 //!   the training crops with Pillow's exact resampling (torchvision/open_clip parity);
 //! - [`batch`]: collation into tensors (CLIP normalisation, padded token ids, EOT indices);
 //! - [`loader`]: deterministic batches by step, assembled ahead of time on a rayon pool;
+//! - [`benchmark`]: evaluation sets as the field's tools read them (ImageFolder,
+//!   CLIP_benchmark's webdataset layouts, label and caption CSVs, COCO captions) and
+//!   the built-in zero-shot class names and templates;
 //! - [`source`]: pre-training pairs from the digit scenes, CSV/TSV lists or webdataset
 //!   shards behind one [`PairSource`] interface, streamed into batches that resume
 //!   exactly mid-pass, with corrupt samples skipped and counted.
@@ -27,6 +30,7 @@
 
 pub mod augment;
 pub mod batch;
+pub mod benchmark;
 pub mod image;
 pub mod lists;
 pub mod loader;
@@ -42,7 +46,9 @@ pub mod wordpiece;
 use std::path::PathBuf;
 
 pub use augment::TrainTransformConfig;
-pub use batch::{Batch, CLIP_MEAN, CLIP_STD, collate_images, collate_pairs};
+pub use batch::{
+    Batch, CLIP_MEAN, CLIP_STD, collate_images, collate_pairs, collate_texts, preprocess_image,
+};
 pub use image::{CropBox, Image, PixelMode, SourceImage};
 pub use lists::{LabelRange, ListEntry};
 pub use loader::{BatchPlan, Prefetcher};

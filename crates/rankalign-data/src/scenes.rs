@@ -73,11 +73,17 @@ impl SceneConfig {
     }
 }
 
-/// One scene: the image, its caption, and the digit labels in reading order.
+/// One scene: the image, its caption, every phrasing of its layout, and the digit
+/// labels in reading order.
 #[derive(Clone, Debug)]
 pub struct SceneItem {
     pub image: Image,
+    /// The phrasing drawn for this scene (`captions[k]` for the drawn `k`): what
+    /// training reads.
     pub caption: String,
+    /// The four phrasings of the same content and layout, in template order: the
+    /// several captions per image that multi-caption retrieval is evaluated on.
+    pub captions: Vec<String>,
     pub digits: Vec<u8>,
     pub layout: Layout,
 }
@@ -220,15 +226,15 @@ impl Dataset for DigitScenes {
             .collect();
         let mut img = Image::black(self.cfg.image_size, self.cfg.image_size);
         let template = rng.random_range(0..4usize);
-        let caption = match layout {
+        let captions: Vec<String> = match layout {
             Layout::Single => {
                 self.draw_single(&mut img, &ds[0], &mut rng);
-                match template {
-                    0 => ds[0].with_article(),
-                    1 => format!("a picture of {}", ds[0].with_article()),
-                    2 => format!("the digit {}", ds[0].phrase()),
-                    _ => format!("a handwritten {}", ds[0].phrase()),
-                }
+                vec![
+                    ds[0].with_article(),
+                    format!("a picture of {}", ds[0].with_article()),
+                    format!("the digit {}", ds[0].phrase()),
+                    format!("a handwritten {}", ds[0].phrase()),
+                ]
             }
             Layout::SideBySide | Layout::Stacked => {
                 let g = (s / 2 - 2) as usize;
@@ -245,15 +251,20 @@ impl Dataset for DigitScenes {
                     self.draw(&mut img, d, g, x, y);
                 }
                 let (a, b) = (ds[0].with_article(), ds[1].with_article());
-                match (layout, template) {
-                    (Layout::SideBySide, 0) => format!("{a} on the left and {b} on the right"),
-                    (Layout::SideBySide, 1) => format!("{a} next to {b}"),
-                    (Layout::SideBySide, 2) => format!("two digits, {a} and {b}"),
-                    (Layout::SideBySide, _) => format!("{b} to the right of {a}"),
-                    (_, 0) => format!("{a} above {b}"),
-                    (_, 1) => format!("{b} below {a}"),
-                    (_, 2) => format!("two digits, {a} on top and {b} at the bottom"),
-                    _ => format!("{a} over {b}"),
+                if layout == Layout::SideBySide {
+                    vec![
+                        format!("{a} on the left and {b} on the right"),
+                        format!("{a} next to {b}"),
+                        format!("two digits, {a} and {b}"),
+                        format!("{b} to the right of {a}"),
+                    ]
+                } else {
+                    vec![
+                        format!("{a} above {b}"),
+                        format!("{b} below {a}"),
+                        format!("two digits, {a} on top and {b} at the bottom"),
+                        format!("{a} over {b}"),
+                    ]
                 }
             }
             Layout::Row => {
@@ -265,22 +276,23 @@ impl Dataset for DigitScenes {
                     self.draw(&mut img, d, g, x, y);
                 }
                 let (p, q, r) = (ds[0].phrase(), ds[1].phrase(), ds[2].phrase());
-                match template {
-                    0 => format!("three digits: {p}, {q} and {r}"),
-                    1 => format!(
+                vec![
+                    format!("three digits: {p}, {q} and {r}"),
+                    format!(
                         "{}, {} and {} from left to right",
                         ds[0].with_article(),
                         ds[1].with_article(),
                         ds[2].with_article()
                     ),
-                    2 => format!("a row of digits: {p} {q} {r}"),
-                    _ => format!("{p}, then {q}, then {r}"),
-                }
+                    format!("a row of digits: {p} {q} {r}"),
+                    format!("{p}, then {q}, then {r}"),
+                ]
             }
         };
         SceneItem {
             image: img,
-            caption,
+            caption: captions[template].clone(),
+            captions,
             digits: ds.iter().map(|d| d.label).collect(),
             layout,
         }

@@ -214,6 +214,33 @@ impl ClipModel {
         self.text.encode(ids, eot)
     }
 
+    /// Unnormalised text embeddings `(b, embed_dim)` from padded token ids `(b, s)`
+    /// alone: each row is read at its last non-zero token (CLIP's EOT, BERT's `[SEP]`),
+    /// the rows padded with zeros as `collate_texts` and OpenAI's `clip.tokenize` pad.
+    pub fn encode_text_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let rows = ids.to_dtype(candle_core::DType::U32)?.to_vec2::<u32>()?;
+        let mut eot = Vec::with_capacity(b);
+        for (i, row) in rows.iter().enumerate() {
+            let last = row.iter().rposition(|&t| t != 0).ok_or_else(|| {
+                candle_core::Error::Msg(format!("row {i} of the token ids is all padding"))
+            })?;
+            eot.push((i * s + last) as u32);
+        }
+        let eot = Tensor::from_vec(eot, b, ids.device())?;
+        self.encode_text(ids, &eot)
+    }
+
+    /// `logits_per_image` `(n_images, n_texts)`: `exp(logit_scale)` times the cosine of
+    /// each pair of (unnormalised) image and text embeddings; its transpose is
+    /// `logits_per_text`.
+    pub fn logits(&self, image_embeds: &Tensor, text_embeds: &Tensor) -> Result<Tensor> {
+        let img = rankalign_kernels::l2_normalize(image_embeds)?;
+        let txt = rankalign_kernels::l2_normalize(text_embeds)?;
+        img.matmul(&txt.t()?)?
+            .broadcast_mul(&self.logit_scale.exp()?)
+    }
+
     /// Unnormalised text embeddings `(b, embed_dim)` from token embeddings; see
     /// [`TextTransformer::forward_embeds`]. CLIP's text tower only.
     pub fn encode_text_embeds(&self, embeds: &Tensor, eot: &Tensor) -> Result<Tensor> {

@@ -151,15 +151,47 @@ fn default_data_threads() -> usize {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
-    /// Single-digit test images for zero-shot classification and S_A / S_U (digit
-    /// scenes only).
+    /// Single-digit test images for zero-shot classification and the linear probe's
+    /// test set (digit scenes only).
     #[serde(default)]
     pub zero_shot_size: usize,
+    /// Single-digit training images for the linear probe (digit scenes only; 0: no
+    /// probe).
+    #[serde(default)]
+    pub probe_train_size: usize,
     /// Test pairs for image–text retrieval: digit test scenes (at most
-    /// `data.test_size`), or the first pairs of `data.test_path` / `data.test_shards`.
+    /// `data.test_size`, four captions each), or the first pairs of `data.test_path` /
+    /// `data.test_shards`.
     pub retrieval_size: usize,
     #[serde(default = "default_eval_batch")]
     pub batch_size: usize,
+    /// `[[eval.task]]`: tasks on files, run at the end and, with `every_steps` /
+    /// `every_epochs`, during training.
+    #[serde(default, rename = "task")]
+    pub tasks: Vec<PeriodicTask>,
+}
+
+/// An `[[eval.task]]` table: a task ([`crate::eval::Task`]) and when to run it during
+/// training (it always runs at the end).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeriodicTask {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_steps: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_epochs: Option<usize>,
+    #[serde(flatten)]
+    pub task: crate::eval::Task,
+}
+
+impl PeriodicTask {
+    /// Whether it runs after step `done` (1-based) of `steps_per_epoch`-step epochs.
+    pub fn due(&self, done: usize, steps_per_epoch: usize) -> bool {
+        self.every_steps
+            .is_some_and(|n| n > 0 && done.is_multiple_of(n))
+            || self
+                .every_epochs
+                .is_some_and(|n| n > 0 && done.is_multiple_of(n * steps_per_epoch.max(1)))
+    }
 }
 
 fn default_eval_batch() -> usize {
@@ -365,6 +397,21 @@ impl ExperimentConfig {
             e.batch_size >= 1,
             "eval.batch_size must be at least 1".into(),
         );
+        if !matches!(d, SourceConfig::Digits(_)) {
+            need(
+                e.probe_train_size == 0,
+                "eval.probe_train_size is for the digit scenes; add a linear_probe [[eval.task]] for other data".into(),
+            );
+        }
+        for (i, p) in e.tasks.iter().enumerate() {
+            for msg in p.task.validate() {
+                need(false, format!("eval.task[{i}] ({}): {msg}", p.task.kind()));
+            }
+            need(
+                p.every_steps != Some(0) && p.every_epochs != Some(0),
+                format!("eval.task[{i}]: every_steps / every_epochs must be at least 1"),
+            );
+        }
         need(
             !self.variants.is_empty(),
             "at least one [[variant]] is needed".into(),

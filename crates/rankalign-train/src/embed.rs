@@ -12,11 +12,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use indicatif::ProgressBar;
 use rankalign_data::batch::collate_images;
-use rankalign_data::{ClipTokenizer, Image, SourceImage};
-use rankalign_models::ClipModel;
+use rankalign_data::{Image, SourceImage};
 use rayon::prelude::*;
 
 use crate::eval::embed_texts;
@@ -58,23 +56,8 @@ pub fn embed(
     progress: &ProgressBar,
     device: &Device,
 ) -> Result<(usize, usize)> {
-    let (cfg, tensors) = crate::pretrained::load(model_dir, None, device)?;
-    if cfg.text.vocab_size != rankalign_data::tokenize::VOCAB_SIZE {
-        return Err(TrainError::Config {
-            path: model_dir.join("config.json"),
-            msg: format!(
-                "text_config.vocab_size is {}; rankalign's tokenizer is CLIP's ({})",
-                cfg.text.vocab_size,
-                rankalign_data::tokenize::VOCAB_SIZE
-            ),
-        });
-    }
-    let model = ClipModel::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, device))
-        .map_err(|e| TrainError::Checkpoint {
-            path: model_dir.to_path_buf(),
-            msg: e.to_string(),
-        })?;
-    let tokenizer = ClipTokenizer::new(cfg.text.context_length)?;
+    let clip = crate::pretrained::Clip::load(model_dir, device)?;
+    let (model, tokenizer, cfg) = (&clip.model, &clip.tokenizer, clip.config().clone());
     let size = cfg.vision.image_size();
     progress.set_length((images.len() + texts.len()) as u64);
     let mut image_rows = Vec::new();
@@ -97,7 +80,7 @@ pub fn embed(
     let text_embeds = if texts.is_empty() {
         Tensor::zeros((0, e), DType::F32, device)?
     } else {
-        embed_texts(&model, texts, &tokenizer, batch, device)?
+        embed_texts(model, texts, tokenizer, batch, device)?
     };
     progress.inc(texts.len() as u64);
     let tensors = std::collections::HashMap::from([

@@ -8,7 +8,7 @@ use candle_core::Device;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::config::ExperimentConfig;
-use crate::report::{plot_losses, write_report};
+use crate::report::{plot_evals, plot_losses, write_report};
 use crate::trainer::{LogFn, NoticeFn, VariantOptions, VariantOutcome, prepare, train_variant};
 use crate::{Result, TrainError, io_err};
 
@@ -117,6 +117,7 @@ pub fn run_experiment(
     let wall_secs = started.elapsed().as_secs_f64();
     let plot = run_dir.join("loss.png");
     plot_losses(&plot, &outcomes)?;
+    plot_evals(&run_dir.join("evals.png"), &outcomes)?;
     let report = run_dir.join("report.md");
     write_report(
         &report,

@@ -36,6 +36,7 @@ use std::path::PathBuf;
 
 pub use config::ExperimentConfig;
 pub use experiment::{ExperimentOutcome, RunOptions, run_experiment};
+pub use pretrained::Clip;
 pub use rankalign_data as data;
 pub use rankalign_kernels as kernels;
 pub use rankalign_losses as losses;

@@ -198,6 +198,89 @@ pub fn load_with_cache(
     Ok((cfg, tensors))
 }
 
+/// A CLIP model ready to use, loaded in one call from anything [`load`] reads: the
+/// model, CLIP's tokenizer at its context length, and CLIP's evaluation transform at its
+/// image size (the counterpart of transformers' `CLIPModel.from_pretrained` with its
+/// processor, or open_clip's `create_model_and_transforms`).
+pub struct Clip {
+    pub model: rankalign_models::ClipModel,
+    pub tokenizer: rankalign_data::ClipTokenizer,
+    /// Where the weights came from.
+    pub source: PathBuf,
+    pub device: Device,
+}
+
+impl Clip {
+    /// Load the model `spec` names (a directory, a checkpoint file, or a hub name in
+    /// the local cache). Its text tower must use CLIP's vocabulary.
+    pub fn load(spec: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let spec = spec.as_ref();
+        let (cfg, tensors) = load(spec, None, device)?;
+        if cfg.text.vocab_size != rankalign_data::tokenize::VOCAB_SIZE {
+            return Err(TrainError::Checkpoint {
+                path: spec.to_path_buf(),
+                msg: format!(
+                    "text vocab_size is {}; rankalign's tokenizer is CLIP's ({})",
+                    cfg.text.vocab_size,
+                    rankalign_data::tokenize::VOCAB_SIZE
+                ),
+            });
+        }
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
+        let model =
+            rankalign_models::ClipModel::new(&cfg, vb).map_err(|e| TrainError::Checkpoint {
+                path: spec.to_path_buf(),
+                msg: e.to_string(),
+            })?;
+        Ok(Clip {
+            tokenizer: rankalign_data::ClipTokenizer::new(cfg.text.context_length)?,
+            model,
+            source: spec.to_path_buf(),
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        self.model.config()
+    }
+
+    /// Token ids `(n, s)` of `texts`, zero-padded (CLIP's BPE with start and end
+    /// tokens, truncated to the context length).
+    pub fn tokenize(&self, texts: &[&str]) -> Result<Tensor> {
+        Ok(rankalign_data::collate_texts(texts, &self.tokenizer, &self.device)?.0)
+    }
+
+    /// One image file through the evaluation transform: `(1, 3, size, size)`.
+    pub fn preprocess(&self, path: impl AsRef<Path>) -> Result<Tensor> {
+        let size = self.config().vision.image_size();
+        Ok(rankalign_data::preprocess_image(
+            path.as_ref(),
+            size,
+            &self.device,
+        )?)
+    }
+
+    /// L2-normalised embeddings `(n, e)` of image files.
+    pub fn encode_images<P: AsRef<Path>>(&self, paths: &[P]) -> Result<Tensor> {
+        let pixels = paths
+            .iter()
+            .map(|p| self.preprocess(p))
+            .collect::<Result<Vec<_>>>()?;
+        let pixels = Tensor::cat(&pixels, 0)?;
+        Ok(rankalign_kernels::l2_normalize(
+            &self.model.encode_image(&pixels)?,
+        )?)
+    }
+
+    /// L2-normalised embeddings `(n, e)` of texts.
+    pub fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
+        let ids = self.tokenize(texts)?;
+        Ok(rankalign_kernels::l2_normalize(
+            &self.model.encode_text_ids(&ids)?,
+        )?)
+    }
+}
+
 /// How to put a hub model into the cache.
 fn download_hint(repo: &str, revision: &str, cache: &HubCache) -> String {
     let rev = if revision == "main" {

@@ -100,19 +100,172 @@ pub fn plot_losses(path: &Path, outcomes: &[VariantOutcome]) -> Result<()> {
 }
 
 /// Column headings of the metrics the evaluations name (others appear by name).
-fn heading(metric: &str) -> &str {
+fn heading(metric: &str) -> String {
+    let short = |k: &str| {
+        k.strip_prefix("image_retrieval_recall@")
+            .map(|k| format!("T→I R@{k}"))
+            .or_else(|| {
+                k.strip_prefix("text_retrieval_recall@")
+                    .map(|k| format!("I→T R@{k}"))
+            })
+    };
     match metric {
-        "zero_shot_top1" => "zero-shot top-1",
-        "zero_shot_top3" => "top-3",
-        "zero_shot_top5" => "top-5",
-        "image_to_text_r1" => "I→T R@1",
-        "text_to_image_r1" => "T→I R@1",
-        "image_to_text_r5" | "text_to_image_r5" => "R@5",
-        "image_to_text_r10" | "text_to_image_r10" => "R@10",
-        "alignment" => "S_A",
-        "uniformity" => "S_U",
-        other => other,
+        "acc1" => "top-1".into(),
+        "acc5" => "top-5".into(),
+        "mean_per_class_recall" => "mean recall".into(),
+        "lp_acc1" => "probe top-1".into(),
+        "lp_acc5" => "probe top-5".into(),
+        "lp_mean_per_class_recall" => "probe mean recall".into(),
+        "alignment" => "S_A".into(),
+        "uniformity" => "S_U".into(),
+        "modality_gap" => "gap".into(),
+        other => short(other).unwrap_or_else(|| other.to_string()),
     }
+}
+
+fn value_cell(metric: &str, v: f64) -> String {
+    if !v.is_finite() {
+        "–".into()
+    } else if metric.contains("acc") || metric.contains("recall") {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// One table per evaluation task: a row per variant, a column per metric.
+fn eval_tables(md: &mut String, outcomes: &[VariantOutcome]) {
+    let Some(first) = outcomes.first() else {
+        return;
+    };
+    for (i, sec) in first.eval.sections.iter().enumerate() {
+        let cols: Vec<&str> = sec
+            .metrics
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| !crate::eval::is_count(n))
+            .collect();
+        if cols.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            md,
+            "**{} on {}** ({})\n",
+            sec.task, sec.dataset, sec.details
+        );
+        let _ = writeln!(
+            md,
+            "| variant | {} |",
+            cols.iter()
+                .map(|c| heading(c))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        let _ = writeln!(md, "|---|{}", "---:|".repeat(cols.len()));
+        for o in outcomes {
+            let vals: Vec<String> = cols
+                .iter()
+                .map(|c| {
+                    let v = o
+                        .eval
+                        .sections
+                        .get(i)
+                        .and_then(|s| s.metrics.iter().find(|(n, _)| n == c))
+                        .map_or(f64::NAN, |(_, v)| *v);
+                    value_cell(c, v)
+                })
+                .collect();
+            let _ = writeln!(md, "| {} | {} |", o.name, vals.join(" | "));
+        }
+        md.push('\n');
+    }
+}
+
+/// Each evaluation during training against the step: its first metric (the
+/// validation loss, a task's headline), one line per variant, one panel per series.
+pub fn plot_evals(path: &Path, outcomes: &[VariantOutcome]) -> Result<bool> {
+    register_fonts();
+    let plot_err = |e: String| TrainError::Invalid(format!("plotting {}: {e}", path.display()));
+    let mut series: Vec<(String, String)> = Vec::new();
+    for o in outcomes {
+        for r in &o.evals {
+            if let Some((m, _)) = r.metrics.first()
+                && !series.iter().any(|(e, _)| e == &r.eval)
+            {
+                series.push((r.eval.clone(), m.clone()));
+            }
+        }
+    }
+    if series.is_empty() {
+        return Ok(false);
+    }
+    let cols = series.len().min(2);
+    let rows = series.len().div_ceil(cols);
+    let root = BitMapBackend::new(path, (520 * cols as u32, 360 * rows as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
+    let panels = root.split_evenly((rows, cols));
+    for ((eval, metric), panel) in series.iter().zip(panels.iter()) {
+        let lines: Vec<(usize, Vec<(f64, f64)>)> = outcomes
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let pts = o
+                    .evals
+                    .iter()
+                    .filter(|r| &r.eval == eval)
+                    .filter_map(|r| {
+                        r.metrics
+                            .iter()
+                            .find(|(n, _)| n == metric)
+                            .map(|(_, v)| (r.step as f64, *v))
+                    })
+                    .filter(|p| p.1.is_finite())
+                    .collect();
+                (i, pts)
+            })
+            .collect();
+        let all: Vec<(f64, f64)> = lines.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+        if all.is_empty() {
+            continue;
+        }
+        let x_max = all.iter().map(|p| p.0).fold(1.0, f64::max);
+        let y_lo = all.iter().map(|p| p.1).fold(f64::MAX, f64::min);
+        let y_hi = all.iter().map(|p| p.1).fold(f64::MIN, f64::max);
+        let pad = ((y_hi - y_lo) * 0.1).max(1e-3);
+        let mut chart = ChartBuilder::on(panel)
+            .caption(format!("{eval}: {metric}"), ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..x_max * 1.02, (y_lo - pad)..(y_hi + pad))
+            .map_err(|e| plot_err(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .draw()
+            .map_err(|e| plot_err(e.to_string()))?;
+        for (i, pts) in lines {
+            let colour = COLOURS[i % COLOURS.len()];
+            chart
+                .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))
+                .map_err(|e| plot_err(e.to_string()))?
+                .label(outcomes[i].name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, colour.filled())))
+                .map_err(|e| plot_err(e.to_string()))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| plot_err(e.to_string()))?;
+    }
+    root.present().map_err(|e| plot_err(e.to_string()))?;
+    Ok(true)
 }
 
 /// Write `report.md` for the experiment; `data` describes the training source and
@@ -149,39 +302,20 @@ pub fn write_report(
     if let Some(first) = outcomes.first() {
         let _ = writeln!(md, "{}\n", first.eval.description);
     }
-    let names: Vec<&str> = outcomes
-        .first()
-        .map(|o| {
-            o.eval
-                .metrics
-                .iter()
-                .map(|(n, _)| n.as_str())
-                .filter(|n| !crate::eval::is_count(n))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut head = String::from("| variant |");
-    let mut rule = String::from("|---|");
-    for n in &names {
-        let _ = write!(head, " {} |", heading(n));
-        rule.push_str("---|");
-    }
-    let _ = writeln!(md, "{head} final loss | ms/step | skipped |");
-    let _ = writeln!(md, "{rule}---|---|---|");
+    eval_tables(&mut md, outcomes);
+    let _ = writeln!(md, "| variant | final loss | ms/step | skipped |");
+    let _ = writeln!(md, "|---|---:|---:|---:|");
     for o in outcomes {
-        let mut row = format!("| {} |", o.name);
-        for n in &names {
-            let v = o.eval.get(n).unwrap_or(f64::NAN);
-            if matches!(*n, "alignment" | "uniformity") {
-                let _ = write!(row, " {v:.3} |");
-            } else {
-                let _ = write!(row, " {v:.1} |");
-            }
-        }
         let _ = writeln!(
             md,
-            "{row} {:.3} | {:.0} | {} of {} |",
-            o.final_loss, o.median_step_ms, o.skipped.skipped, o.skipped.seen
+            "| {} | {:.3} | {:.0} | {} of {} |",
+            o.name, o.final_loss, o.median_step_ms, o.skipped.skipped, o.skipped.seen
+        );
+    }
+    if outcomes.iter().any(|o| !o.evals.is_empty()) {
+        let _ = writeln!(
+            md,
+            "\nDuring training (validation loss each epoch, `[[eval.task]]` on schedule; no checkpoint is chosen by them):\n\n![evaluations during training](evals.png)"
         );
     }
     let _ = writeln!(md, "\n![training loss](loss.png)\n");

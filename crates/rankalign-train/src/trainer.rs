@@ -11,6 +11,11 @@
 //! running statistics, which checkpoints keep); evaluation runs it in evaluation mode.
 //! A run resumes from its newest intact checkpoint when the config is unchanged, at
 //! the data position that checkpoint records.
+//!
+//! During training, at the end of each epoch the objective is evaluated on the
+//! validation pairs (`data.val_size` digit scenes), and each `[[eval.task]]` runs when
+//! its `every_steps` / `every_epochs` falls due; both are [`EvalRecord`] lines of
+//! `metrics.jsonl`. Neither chooses a checkpoint: the run keeps its last one.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -32,7 +37,7 @@ use std::collections::BTreeMap;
 
 use crate::checkpoint::{self, CheckpointState};
 use crate::config::{ExperimentConfig, VariantConfig};
-use crate::eval::{EvalReport, Evaluation, evaluate};
+use crate::eval::{EvalReport, Evaluation, Evaluator, evaluate};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::cosine_with_warmup;
 use crate::{Result, TrainError, io_err};
@@ -68,6 +73,17 @@ impl StepRecord {
     }
 }
 
+/// A line of `metrics.jsonl` with an evaluation during training: the validation loss
+/// (`eval = "validation"`) or a task (`eval = "<task> on <dataset>"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub step: usize,
+    pub epoch: usize,
+    pub eval: String,
+    #[serde(with = "crate::eval::ordered")]
+    pub metrics: Vec<(String, f64)>,
+}
+
 /// What a finished variant reports.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VariantOutcome {
@@ -80,6 +96,9 @@ pub struct VariantOutcome {
     pub train_secs: f64,
     pub eval: EvalReport,
     pub history: Vec<StepRecord>,
+    /// Evaluations during training, in step order.
+    #[serde(default)]
+    pub evals: Vec<EvalRecord>,
     /// Corrupt training samples skipped (counts over the whole run, resumed parts too).
     pub skipped: SkipStats,
     /// Damaged checkpoints passed over on resume.
@@ -115,8 +134,10 @@ pub fn config_digest(exp: &ExperimentConfig, variant: &VariantConfig) -> String 
     // Evaluation sizes and checkpoint cadence do not change the trained weights.
     shared.eval = crate::config::EvalConfig {
         zero_shot_size: 0,
+        probe_train_size: 0,
         retrieval_size: 0,
         batch_size: 0,
+        tasks: Vec::new(),
     };
     shared.train.prefetch = 0;
     shared.train.data_threads = 0;
@@ -131,7 +152,7 @@ pub fn config_digest(exp: &ExperimentConfig, variant: &VariantConfig) -> String 
             w.test_shards = None;
             w.corrupt.max_skipped = 0.0;
         }
-        SourceConfig::Digits(_) => {}
+        SourceConfig::Digits(d) => d.val_size = None,
     }
     shared.train.checkpoint_every = 0;
     shared.train.keep_checkpoints = 0;
@@ -153,29 +174,53 @@ pub fn config_digest(exp: &ExperimentConfig, variant: &VariantConfig) -> String 
 /// variant.
 pub struct Shared {
     pub train: Arc<dyn PairSource>,
+    /// Validation pairs: the objective on them each epoch.
+    pub val: Option<Arc<dyn PairSource>>,
     pub eval: Evaluation,
     pub tokenizer: TextTokenizer,
     pub device: Device,
 }
 
-fn read_history(path: &Path, upto: usize) -> Result<Vec<StepRecord>> {
+/// The step and evaluation records of `metrics.jsonl` up to step `upto`, and those
+/// lines as they were.
+fn read_history(path: &Path, upto: usize) -> Result<(Vec<StepRecord>, Vec<EvalRecord>, String)> {
+    let mut steps = Vec::new();
+    let mut evals = Vec::new();
+    let mut kept = String::new();
     if !path.exists() {
-        return Ok(Vec::new());
+        return Ok((steps, evals, kept));
     }
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let rec: StepRecord = serde_json::from_str(line)
-            .map_err(|e| TrainError::Invalid(format!("{}:{}: {e}", path.display(), i + 1)))?;
+        let bad = |e: serde_json::Error| {
+            TrainError::Invalid(format!("{}:{}: {e}", path.display(), i + 1))
+        };
+        let value: serde_json::Value = serde_json::from_str(line).map_err(bad)?;
         // A record's `step` counts completed steps, so the checkpoint's own step stays.
-        if rec.step <= upto {
-            out.push(rec);
+        let step = if value.get("eval").is_some() {
+            let rec: EvalRecord = serde_json::from_value(value).map_err(bad)?;
+            let step = rec.step;
+            if step <= upto {
+                evals.push(rec);
+            }
+            step
+        } else {
+            let rec: StepRecord = serde_json::from_value(value).map_err(bad)?;
+            let step = rec.step;
+            if step <= upto {
+                steps.push(rec);
+            }
+            step
+        };
+        if step <= upto {
+            kept.push_str(line);
+            kept.push('\n');
         }
     }
-    Ok(out)
+    Ok((steps, evals, kept))
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -199,6 +244,7 @@ pub struct Run {
     data_position: DataPosition,
     last_ckpt: Option<PathBuf>,
     pub history: Vec<StepRecord>,
+    pub evals: Vec<EvalRecord>,
     pub warnings: Vec<String>,
 }
 
@@ -311,14 +357,8 @@ pub fn build(
             cb(&variant.name, w);
         }
     }
-    let history = read_history(&metrics_path, start)?;
+    let (history, evals, lines) = read_history(&metrics_path, start)?;
     // Rewrite the metrics so they end where the checkpoint does.
-    let mut lines = String::new();
-    for rec in &history {
-        lines
-            .push_str(&serde_json::to_string(rec).map_err(|e| TrainError::Invalid(e.to_string()))?);
-        lines.push('\n');
-    }
     std::fs::write(&metrics_path, lines).map_err(io_err(&metrics_path))?;
     Ok(Run {
         name: variant.name.clone(),
@@ -333,6 +373,7 @@ pub fn build(
         data_position,
         last_ckpt,
         history,
+        evals,
         warnings,
     })
 }
@@ -385,6 +426,26 @@ pub fn fit(
             Ok((batch, pos))
         },
     )?;
+
+    let val_batches = match &shared.val {
+        Some(v) => validation_batches(
+            v.as_ref(),
+            batch_size,
+            image_size,
+            &shared.tokenizer,
+            device,
+        )?,
+        None => Vec::new(),
+    };
+    let periodic: Vec<&crate::config::PeriodicTask> = exp
+        .eval
+        .tasks
+        .iter()
+        .filter(|t| t.every_steps.is_some() || t.every_epochs.is_some())
+        .collect();
+    let mut evaluator = Evaluator::new(&run.model, &shared.tokenizer, device);
+    evaluator.batch_size = exp.eval.batch_size.max(1);
+    let mut new_evals = Vec::new();
 
     opts.progress.set_length(total as u64);
     opts.progress.set_position(start as u64);
@@ -459,6 +520,45 @@ pub fn fit(
             }
             run.history.push(rec);
         }
+        let epoch_end = done % sched.steps_per_epoch == 0;
+        let mut records = Vec::new();
+        if epoch_end && !val_batches.is_empty() {
+            opts.progress.set_message("validation loss");
+            let metrics = validation_loss(
+                &run.model,
+                run.objective.as_ref(),
+                run.logit_scale.as_tensor(),
+                &val_batches,
+                epoch,
+                exp,
+            )?;
+            records.push(EvalRecord {
+                step: done,
+                epoch,
+                eval: "validation".into(),
+                metrics,
+            });
+        }
+        for t in periodic
+            .iter()
+            .filter(|t| t.due(done, sched.steps_per_epoch))
+        {
+            opts.progress
+                .set_message(format!("{} on {}", t.task.kind(), t.task.dataset_name()));
+            let r = evaluator.run(&t.task, Some(&run.dir.join("eval")))?;
+            records.push(EvalRecord {
+                step: done,
+                epoch,
+                eval: format!("{} on {}", r.task, r.dataset),
+                metrics: r.metrics,
+            });
+        }
+        for rec in records {
+            let line =
+                serde_json::to_string(&rec).map_err(|e| TrainError::Invalid(e.to_string()))?;
+            writeln!(metrics, "{line}").map_err(io_err(&metrics_path))?;
+            new_evals.push(rec);
+        }
         opts.progress.set_position(done as u64);
         opts.progress.set_message(format!("loss {loss_value:.3}"));
         if done % exp.train.checkpoint_every == 0 || done == end {
@@ -484,6 +584,8 @@ pub fn fit(
         }
     }
     drop(prefetch);
+    drop(evaluator);
+    run.evals.extend(new_evals);
     let mut sorted = step_times.clone();
     sorted.sort_by(f64::total_cmp);
     if final_loss.is_nan() {
@@ -508,13 +610,28 @@ pub fn finish(
     opts: &VariantOptions,
 ) -> Result<VariantOutcome> {
     opts.progress.set_message("evaluating");
+    let eval_dir = run.dir.join("eval");
     let eval = evaluate(
         &run.model,
         &shared.tokenizer,
         &shared.eval,
         &exp.eval,
         &shared.device,
+        Some(&eval_dir),
     )?;
+    // One CLIP_benchmark-style file per task, as `rankalign eval` writes them.
+    let arch = crate::eval::suite::model_name(run.model.config());
+    for sec in &eval.sections {
+        crate::eval::ResultFile {
+            dataset: sec.dataset.clone(),
+            model: arch.clone(),
+            pretrained: format!("{}/{}", exp.name, run.name),
+            task: sec.task.clone(),
+            metrics: sec.metrics.clone(),
+            language: "en".into(),
+        }
+        .write(&eval_dir)?;
+    }
     let eval_path = run.dir.join("eval.json");
     std::fs::write(
         &eval_path,
@@ -537,6 +654,7 @@ pub fn finish(
         train_secs: fitted.train_secs,
         eval,
         history: run.history,
+        evals: run.evals,
         skipped: fitted.skipped,
         warnings: run.warnings,
     })
@@ -557,24 +675,44 @@ pub fn train_variant(
 /// Open the training source and the evaluation data of an experiment.
 pub fn prepare(exp: &ExperimentConfig, device: &Device) -> Result<Shared> {
     let clip_cfg = exp.model.resolve().map_err(TrainError::Invalid)?;
-    let (train, eval): (Arc<dyn PairSource>, Evaluation) = match &exp.data {
-        SourceConfig::Digits(d) => {
-            let digits = Arc::new(d.digits()?);
-            let train = d.split(digits.clone(), exp.seed, Split::Train)?;
-            let test = d.split(digits, exp.seed, Split::Test)?;
-            (
-                Arc::new(rankalign_data::source::DigitsSource::new(train)),
-                Evaluation::Digits(test),
-            )
-        }
-        other => (
-            other.open_train(exp.seed)?,
-            match other.open_test()? {
-                Some(t) => Evaluation::Retrieval(t),
-                None => Evaluation::None,
-            },
-        ),
-    };
+    let (train, val, mut eval): (Arc<dyn PairSource>, Option<Arc<dyn PairSource>>, Evaluation) =
+        match &exp.data {
+            SourceConfig::Digits(d) => {
+                let digits = Arc::new(d.digits()?);
+                let train = d.split(digits.clone(), exp.seed, Split::Train)?;
+                let test = d.split(digits.clone(), exp.seed, Split::Test)?;
+                let val: Option<Arc<dyn PairSource>> = match d.val_size {
+                    Some(n) if n > 0 => Some(Arc::new(rankalign_data::source::DigitsSource::new(
+                        d.split(digits, exp.seed, Split::Val)?,
+                    ))),
+                    _ => None,
+                };
+                let tasks = crate::eval::digits::write_eval_data(
+                    &train,
+                    &test,
+                    &exp.eval,
+                    &exp.run_dir().join("eval-data"),
+                )?;
+                (
+                    Arc::new(rankalign_data::source::DigitsSource::new(train)),
+                    val,
+                    Evaluation {
+                        held_out: None,
+                        tasks,
+                    },
+                )
+            }
+            other => (
+                other.open_train(exp.seed)?,
+                None,
+                Evaluation {
+                    held_out: other.open_test()?,
+                    tasks: Vec::new(),
+                },
+            ),
+        };
+    eval.tasks
+        .extend(exp.eval.tasks.iter().map(|t| t.task.clone()));
     if train.len() < exp.train.batch_size {
         return Err(TrainError::Invalid(format!(
             "{} holds fewer samples than train.batch_size {}",
@@ -584,8 +722,69 @@ pub fn prepare(exp: &ExperimentConfig, device: &Device) -> Result<Shared> {
     }
     Ok(Shared {
         train,
+        val,
         eval,
         tokenizer: crate::text_tower::tokenizer(&clip_cfg, exp.model.text_tower.as_ref())?,
         device: device.clone(),
     })
+}
+
+/// The validation pairs as batches of the training size, read once (a remainder is
+/// dropped, as in training; a set smaller than one batch is one batch).
+fn validation_batches(
+    source: &dyn PairSource,
+    batch_size: usize,
+    image_size: usize,
+    tokenizer: &TextTokenizer,
+    device: &Device,
+) -> Result<Vec<rankalign_data::Batch>> {
+    let (pairs, _) = rankalign_data::source::eval_pairs(source, source.len(), image_size)?;
+    let size = batch_size.min(pairs.len()).max(1);
+    pairs
+        .chunks(size)
+        .filter(|c| c.len() == size)
+        .map(|c| {
+            let images: Vec<_> = c.iter().map(|s| &s.image).collect();
+            let captions: Vec<_> = c.iter().map(|s| s.caption.as_str()).collect();
+            Ok(collate_pairs(
+                &images, &captions, image_size, tokenizer, device,
+            )?)
+        })
+        .collect()
+}
+
+/// The objective's mean total and parts over the validation batches, without
+/// gradients, the image tower in evaluation mode.
+fn validation_loss(
+    model: &ClipModel,
+    objective: &dyn Objective,
+    logit_scale: &Tensor,
+    batches: &[rankalign_data::Batch],
+    epoch: usize,
+    exp: &ExperimentConfig,
+) -> Result<Vec<(String, f64)>> {
+    let mut sums: Vec<(String, f64)> = Vec::new();
+    for (b, batch) in batches.iter().enumerate() {
+        let image = model.encode_image(&batch.pixels)?.detach();
+        let text = model.encode_text(&batch.ids, &batch.eot)?.detach();
+        let ctx = StepContext {
+            epoch,
+            epochs: exp.train.epochs,
+            tie_seed: mix_seed(&[exp.seed, 0x7A11D, b as u64]),
+            labels: None,
+        };
+        let terms = objective.loss(&image, &text, &logit_scale.detach(), &ctx)?;
+        let mut values = vec![("loss".to_string(), scalar(&terms.total)?)];
+        for (n, t) in &terms.parts {
+            values.push((n.to_string(), scalar(t)?));
+        }
+        if sums.is_empty() {
+            sums = values.iter().map(|(n, _)| (n.clone(), 0.0)).collect();
+        }
+        for ((_, acc), (_, v)) in sums.iter_mut().zip(&values) {
+            *acc += v;
+        }
+    }
+    let n = batches.len().max(1) as f64;
+    Ok(sums.into_iter().map(|(k, v)| (k, v / n)).collect())
 }

@@ -40,6 +40,19 @@ fn png_bytes(img: &crate::image::Image) -> Result<Vec<u8>, DataError> {
     Ok(out)
 }
 
+fn append_member<W: Write>(
+    tar: &mut tar::Builder<W>,
+    name: &str,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let mut h = tar::Header::new_ustar();
+    h.set_size(bytes.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_cksum();
+    tar.append_data(&mut h, name, bytes)
+}
+
 /// Write the first `count` scenes of `scenes` under `out` in `format`; returns the file
 /// a config names (the CSV/TSV, or the shard pattern).
 pub fn export_digits(
@@ -105,12 +118,7 @@ pub fn export_digits(
                         ("png", png.as_slice()),
                         ("txt", caption.as_bytes()),
                     ] {
-                        let mut h = tar::Header::new_ustar();
-                        h.set_size(bytes.len() as u64);
-                        h.set_mode(0o644);
-                        h.set_mtime(0);
-                        h.set_cksum();
-                        tar.append_data(&mut h, format!("{key}.{ext}"), bytes)
+                        append_member(&mut tar, &format!("{key}.{ext}"), bytes)
                             .map_err(io(&path))?;
                     }
                 }
@@ -206,4 +214,151 @@ pub fn scan(
         width: column(2),
         height: column(3),
     })
+}
+
+/// Layouts of the evaluation sets [`export_eval_digits`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvalExportFormat {
+    /// Single digits as an ImageFolder (`out/<digit>/<index>.png`), with
+    /// `classnames.txt` and `templates.txt` beside the class folders.
+    ImageFolder,
+    /// Single digits in CLIP_benchmark's classification layout:
+    /// `out/<split>/{0..}.tar` (`KEY.png`, `KEY.cls`), `nshards.txt`, `classnames.txt`,
+    /// `zeroshot_classification_templates.txt`.
+    ClipBenchmark,
+    /// Scenes with all four phrasings: `out/captions.csv`, `image,caption`, four lines
+    /// per image, images in `out/images/`.
+    CaptionsCsv,
+    /// Scenes in CLIP_benchmark's retrieval layout: `KEY.png` and `KEY.txt` (the four
+    /// captions, one per line), `dataset_type.txt` = `retrieval`.
+    ClipBenchmarkRetrieval,
+}
+
+/// The digit classes' names (`0`…`9`: an ImageFolder's folders sort in label order).
+pub fn digit_classnames() -> Vec<String> {
+    (0..10).map(|d| d.to_string()).collect()
+}
+
+/// Zero-shot templates for the digit classes in CLIP_benchmark's form: the two
+/// phrasings of a single digit the scene captions use that need no article.
+pub const DIGIT_CLASS_TEMPLATES: [&str; 2] = ["the digit {c}.", "a handwritten {c}."];
+
+/// Write `count` evaluation items of `scenes` under `out` in `format`: single digits
+/// (item `i` is digit `i % 10`, as [`DigitScenes::single`] draws them) or whole scenes
+/// with their four captions. `split` names the CLIP_benchmark split folder. Returns
+/// the path a task names (the root folder, or the CSV).
+pub fn export_eval_digits(
+    scenes: &DigitScenes,
+    count: usize,
+    format: EvalExportFormat,
+    out: &Path,
+    split: &str,
+    shard_size: usize,
+) -> Result<PathBuf, DataError> {
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let write_lines = |name: &str, lines: &[String]| -> Result<(), DataError> {
+        let p = out.join(name);
+        std::fs::write(&p, lines.join("\n") + "\n").map_err(io(&p))
+    };
+    let templates: Vec<String> = DIGIT_CLASS_TEMPLATES
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let singles = || -> Result<Vec<(Vec<u8>, u8)>, DataError> {
+        (0..count)
+            .into_par_iter()
+            .map(|i| {
+                let (img, label) = scenes.single(i, Some((i % 10) as u8));
+                Ok((png_bytes(&img)?, label))
+            })
+            .collect()
+    };
+    type Scene = (Vec<u8>, Vec<String>);
+    type Members = (Vec<u8>, Vec<(&'static str, Vec<u8>)>);
+    let whole = || -> Result<Vec<Scene>, DataError> {
+        let count = count.min(scenes.len());
+        (0..count)
+            .into_par_iter()
+            .map(|i| {
+                let s = scenes.get(i);
+                Ok((png_bytes(&s.image)?, s.captions))
+            })
+            .collect()
+    };
+    let shards = |items: Vec<Members>| -> Result<(), DataError> {
+        let dir = out.join(split);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let size = shard_size.max(1);
+        let n = items.len().div_ceil(size).max(1);
+        for (s, chunk) in items.chunks(size).enumerate() {
+            let path = dir.join(format!("{s}.tar"));
+            let file = std::fs::File::create(&path).map_err(io(&path))?;
+            let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
+            for (j, (png, extra)) in chunk.iter().enumerate() {
+                let key = format!("s{:08}", s * size + j);
+                append_member(&mut tar, &format!("{key}.png"), png).map_err(io(&path))?;
+                for (ext, bytes) in extra {
+                    append_member(&mut tar, &format!("{key}.{ext}"), bytes).map_err(io(&path))?;
+                }
+            }
+            tar.into_inner()
+                .and_then(|mut w| w.flush())
+                .map_err(io(&path))?;
+        }
+        let p = dir.join("nshards.txt");
+        std::fs::write(&p, format!("{n}\n")).map_err(io(&p))
+    };
+    match format {
+        EvalExportFormat::ImageFolder => {
+            for d in 0..10 {
+                let dir = out.join(d.to_string());
+                std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            }
+            for (i, (png, label)) in singles()?.into_iter().enumerate() {
+                let p = out.join(label.to_string()).join(format!("{i:06}.png"));
+                std::fs::write(&p, png).map_err(io(&p))?;
+            }
+            write_lines("classnames.txt", &digit_classnames())?;
+            write_lines("templates.txt", &templates)?;
+            Ok(out.to_path_buf())
+        }
+        EvalExportFormat::ClipBenchmark => {
+            let items = singles()?
+                .into_iter()
+                .map(|(png, label)| (png, vec![("cls", label.to_string().into_bytes())]))
+                .collect();
+            shards(items)?;
+            write_lines("classnames.txt", &digit_classnames())?;
+            write_lines("zeroshot_classification_templates.txt", &templates)?;
+            Ok(out.to_path_buf())
+        }
+        EvalExportFormat::CaptionsCsv => {
+            let images = out.join("images");
+            std::fs::create_dir_all(&images).map_err(io(&images))?;
+            let list = out.join("captions.csv");
+            let csv_err = |e: ::csv::Error| DataError::Invalid(format!("{}: {e}", list.display()));
+            let mut w = ::csv::Writer::from_path(&list).map_err(csv_err)?;
+            w.write_record(["image", "caption"]).map_err(csv_err)?;
+            for (i, (png, captions)) in whole()?.into_iter().enumerate() {
+                let file = format!("{i:06}.png");
+                let p = images.join(&file);
+                std::fs::write(&p, png).map_err(io(&p))?;
+                for c in captions {
+                    w.write_record([format!("images/{file}"), c])
+                        .map_err(csv_err)?;
+                }
+            }
+            w.flush().map_err(io(&list))?;
+            Ok(list)
+        }
+        EvalExportFormat::ClipBenchmarkRetrieval => {
+            let items = whole()?
+                .into_iter()
+                .map(|(png, caps)| (png, vec![("txt", caps.join("\n").into_bytes())]))
+                .collect();
+            shards(items)?;
+            write_lines("dataset_type.txt", &["retrieval".to_string()])?;
+            Ok(out.to_path_buf())
+        }
+    }
 }

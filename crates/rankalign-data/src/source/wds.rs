@@ -308,6 +308,21 @@ pub fn list_reader<R: Read + Seek>(reader: R, shard: usize) -> Vec<SampleRef> {
     refs
 }
 
+/// The bytes of member `m` of the shard at `path`.
+pub fn read_member(path: &Path, m: &Member) -> std::io::Result<Vec<u8>> {
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(m.offset))?;
+    let mut buf = Vec::new();
+    f.take(m.size).read_to_end(&mut buf)?;
+    if buf.len() as u64 != m.size {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("only {} bytes are there", buf.len()),
+        ));
+    }
+    Ok(buf)
+}
+
 /// A set of webdataset shards.
 #[derive(Clone, Debug)]
 pub struct WdsSource {
@@ -402,17 +417,7 @@ impl WdsSource {
     }
 
     fn read_member(&self, shard: usize, m: &Member) -> std::io::Result<Vec<u8>> {
-        let mut f = std::fs::File::open(&self.shards[shard])?;
-        f.seek(SeekFrom::Start(m.offset))?;
-        let mut buf = Vec::new();
-        f.take(m.size).read_to_end(&mut buf)?;
-        if buf.len() as u64 != m.size {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("only {} bytes are there", buf.len()),
-            ));
-        }
-        Ok(buf)
+        read_member(&self.shards[shard], m)
     }
 
     fn sample(&self, shard: usize, key: &str, members: &[Member]) -> Result<Loaded, DataError> {

@@ -1,0 +1,102 @@
+//! The digit scenes' evaluation data, written as files and evaluated like a user's:
+//!
+//! - `eval-data/digits-test/`: `eval.zero_shot_size` single test digits as an
+//!   ImageFolder (`0/` … `9/`, with `classnames.txt` and `templates.txt`): zero-shot
+//!   classification, and the linear probe's test set;
+//! - `eval-data/digits-train/`: `eval.probe_train_size` single training digits, the
+//!   probe's training set (20 % held out to choose λ);
+//! - `eval-data/digit-scenes/captions.csv`: `eval.retrieval_size` test scenes, each
+//!   with its four phrasings: multi-caption retrieval and the geometry.
+//!
+//! The files are a pure function of the experiment's seed and sizes, rewritten when
+//! an experiment starts.
+
+use std::path::Path;
+
+use rankalign_data::DigitScenes;
+use rankalign_data::benchmark::classification::FolderConfig;
+use rankalign_data::benchmark::retrieval::CaptionCsvConfig;
+use rankalign_data::benchmark::{ClassificationData, RetrievalData};
+use rankalign_data::source::tools::{EvalExportFormat, export_eval_digits};
+
+use super::tasks::{GeometryTask, ProbeTask, RetrievalTask, Task, ZeroShotTask};
+use crate::Result;
+use crate::config::EvalConfig;
+
+/// Write the files under `dir` and return the tasks on them.
+pub fn write_eval_data(
+    train: &DigitScenes,
+    test: &DigitScenes,
+    cfg: &EvalConfig,
+    dir: &Path,
+) -> Result<Vec<Task>> {
+    let mut tasks = Vec::new();
+    if cfg.zero_shot_size > 0 {
+        let folder = export_eval_digits(
+            test,
+            cfg.zero_shot_size,
+            EvalExportFormat::ImageFolder,
+            &dir.join("digits-test"),
+            "test",
+            256,
+        )?;
+        let data = ClassificationData::ImageFolder(FolderConfig {
+            path: folder.clone(),
+        });
+        tasks.push(Task::ZeroshotClassification(ZeroShotTask {
+            dataset: data.clone(),
+            name: Some("digits".into()),
+            classnames: Some(folder.join("classnames.txt").to_string_lossy().into_owned()),
+            templates: Some(folder.join("templates.txt").to_string_lossy().into_owned()),
+            subset: None,
+        }));
+        if cfg.probe_train_size > 0 {
+            let train_folder = export_eval_digits(
+                train,
+                cfg.probe_train_size,
+                EvalExportFormat::ImageFolder,
+                &dir.join("digits-train"),
+                "train",
+                256,
+            )?;
+            tasks.push(Task::LinearProbe(ProbeTask {
+                train: ClassificationData::ImageFolder(FolderConfig { path: train_folder }),
+                test: data,
+                val: None,
+                name: Some("digits".into()),
+                val_proportion: 0.2,
+                lambda: None,
+                seed: 0,
+                normalize: true,
+                max_iter: 1000,
+            }));
+        }
+    }
+    if cfg.retrieval_size > 0 {
+        let csv = export_eval_digits(
+            test,
+            cfg.retrieval_size,
+            EvalExportFormat::CaptionsCsv,
+            &dir.join("digit-scenes"),
+            "test",
+            256,
+        )?;
+        let data = RetrievalData::Csv(CaptionCsvConfig {
+            path: csv,
+            image_column: "image".into(),
+            caption_column: "caption".into(),
+            separator: ',',
+        });
+        tasks.push(Task::ZeroshotRetrieval(RetrievalTask {
+            dataset: data.clone(),
+            name: Some("digit-scenes".into()),
+            recall_k: vec![1, 5, 10],
+        }));
+        tasks.push(Task::Geometry(GeometryTask {
+            dataset: data,
+            name: Some("digit-scenes".into()),
+            plot: true,
+        }));
+    }
+    Ok(tasks)
+}
