@@ -2,6 +2,7 @@
 //! parameter trained, divergence handling, pretrained weights in every layout (and a
 //! ResNet CLIP through training, export and loading), and clear errors on bad input.
 
+mod agreement;
 mod config_errors;
 mod export;
 mod gradients;
