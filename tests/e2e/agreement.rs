@@ -64,7 +64,8 @@ plot = false
 
 /// [`SUITE`] with its paths under `dir`.
 pub fn suite_in(dir: &Path) -> String {
-    SUITE.replace("path = \"", &format!("path = \"{}/", dir.display()))
+    SUITE
+        .replace("path = \"", &format!("path = \"{}/", dir.display()))
         .replace("= \"test/", &format!("= \"{}/test/", dir.display()))
 }
 
@@ -135,16 +136,25 @@ fn write_datasets(dir: &Path) {
     write(&val, 80, EvalExportFormat::ImageFolder, "val");
     write(&test, 150, EvalExportFormat::ClipBenchmark, "wds-cls");
     write(&test, 60, EvalExportFormat::CaptionsCsv, "scenes");
-    write(&test, 60, EvalExportFormat::ClipBenchmarkRetrieval, "wds-ret");
+    write(
+        &test,
+        60,
+        EvalExportFormat::ClipBenchmarkRetrieval,
+        "wds-ret",
+    );
     // The same scenes as COCO caption annotations.
     let images: Vec<serde_json::Value> = (0..60)
         .map(|i| serde_json::json!({ "id": 1000 + i, "file_name": format!("images/{i:06}.png") }))
         .collect();
     let annotations: Vec<serde_json::Value> = (0..60)
         .flat_map(|i| {
-            test.get(i).captions.into_iter().map(move |c| {
-                serde_json::json!({ "image_id": 1000 + i, "caption": c })
-            })
+            test.get(i)
+                .captions
+                .into_iter()
+                .enumerate()
+                .map(move |(k, c)| {
+                    serde_json::json!({ "id": 4 * i + k, "image_id": 1000 + i, "caption": c })
+                })
         })
         .collect();
     std::fs::write(
@@ -209,16 +219,33 @@ fn regenerate_agreement_model() {
     let rows: Vec<f32> = emb
         .into_iter()
         .enumerate()
-        .flat_map(|(i, r)| if used.contains(&(i as u32)) { r } else { vec![0.0; width] })
+        .flat_map(|(i, r)| {
+            if used.contains(&(i as u32)) {
+                r
+            } else {
+                vec![0.0; width]
+            }
+        })
         .collect();
     let n = rows.len() / width;
-    tensors.insert(key.into(), Tensor::from_vec(rows, (n, width), &Device::Cpu).unwrap());
+    tensors.insert(
+        key.into(),
+        Tensor::from_vec(rows, (n, width), &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&tensors, &weights).unwrap();
     let bytes = std::fs::read(&weights).unwrap();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     std::io::Write::write_all(&mut gz, &bytes).unwrap();
-    std::fs::write(Path::new(FIXTURES).join("model.safetensors.gz"), gz.finish().unwrap()).unwrap();
-    std::fs::copy(out.join("config.json"), Path::new(FIXTURES).join("config.json")).unwrap();
+    std::fs::write(
+        Path::new(FIXTURES).join("model.safetensors.gz"),
+        gz.finish().unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        out.join("config.json"),
+        Path::new(FIXTURES).join("config.json"),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -232,10 +259,8 @@ fn eval_agrees_with_transformers_clip_benchmark_and_sklearn() {
         None => crate::scratch("agreement"),
     };
     let model = write_inputs(&dir);
-    let expected: serde_json::Value = serde_json::from_str(include_str!(
-        "../fixtures/eval-agreement/expected.json"
-    ))
-    .unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(include_str!("../fixtures/eval-agreement/expected.json")).unwrap();
     let clip = rankalign_train::Clip::load(&model, &Device::Cpu).unwrap();
     let suite = SuiteConfig::load(&dir.join("suite.toml")).unwrap();
     let ev = Evaluator::new(&clip.model, &clip.tokenizer, &Device::Cpu);
@@ -257,7 +282,11 @@ fn eval_agrees_with_transformers_clip_benchmark_and_sklearn() {
                 _ => continue,
             };
             let ok = (v.is_nan() && w.is_nan()) || (v - w).abs() <= tol;
-            assert!(ok, "{} {k}: rankalign {v}, reference {w} (tolerance {tol})", r.dataset);
+            assert!(
+                ok,
+                "{} {k}: rankalign {v}, reference {w} (tolerance {tol})",
+                r.dataset
+            );
             checked += 1;
         }
     }

@@ -4,6 +4,7 @@
 
 mod agreement;
 mod config_errors;
+mod evaluation;
 mod export;
 mod gradients;
 mod minilm;

@@ -443,8 +443,6 @@ pub fn fit(
         .iter()
         .filter(|t| t.every_steps.is_some() || t.every_epochs.is_some())
         .collect();
-    let mut evaluator = Evaluator::new(&run.model, &shared.tokenizer, device);
-    evaluator.batch_size = exp.eval.batch_size.max(1);
     let mut new_evals = Vec::new();
 
     opts.progress.set_length(total as u64);
@@ -539,6 +537,9 @@ pub fn fit(
                 metrics,
             });
         }
+        // A new evaluator per round: its feature cache belongs to these weights.
+        let mut evaluator = Evaluator::new(&run.model, &shared.tokenizer, device);
+        evaluator.batch_size = exp.eval.batch_size.max(1);
         for t in periodic
             .iter()
             .filter(|t| t.due(done, sched.steps_per_epoch))
@@ -584,7 +585,6 @@ pub fn fit(
         }
     }
     drop(prefetch);
-    drop(evaluator);
     run.evals.extend(new_evals);
     let mut sorted = step_times.clone();
     sorted.sort_by(f64::total_cmp);

@@ -3,6 +3,7 @@
 //! torchvision/open_clip, determinism of the datasets, clear errors on bad files,
 //! dataset list parsers and protocol sampling.
 
+mod benchmark;
 mod files;
 mod lists;
 mod preprocess;
