@@ -51,6 +51,20 @@ enum Command {
         /// `cpu`, or `cuda` / `cuda:N` (needs a build with `--features cuda`).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Train with this seed instead of the config's, as the experiment
+        /// `<name>-seed<N>` (a study runs one per seed; see `rankalign study`).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Table several runs of one experiment (e.g. `--seed` runs) as mean ± std of every
+    /// evaluation metric per variant, with a plot: `study.md` and `study.png`.
+    Study {
+        /// The experiment directories (each with `summary.json`).
+        #[arg(required = true, num_args = 1..)]
+        runs: Vec<PathBuf>,
+        /// Where `study.md`, `study.png` and `study.json` go.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Embed images and texts with a pretrained model: L2-normalised `image_embeds`,
     /// `text_embeds` and `logit_scale` in one safetensors file.
@@ -217,6 +231,7 @@ fn main() -> Result<()> {
             threads,
             out_dir,
             device,
+            seed,
         } => {
             let device = parse_device(&device)?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -230,6 +245,11 @@ fn main() -> Result<()> {
                 if std::env::var_os("RAYON_NUM_THREADS").is_none() || threads.is_some() {
                     set_compute_threads(per_run);
                 }
+                if seed.is_some() {
+                    anyhow::bail!(
+                        "--seed applies to pre-training experiments; an ordinal experiment lists its seeds"
+                    );
+                }
                 if stop_after.is_some() {
                     anyhow::bail!(
                         "--stop-after applies to pre-training experiments; an ordinal experiment resumes run by run"
@@ -240,6 +260,10 @@ fn main() -> Result<()> {
             let mut exp = ExperimentConfig::load(&config)?;
             if let Some(dir) = out_dir {
                 exp.out_dir = dir;
+            }
+            if let Some(s) = seed {
+                exp.seed = s;
+                exp.name = format!("{}-seed{s}", exp.name);
             }
             let concurrent = if exp.train.parallel_variants {
                 exp.variants.len().max(1)
@@ -300,6 +324,15 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Data { command } => data(command),
+        Command::Study { runs, out } => {
+            let written = rankalign_train::report::write_study(&runs, &out)?;
+            eprintln!(
+                "rankalign: study of {} run(s): {}",
+                runs.len(),
+                written.display()
+            );
+            Ok(())
+        }
         Command::Eval(args) => eval(*args),
         Command::Export { run, variant, out } => {
             let ckpt = rankalign_train::export::export_run(&run, &variant, &out)?;

@@ -27,6 +27,36 @@
 //! batches can be built in any order or in parallel, and a resumed run sees exactly the
 //! batches an uninterrupted one would. Architecture invariant: no model, loss or
 //! training code here; tensors appear only in [`batch`].
+//!
+//! ```
+//! use std::sync::Arc;
+//! use rankalign_data::benchmark::ClassificationData;
+//! use rankalign_data::source::DigitsSourceConfig;
+//! use rankalign_data::source::tools::{EvalExportFormat, export_eval_digits};
+//! use rankalign_data::{ClipTokenizer, Split, collate_texts, preprocess_image};
+//! # fn main() -> Result<(), rankalign_data::DataError> {
+//! // Write 20 test digits as an ImageFolder, then read it back as torchvision would.
+//! let cfg = DigitsSourceConfig { image_size: 48, train_size: 1, val_size: None, test_size: 20,
+//!                                mnist_images: None, mnist_labels: None };
+//! let scenes = cfg.split(Arc::new(cfg.digits()?), 1, Split::Test)?;
+//! let dir = std::env::temp_dir().join(format!("rankalign-doc-{}", std::process::id()));
+//! export_eval_digits(&scenes, 20, EvalExportFormat::ImageFolder, &dir, "test", 64)?;
+//! let data = ClassificationData::parse_spec(&format!("imagefolder:{}", dir.display()), "test")
+//!     .map_err(rankalign_data::DataError::Invalid)?;
+//! let set = data.open(None)?;
+//! assert_eq!((set.len(), set.num_classes), (20, 10));
+//! // An image file to a normalised (1, 3, 224, 224) tensor, CLIP's evaluation transform.
+//! let rankalign_data::benchmark::ImageRef::File(first) = &set.images[0] else { unreachable!() };
+//! let pixels = preprocess_image(first, 224, &candle_core::Device::Cpu)?;
+//! assert_eq!(pixels.dims(), &[1, 3, 224, 224]);
+//! // Texts to padded ids and the flat EOT positions the text tower reads.
+//! let tok = ClipTokenizer::new(77)?;
+//! let (ids, eot) = collate_texts(&["a photo of a 3.", "a 7"], &tok, &candle_core::Device::Cpu)?;
+//! assert_eq!(ids.dims()[0], 2);
+//! # let _ = (eot, std::fs::remove_dir_all(&dir));
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod augment;
 pub mod batch;

@@ -14,6 +14,21 @@
 //!
 //! Architecture invariant: this crate depends on no other workspace crate; every op has
 //! a CPU path and a reference; the CUDA code only adds a device.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use rankalign_kernels::{PlMode, l2_normalize, pl_nll, pl_nll_reference};
+//! let scores = Tensor::new(&[[2.0f32, 0.5, -1.0], [0.1, 0.3, 0.2]], &Device::Cpu)?;
+//! // Each row's order (most preferred first) as indices.
+//! let order = Tensor::new(&[[0u32, 1, 2], [1, 2, 0]], &Device::Cpu)?;
+//! let fused = pl_nll(&scores, &order, PlMode::Exact, None)?;
+//! let composed = pl_nll_reference(&scores, &order, PlMode::Exact, None)?;
+//! let diff = (fused - composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
+//! assert!(diff < 1e-5);
+//! let unit = l2_normalize(&scores)?.sqr()?.sum(1)?.to_vec1::<f32>()?;
+//! assert!(unit.iter().all(|v| (v - 1.0).abs() < 1e-5));
+//! # Ok::<(), candle_core::Error>(())
+//! ```
 
 mod cpu;
 pub mod layer_norm;

@@ -13,6 +13,30 @@
 //!
 //! Losses take embeddings and the raw `logit_scale`, and return scalar tensors that
 //! autograd differentiates. Architecture invariant: no model, data or training code here.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use rankalign_losses::{ListPerms, RankClipConfig, RankMode, clip_loss, listmle, rankclip_loss};
+//! let dev = Device::Cpu;
+//! let image = Tensor::randn(0f32, 1.0, (8, 16), &dev)?;
+//! let text = Tensor::randn(0f32, 1.0, (8, 16), &dev)?;
+//! let logit_scale = Tensor::new(2.659f32, &dev)?; // ln(1/0.07)
+//! // RankCLIP: InfoNCE plus the four ListMLE terms, ties broken by seeded permutations
+//! // (`ListPerms::identity` keeps the index order).
+//! let perms = ListPerms::from_seed(8, 17);
+//! let cfg = RankClipConfig::rankclip();
+//! let terms = rankclip_loss(&cfg, &image, &text, &logit_scale, 1.0, &perms)?;
+//! assert!(terms.total.to_scalar::<f32>()?.is_finite());
+//! // One ListMLE term: the image–image similarities ranked in the text–text order.
+//! let (i, t) = (rankalign_kernels::l2_normalize(&image)?, rankalign_kernels::l2_normalize(&text)?);
+//! let ii = i.matmul(&i.t()?)?;
+//! let tt = t.matmul(&t.t()?)?;
+//! let term = listmle(&ii, &tt, &ListPerms::identity(8).0[0], RankMode::Parity, None)?;
+//! assert!(term.to_scalar::<f32>()? > 0.0);
+//! let contrastive = clip_loss(&(i.matmul(&t.t()?)? * 14.3)?)?;
+//! assert!(contrastive.to_scalar::<f32>()? > 0.0);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
 
 pub mod info_nce;
 pub mod objective;

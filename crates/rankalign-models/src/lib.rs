@@ -21,6 +21,23 @@
 //! Weights arrive through `VarBuilder`, and `pp()` paths are the Hugging Face
 //! `CLIPModel` state-dict keys (OpenAI's for the ResNet tower), so a checkpoint in that
 //! layout loads by name.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use rankalign_models::{ClipConfig, ClipModel, SeededVarMap};
+//! let cfg = ClipConfig::tiny();
+//! let vm = SeededVarMap::new(17); // reproducible initialisation
+//! let model = ClipModel::new(&cfg, vm.var_builder(DType::F32, &Device::Cpu))?;
+//! let size = cfg.vision.image_size();
+//! let pixels = Tensor::zeros((2, 3, size, size), DType::F32, &Device::Cpu)?;
+//! // Token ids padded with zeros; each row is read at its last token (the EOT).
+//! let ids = Tensor::new(&[[49406u32, 320, 1929, 49407], [49406, 49407, 0, 0]], &Device::Cpu)?;
+//! let image = model.encode_image(&pixels)?;
+//! let text = model.encode_text_ids(&ids)?;
+//! let logits = model.logits(&image, &text)?; // (images, texts): exp(logit_scale) · cos
+//! assert_eq!(logits.dims(), &[2, 2]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
 
 pub mod clip;
 pub mod convert;

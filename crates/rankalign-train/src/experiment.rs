@@ -141,6 +141,9 @@ pub fn run_experiment(
                 "data_wait_ms": o.total_data_wait_ms,
                 "data_seen": o.skipped.seen,
                 "data_skipped": o.skipped.skipped,
+                "validation": o.evals.iter().rev().find(|e| e.eval == "validation").map(|e| {
+                    e.metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>()
+                }),
             })
         })
         .collect();

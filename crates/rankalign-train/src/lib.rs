@@ -17,6 +17,34 @@
 //! - [`pretrained`]: pretrained weights in, from an HF or open_clip directory, a
 //!   `.safetensors` / `.bin` / `.pt` file, or a hub name in the local Hugging Face cache;
 //! - [`embed`]: L2-normalised image and text embeddings of such a model, to a file.
+//!
+//! Load a CLIP from any supported checkpoint in one call, and evaluate it:
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use candle_core::{DType, Device};
+//! use rankalign_train::Clip;
+//! use rankalign_train::models::{ClipConfig, ClipModel, SeededVarMap};
+//! # fn main() -> rankalign_train::Result<()> {
+//! // A model in the Hugging Face layout (here a freshly initialised one).
+//! let dir = std::env::temp_dir().join(format!("rankalign-doc-clip-{}", std::process::id()));
+//! let cfg = ClipConfig::tiny();
+//! let vm = SeededVarMap::new(3);
+//! ClipModel::new(&cfg, vm.var_builder(DType::F32, &Device::Cpu))?;
+//! let weights: HashMap<_, _> =
+//!     vm.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+//! rankalign_train::export::export_hf(&cfg, &weights, &dir)?;
+//!
+//! let clip = Clip::load(&dir, &Device::Cpu)?; // also an open_clip dir, a .pt/.bin/.safetensors, a hub name
+//! let text = clip.encode_texts(&["a red 3 on the left and a 7 on the right", "the digit 5"])?;
+//! let pixels = candle_core::Tensor::zeros((1, 3, 48, 48), DType::F32, &Device::Cpu)?;
+//! let image = clip.model.encode_image(&pixels)?;
+//! let logits = clip.model.logits(&image, &text)?;
+//! assert_eq!(logits.dims(), &[1, 2]);
+//! # std::fs::remove_dir_all(&dir).ok();
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod checkpoint;
 pub mod config;

@@ -366,3 +366,219 @@ fn vision_summary(v: &rankalign_models::VisionConfig) -> String {
         }
     }
 }
+
+/// Mean and sample standard deviation.
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (m, var.sqrt())
+}
+
+/// One variant's values of one metric across the runs of a study.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StudyCell {
+    pub variant: String,
+    pub metric: String,
+    pub values: Vec<f64>,
+    pub mean: f64,
+    pub std: f64,
+}
+
+/// Table the final evaluations of several runs of one experiment (one per seed) as
+/// mean ± std per variant and metric: `out/study.md`, `out/study.json` and a bar chart
+/// of the headline metrics with one-std error bars, `out/study.png`.
+pub fn write_study(runs: &[std::path::PathBuf], out: &Path) -> Result<std::path::PathBuf> {
+    let mut variants: Vec<String> = Vec::new();
+    let mut metrics: Vec<String> = Vec::new();
+    let mut values: std::collections::BTreeMap<(String, String), Vec<f64>> = Default::default();
+    for dir in runs {
+        let path = dir.join("summary.json");
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        let summary: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| TrainError::Config {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
+        let rows = summary.as_array().ok_or_else(|| TrainError::Config {
+            path: path.clone(),
+            msg: "expected a list of variants".into(),
+        })?;
+        for row in rows {
+            let name = row["variant"].as_str().unwrap_or("?").to_string();
+            let report: crate::eval::EvalReport = serde_json::from_value(row["eval"].clone())
+                .map_err(|e| TrainError::Config {
+                    path: path.clone(),
+                    msg: format!("variant {name}: {e}"),
+                })?;
+            if !variants.contains(&name) {
+                variants.push(name.clone());
+            }
+            // The last validation loss's InfoNCE part: comparable across objectives.
+            let validation = row["validation"]["clip"]
+                .as_f64()
+                .map(|v| ("validation/clip_loss".to_string(), v));
+            for (k, v) in report.metrics.iter().chain(validation.iter()) {
+                if crate::eval::is_count(k) || !v.is_finite() {
+                    continue;
+                }
+                if !metrics.contains(k) {
+                    metrics.push(k.clone());
+                }
+                values
+                    .entry((name.clone(), k.clone()))
+                    .or_default()
+                    .push(*v);
+            }
+        }
+    }
+    let cells: Vec<StudyCell> = metrics
+        .iter()
+        .flat_map(|m| {
+            variants.iter().filter_map(|v| {
+                values.get(&(v.clone(), m.clone())).map(|xs| {
+                    let (mean, std) = mean_std(xs);
+                    StudyCell {
+                        variant: v.clone(),
+                        metric: m.clone(),
+                        values: xs.clone(),
+                        mean,
+                        std,
+                    }
+                })
+            })
+        })
+        .collect();
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let mut md = String::new();
+    let n = runs.len();
+    let _ = writeln!(
+        md,
+        "Mean ± sample standard deviation over {n} run(s): {}.\n",
+        runs.iter()
+            .map(|r| format!("`{}`", r.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(md, "| metric | {} |", variants.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---:|".repeat(variants.len()));
+    for m in &metrics {
+        let row: Vec<String> = variants
+            .iter()
+            .map(|v| {
+                cells
+                    .iter()
+                    .find(|c| &c.variant == v && &c.metric == m)
+                    .map_or_else(String::new, |c| {
+                        if m.contains("acc") || m.contains("recall") {
+                            format!("{:.1} ± {:.1}", c.mean, c.std)
+                        } else {
+                            format!("{:.3} ± {:.3}", c.mean, c.std)
+                        }
+                    })
+            })
+            .collect();
+        let _ = writeln!(md, "| {m} | {} |", row.join(" | "));
+    }
+    let md_path = out.join("study.md");
+    std::fs::write(&md_path, md).map_err(io_err(&md_path))?;
+    let json_path = out.join("study.json");
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&cells).map_err(|e| TrainError::Invalid(e.to_string()))?,
+    )
+    .map_err(io_err(&json_path))?;
+    let headline: Vec<&String> = metrics
+        .iter()
+        .filter(|m| {
+            let k = m.rsplit('/').next().unwrap_or(m);
+            matches!(
+                k,
+                "acc1" | "lp_acc1" | "image_retrieval_recall@1" | "text_retrieval_recall@1"
+            )
+        })
+        .collect();
+    plot_study(&out.join("study.png"), &variants, &headline, &cells)?;
+    Ok(md_path)
+}
+
+/// Grouped bars (a group per metric, a bar per variant) with one-std error bars.
+fn plot_study(
+    path: &Path,
+    variants: &[String],
+    metrics: &[&String],
+    cells: &[StudyCell],
+) -> Result<()> {
+    register_fonts();
+    let plot_err = |e: String| TrainError::Invalid(format!("plotting {}: {e}", path.display()));
+    if metrics.is_empty() || variants.is_empty() {
+        return Ok(());
+    }
+    let top = cells
+        .iter()
+        .filter(|c| metrics.contains(&&c.metric))
+        .map(|c| c.mean + c.std)
+        .fold(1.0, f64::max)
+        * 1.1;
+    let width = 1.0 / (variants.len() as f64 + 1.0);
+    let root =
+        BitMapBackend::new(path, (260 * metrics.len() as u32 + 160, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
+    let labels: Vec<String> = metrics.iter().map(|m| m.to_string()).collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption("mean ± std over seeds (%)", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(44)
+        .build_cartesian_2d(0.0..metrics.len() as f64, 0.0..top)
+        .map_err(|e| plot_err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(metrics.len())
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            labels.get(i).cloned().unwrap_or_default()
+        })
+        .draw()
+        .map_err(|e| plot_err(e.to_string()))?;
+    for (vi, v) in variants.iter().enumerate() {
+        let colour = COLOURS[vi % COLOURS.len()];
+        let bars: Vec<(f64, f64, f64)> = metrics
+            .iter()
+            .enumerate()
+            .filter_map(|(mi, m)| {
+                cells
+                    .iter()
+                    .find(|c| &c.variant == v && &c.metric == *m)
+                    .map(|c| (mi as f64 + width * (vi as f64 + 0.5), c.mean, c.std))
+            })
+            .collect();
+        chart
+            .draw_series(bars.iter().map(|&(x, m, _)| {
+                Rectangle::new([(x, 0.0), (x + width * 0.9, m)], colour.filled())
+            }))
+            .map_err(|e| plot_err(e.to_string()))?
+            .label(v.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.filled()));
+        chart
+            .draw_series(bars.iter().map(|&(x, m, s)| {
+                let c = x + width * 0.45;
+                PathElement::new(vec![(c, m - s), (c, m + s)], BLACK.stroke_width(2))
+            }))
+            .map_err(|e| plot_err(e.to_string()))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| plot_err(e.to_string()))?;
+    root.present().map_err(|e| plot_err(e.to_string()))?;
+    Ok(())
+}
