@@ -6,6 +6,8 @@ during one run).
 - vit_b16_image_forward: `CLIPVisionModelWithProjection` with `CLIPVisionConfig`'s
   defaults (ViT-B: 768 wide, 12 layers, 12 heads, 224 px, QuickGELU) at patch 16 and
   projection 512, under `torch.no_grad()`; `image_embeds` of a batch of 224 px images;
+- linear_probe_fit: scikit-learn's `LogisticRegression` (lbfgs) on the probe features
+  of `bench_models.rs`, C = 1, tol 1e-6, BLAS threads limited to `--threads`;
 - tiny_clip_train_step: `CLIPModel` shaped as `ClipConfig::tiny()` (vision 3 x 96, 4 heads,
   patch 12, 48 px; text 3 x 96, 4 heads, context 32; projection 64), batch 128: forward
   with `return_loss=True` (InfoNCE on exp(logit_scale)-scaled cosine logits), backward,
@@ -108,6 +110,43 @@ def tiny_step(b, warmup, runs):
     return measure(step, warmup, runs)
 
 
+def probe_features(n, d):
+    """The features of `probe_features` in bench_models.rs."""
+    import numpy as np
+    i = np.arange(n * d, dtype=np.float64)
+    noise = np.modf(np.sin(i * 12.9898 + 3 * 78.233) * 43758.5453)[0].astype(np.float32).reshape(n, d)
+    labels = np.arange(n) % 10
+    offset = (np.arange(d)[None, :] % 10 == labels[:, None]) * np.float32(0.5)
+    x = noise + offset.astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, labels
+
+
+def probe_fit(n, d, warmup, runs):
+    """scikit-learn's LogisticRegression (lbfgs, multinomial) at C = 1, the same
+    objective and tolerance as ours; its peak is tracemalloc's (numpy allocations)."""
+    import tracemalloc
+    from sklearn.linear_model import LogisticRegression
+    x, y = probe_features(n, d)
+
+    def fit():
+        LogisticRegression(C=1.0, max_iter=1000, tol=1e-6).fit(x, y)
+
+    for _ in range(warmup):
+        fit()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fit()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    tracemalloc.start()
+    fit()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return times[len(times) // 2], peak
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, required=True)
@@ -118,6 +157,12 @@ def main():
     warmup, runs = (1, 3) if args.quick else (2, 10)
     for b in [1] if args.quick else [1, 8]:
         emit("vit_b16_image_forward", f"b{b} 224px", vit_b16_forward(b, warmup, runs))
+    try:
+        import threadpoolctl
+        with threadpoolctl.threadpool_limits(args.threads):
+            emit("linear_probe_fit", "10000x512 k10", probe_fit(10000, 512, 1, 1 if args.quick else 3))
+    except ImportError as e:
+        print(f"torch_models: no scikit-learn ({e}); the probe row has no reference", file=sys.stderr)
     emit("tiny_clip_train_step", "b128 48px ctx32", tiny_step(128, warmup, runs))
 
 

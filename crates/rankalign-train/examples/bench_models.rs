@@ -1,5 +1,6 @@
 //! Model benchmarks for `cargo xtask bench`: the ViT-B/16 image tower's forward pass
-//! without gradients, and one training step of the tiny CLIP preset (both towers,
+//! without gradients (evaluation throughput), one linear-probe fit on 10,000 × 512
+//! features (against scikit-learn), and one training step of the tiny CLIP preset (both towers,
 //! InfoNCE on scaled cosine logits, backward, AdamW). Median time of several runs after
 //! warm-up, and peak heap growth during one run (a counting allocator, as in the kernel
 //! bench).
@@ -203,6 +204,50 @@ fn tiny_step(b: usize, warmup: usize, runs: usize) -> anyhow::Result<(f64, usize
     )
 }
 
+/// The probe's features: 10 classes of 512-d rows (noise plus a class offset on every
+/// tenth coordinate), L2-normalised; `torch_models.py` builds the same.
+fn probe_features(n: usize, d: usize) -> anyhow::Result<(Tensor, Vec<usize>)> {
+    let noise = pseudo_random(&[n, d], 3)?.to_vec2::<f32>()?;
+    let labels: Vec<usize> = (0..n).map(|i| i % 10).collect();
+    let rows: Vec<f32> = noise
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, r)| {
+            let r: Vec<f32> = r
+                .into_iter()
+                .enumerate()
+                .map(|(j, v)| v + if j % 10 == i % 10 { 0.5 } else { 0.0 })
+                .collect();
+            let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+            r.into_iter().map(move |v| v / norm)
+        })
+        .collect();
+    Ok((Tensor::from_vec(rows, (n, d), &Device::Cpu)?, labels))
+}
+
+/// One linear-probe fit as `rankalign eval` runs it: full-batch L-BFGS on `n × d`
+/// features, 10 classes, λ = 1e-4 (scikit-learn's C = 1 at n = 10,000), tolerance
+/// 1e-6 on the largest gradient entry.
+fn probe_fit(n: usize, d: usize, warmup: usize, runs: usize) -> anyhow::Result<(f64, usize)> {
+    let (x, y) = probe_features(n, d)?;
+    let opts = rankalign_train::eval::probe::FitOptions {
+        lambda: 1.0 / n as f64,
+        max_iter: 1000,
+        tol: 1e-6,
+    };
+    let mut iters = 0;
+    let r = measure(
+        || {
+            iters = rankalign_train::eval::probe::fit(&x, &y, 10, opts)?.iterations;
+            Ok(())
+        },
+        warmup,
+        runs,
+    )?;
+    eprintln!("bench_models: probe fit took {iters} L-BFGS iterations");
+    Ok(r)
+}
+
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let (warmup, runs) = if quick { (1, 3) } else { (2, 10) };
@@ -214,6 +259,11 @@ fn main() -> anyhow::Result<()> {
             vit_b16_forward(b, warmup, runs)?,
         );
     }
+    emit(
+        "linear_probe_fit",
+        "10000x512 k10",
+        probe_fit(10_000, 512, 1, if quick { 1 } else { 3 })?,
+    );
     emit(
         "tiny_clip_train_step",
         "b128 48px ctx32",

@@ -374,6 +374,9 @@ fn clip_benchmark_sets_refuse_missing_captions_and_labels_outside_the_classes() 
     );
 }
 
+/// A reader of one mutated file: what it read, or the error it gave.
+type Reader = Box<dyn Fn() -> Result<usize, rankalign_data::DataError>>;
+
 /// Random, truncated and bit-flipped versions of `seed`.
 fn mutations(seed: &[u8], n: usize, s: u64) -> Vec<Vec<u8>> {
     let mut rng = ChaCha8Rng::seed_from_u64(s);
@@ -426,10 +429,7 @@ fn evaluation_readers_survive_random_truncated_and_flipped_bytes() {
         6,
     )
     .unwrap();
-    let cases: Vec<(
-        PathBuf,
-        Box<dyn Fn() -> Result<usize, rankalign_data::DataError>>,
-    )> = vec![
+    let cases: Vec<(PathBuf, Reader)> = vec![
         (csv.clone(), {
             let c = caption_cfg(&csv);
             Box::new(move || caption_csv(&c).map(|s| s.len()))
