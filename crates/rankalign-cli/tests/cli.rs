@@ -338,3 +338,136 @@ fn a_run_killed_with_sigkill_resumes_to_the_same_weights() {
         "weights differ after the kill (at {at})"
     );
 }
+
+#[test]
+fn eval_runs_every_task_from_the_command_line_and_names_bad_data() {
+    let d = scratch("eval");
+    let s = |p: &std::path::Path| p.display().to_string();
+    // A model: a short run on digit scenes, exported in the HF layout.
+    let cfg = write(
+        "eval-train.toml",
+        &tiny_files_config(
+            &d,
+            "source = \"digits\"\nimage_size = 24\ntrain_size = 32\ntest_size = 16",
+            1,
+        ),
+    );
+    let (ok, err) = rankalign(&["train", "--config", &s(&cfg)]);
+    assert!(ok, "{err}");
+    let model = d.join("hf");
+    let (ok, err) = rankalign(&[
+        "export",
+        "--run",
+        &s(&d.join("tiny")),
+        "--variant",
+        "clip",
+        "--out",
+        &s(&model),
+    ]);
+    assert!(ok, "{err}");
+    // Evaluation sets in each layout, at 32 px for a 24 px model.
+    for (format, split, count, out) in [
+        ("imagefolder", "test", "30", "folder-test"),
+        ("imagefolder", "train", "40", "folder-train"),
+        ("captions-csv", "test", "12", "scenes"),
+        ("clip-benchmark-retrieval", "test", "12", "wds-ret"),
+    ] {
+        let (ok, err) = rankalign(&[
+            "data",
+            "export",
+            "--format",
+            format,
+            "--split",
+            split,
+            "--count",
+            count,
+            "--image-size",
+            "32",
+            "--out",
+            &s(&d.join(out)),
+        ]);
+        assert!(ok, "{format}: {err}");
+    }
+    let results = d.join("results");
+    let folder = d.join("folder-test");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--output",
+            results.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        rankalign(&args)
+    };
+    let ds = format!("imagefolder:{}", s(&folder));
+    let (ok, err) = run(&[
+        "--task",
+        "zeroshot_classification",
+        "--dataset",
+        &ds,
+        "--classnames",
+        &s(&folder.join("classnames.txt")),
+        "--templates",
+        &s(&folder.join("templates.txt")),
+    ]);
+    assert!(ok && err.contains("acc1"), "{err}");
+    let (ok, err) = run(&[
+        "--task",
+        "zeroshot_retrieval",
+        "--dataset",
+        &format!("csv:{}", s(&d.join("scenes/captions.csv"))),
+    ]);
+    assert!(ok && err.contains("48 captions (4.00 per image)"), "{err}");
+    let (ok, err) = run(&[
+        "--task",
+        "geometry",
+        "--dataset",
+        &format!("wds:{}", s(&d.join("wds-ret"))),
+    ]);
+    assert!(ok && err.contains("modality_gap"), "{err}");
+    let (ok, err) = run(&[
+        "--task",
+        "linear_probe",
+        "--dataset",
+        &ds,
+        "--train-dataset",
+        &format!("imagefolder:{}", s(&d.join("folder-train"))),
+    ]);
+    assert!(ok && err.contains("lp_acc1"), "{err}");
+    let (ok, err) = rankalign(&["eval", "--collect", &s(&results)]);
+    assert!(ok && err.contains("4 result(s)"), "{err}");
+    let table = std::fs::read_to_string(results.join("results.md")).unwrap();
+    for t in [
+        "### zeroshot_classification",
+        "### zeroshot_retrieval",
+        "### linear_probe",
+        "### geometry",
+    ] {
+        assert!(table.contains(t), "{table}");
+    }
+    assert!(results.read_dir().unwrap().any(|f| {
+        f.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with("_geometry.png")
+    }));
+
+    // Bad data: a clear error naming the file, no panic.
+    std::fs::create_dir_all(folder.join("empty")).unwrap();
+    let (ok, err) = run(&["--task", "zeroshot_classification", "--dataset", &ds]);
+    assert!(
+        !ok && err.contains("empty") && err.contains("no image file") && !err.contains("panicked"),
+        "{err}"
+    );
+    let (ok, err) = run(&[
+        "--task",
+        "zeroshot_classification",
+        "--dataset",
+        "parquet:x",
+    ]);
+    assert!(!ok && err.contains("unknown format"), "{err}");
+    let (ok, err) = run(&["--task", "linear_probe", "--dataset", &ds]);
+    assert!(!ok && err.contains("--train-dataset"), "{err}");
+}
