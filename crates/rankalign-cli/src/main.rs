@@ -210,6 +210,21 @@ enum DataCommand {
     },
 }
 
+/// A progress bar of `len` steps drawn with `template` on a terminal, hidden otherwise.
+fn progress_bar(len: u64, template: &str) -> indicatif::ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(len)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .expect("invariant: the templates are valid")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
 /// Fix candle's and rayon's thread count before any of their pools start.
 #[allow(unsafe_code)]
 fn set_compute_threads(n: usize) {
@@ -296,18 +311,7 @@ fn main() -> Result<()> {
             if images.is_empty() && texts.is_empty() {
                 anyhow::bail!("embed: nothing to do; give --images and/or --texts");
             }
-            let bar = if std::io::stderr().is_terminal() {
-                indicatif::ProgressBar::new(0)
-            } else {
-                indicatif::ProgressBar::hidden()
-            };
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "embedding [{bar:30}] {pos}/{len} {per_sec} ETA {eta}",
-                )
-                .expect("invariant: the template is valid")
-                .progress_chars("=> "),
-            );
+            let bar = progress_bar(0, "embedding [{bar:30}] {pos}/{len} {per_sec} ETA {eta}");
             let (n, m) = rankalign_train::embed::embed(
                 &model,
                 &images,
@@ -600,17 +604,9 @@ fn data(command: DataCommand) -> Result<()> {
             let mut reports = Vec::new();
             let mut over = Vec::new();
             for (which, src) in sources {
-                let bar = if std::io::stderr().is_terminal() {
-                    indicatif::ProgressBar::new(limit.unwrap_or(src.len()).min(src.len()) as u64)
-                } else {
-                    indicatif::ProgressBar::hidden()
-                };
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "checking [{bar:30}] {pos}/{len} {per_sec} ETA {eta}",
-                    )
-                    .expect("invariant: the template is valid")
-                    .progress_chars("=> "),
+                let bar = progress_bar(
+                    limit.unwrap_or(src.len()).min(src.len()) as u64,
+                    "checking [{bar:30}] {pos}/{len} {per_sec} ETA {eta}",
                 );
                 let r = scan(src.as_ref(), limit, &|n| bar.set_position(n))?;
                 bar.finish_and_clear();
@@ -766,18 +762,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let pretrained = model.display().to_string();
     let mut ev = rankalign_train::eval::Evaluator::new(&clip.model, &clip.tokenizer, &device);
     ev.batch_size = a.batch_size.or(suite_batch).unwrap_or(64).max(1);
-    let bar = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(0)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} images {per_sec} ETA {eta}",
-        )
-        .expect("invariant: the template is valid")
-        .progress_chars("=> "),
-    );
+    let bar = progress_bar(0, "{msg} [{bar:30}] {pos}/{len} images {per_sec} ETA {eta}");
     let shown = bar.clone();
     ev.progress = Some(Arc::new(move |what: &str, done: usize, total: usize| {
         shown.set_message(what.split('|').next().unwrap_or(what).to_string());

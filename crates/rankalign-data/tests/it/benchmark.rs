@@ -209,6 +209,24 @@ fn coco_reads_both_shapes_and_refuses_orphans() {
     }
 }
 
+/// Write `n` items of `scenes` in `format` under `dir`, `shard` per shard.
+fn export(
+    scenes: &rankalign_data::DigitScenes,
+    n: usize,
+    format: EvalExportFormat,
+    dir: &Path,
+    shard: usize,
+) -> PathBuf {
+    export_eval_digits(scenes, n, format, dir, "test", shard).unwrap()
+}
+
+/// Load every image (errors are fine: the point is not to panic).
+fn load_all(images: &[ImageRef]) {
+    for i in images {
+        let _ = i.load(1 << 20);
+    }
+}
+
 fn digits() -> (rankalign_data::DigitScenes, DigitsSourceConfig) {
     let cfg = DigitsSourceConfig {
         image_size: 32,
@@ -226,24 +244,14 @@ fn digits() -> (rankalign_data::DigitScenes, DigitsSourceConfig) {
 fn the_exported_layouts_read_back_alike() {
     let (scenes, _) = digits();
     let d = tmp("layouts");
-    let folder = export_eval_digits(
-        &scenes,
-        30,
-        EvalExportFormat::ImageFolder,
-        &d.join("f"),
-        "test",
-        7,
-    )
-    .unwrap();
-    let wds = export_eval_digits(
+    let folder = export(&scenes, 30, EvalExportFormat::ImageFolder, &d.join("f"), 7);
+    let wds = export(
         &scenes,
         30,
         EvalExportFormat::ClipBenchmark,
         &d.join("w"),
-        "test",
         7,
-    )
-    .unwrap();
+    );
     let a = ClassificationData::parse_spec(&format!("imagefolder:{}", folder.display()), "test")
         .unwrap()
         .open(None)
@@ -268,24 +276,14 @@ fn the_exported_layouts_read_back_alike() {
     let img = b.images[3].load(1 << 20).unwrap();
     assert_eq!((img.width, img.height), (32, 32));
 
-    let csv = export_eval_digits(
-        &scenes,
-        12,
-        EvalExportFormat::CaptionsCsv,
-        &d.join("c"),
-        "test",
-        5,
-    )
-    .unwrap();
-    let ret = export_eval_digits(
+    let csv = export(&scenes, 12, EvalExportFormat::CaptionsCsv, &d.join("c"), 5);
+    let ret = export(
         &scenes,
         12,
         EvalExportFormat::ClipBenchmarkRetrieval,
         &d.join("r"),
-        "test",
         5,
-    )
-    .unwrap();
+    );
     let x = RetrievalData::parse_spec(&format!("csv:{}", csv.display()), "test")
         .unwrap()
         .open()
@@ -306,15 +304,13 @@ fn the_exported_layouts_read_back_alike() {
 fn clip_benchmark_sets_refuse_missing_captions_and_labels_outside_the_classes() {
     let (scenes, _) = digits();
     let d = tmp("cb-bad");
-    let ret = export_eval_digits(
+    let ret = export(
         &scenes,
         4,
         EvalExportFormat::ClipBenchmarkRetrieval,
         &d.join("r"),
-        "test",
         4,
-    )
-    .unwrap();
+    );
     // Rewrite the shard with an empty caption file for one sample.
     let shard = ret.join("test/0.tar");
     let bytes = std::fs::read(&shard).unwrap();
@@ -345,15 +341,13 @@ fn clip_benchmark_sets_refuse_missing_captions_and_labels_outside_the_classes() 
         "{err}"
     );
 
-    let cls = export_eval_digits(
+    let cls = export(
         &scenes,
         12,
         EvalExportFormat::ClipBenchmark,
         &d.join("c"),
-        "test",
         12,
-    )
-    .unwrap();
+    );
     std::fs::write(cls.join("classnames.txt"), "zero\none\n").unwrap();
     let err = ClassificationData::parse_spec(&format!("wds:{}", cls.display()), "test")
         .unwrap()
@@ -402,33 +396,15 @@ fn mutations(seed: &[u8], n: usize, s: u64) -> Vec<Vec<u8>> {
 fn evaluation_readers_survive_random_truncated_and_flipped_bytes() {
     let (scenes, _) = digits();
     let d = tmp("fuzz");
-    let csv = export_eval_digits(
-        &scenes,
-        6,
-        EvalExportFormat::CaptionsCsv,
-        &d.join("c"),
-        "test",
-        6,
-    )
-    .unwrap();
-    let ret = export_eval_digits(
+    let csv = export(&scenes, 6, EvalExportFormat::CaptionsCsv, &d.join("c"), 6);
+    let ret = export(
         &scenes,
         6,
         EvalExportFormat::ClipBenchmarkRetrieval,
         &d.join("r"),
-        "test",
         6,
-    )
-    .unwrap();
-    let cls = export_eval_digits(
-        &scenes,
-        6,
-        EvalExportFormat::ClipBenchmark,
-        &d.join("w"),
-        "test",
-        6,
-    )
-    .unwrap();
+    );
+    let cls = export(&scenes, 6, EvalExportFormat::ClipBenchmark, &d.join("w"), 6);
     let cases: Vec<(PathBuf, Reader)> = vec![
         (csv.clone(), {
             let c = caption_cfg(&csv);
@@ -440,9 +416,7 @@ fn evaluation_readers_survive_random_truncated_and_flipped_bytes() {
                 let set = RetrievalData::parse_spec(&format!("wds:{}", r.display()), "test")
                     .unwrap()
                     .open()?;
-                for i in &set.images {
-                    let _ = i.load(1 << 20);
-                }
+                load_all(&set.images);
                 Ok(set.len())
             })
         }),
@@ -452,9 +426,7 @@ fn evaluation_readers_survive_random_truncated_and_flipped_bytes() {
                 let set = ClassificationData::parse_spec(&format!("wds:{}", r.display()), "test")
                     .unwrap()
                     .open(None)?;
-                for i in &set.images {
-                    let _ = i.load(1 << 20);
-                }
+                load_all(&set.images);
                 Ok(set.len())
             })
         }),

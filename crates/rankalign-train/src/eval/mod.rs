@@ -77,7 +77,8 @@ impl EvalReport {
     }
 }
 
-/// A `Vec<(String, f64)>` as a JSON object in its own order.
+/// A `Vec<(String, f64)>` as a JSON object in its own order; NaN is written (and read)
+/// as `null`.
 pub(crate) mod ordered {
     use serde::de::{MapAccess, Visitor};
     use serde::ser::SerializeMap;
@@ -100,8 +101,16 @@ pub(crate) mod ordered {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
-                while let Some((k, v)) = a.next_entry::<String, Option<f64>>()? {
-                    out.push((k, v.unwrap_or(f64::NAN)));
+                while let Some((k, v)) = a.next_entry::<String, serde_json::Value>()? {
+                    // `null` is NaN; other values (CLIP_benchmark's per-class lists,
+                    // strings) are not metrics and are skipped.
+                    match v {
+                        serde_json::Value::Number(n) => {
+                            out.push((k, n.as_f64().unwrap_or(f64::NAN)))
+                        }
+                        serde_json::Value::Null => out.push((k, f64::NAN)),
+                        _ => {}
+                    }
                 }
                 Ok(out)
             }

@@ -74,7 +74,7 @@ pub struct ResultFile {
     pub model: String,
     pub pretrained: String,
     pub task: String,
-    #[serde(with = "nullable")]
+    #[serde(with = "super::ordered")]
     pub metrics: Vec<(String, f64)>,
     #[serde(default = "english")]
     pub language: String,
@@ -82,46 +82,6 @@ pub struct ResultFile {
 
 fn english() -> String {
     "en".into()
-}
-
-/// Metrics as an ordered JSON object; NaN is written (and read) as `null`.
-mod nullable {
-    use serde::de::{MapAccess, Visitor};
-    use serde::ser::SerializeMap;
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &[(String, f64)], s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(v.len()))?;
-        for (k, x) in v {
-            m.serialize_entry(k, &x.is_finite().then_some(*x))?;
-        }
-        m.end()
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, f64)>, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Vec<(String, f64)>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a map of metric names to numbers")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some((k, v)) = a.next_entry::<String, serde_json::Value>()? {
-                    // CLIP_benchmark also writes lists (per-class values) and strings.
-                    match v {
-                        serde_json::Value::Number(n) => {
-                            out.push((k, n.as_f64().unwrap_or(f64::NAN)))
-                        }
-                        serde_json::Value::Null => out.push((k, f64::NAN)),
-                        _ => {}
-                    }
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_map(V)
-    }
 }
 
 impl ResultFile {
