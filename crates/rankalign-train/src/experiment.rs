@@ -128,23 +128,44 @@ pub fn run_experiment(
         wall_secs,
     )?;
     let summary = run_dir.join("summary.json");
-    let rows: Vec<serde_json::Value> = outcomes
+    /// A line of `summary.json` (typed, so that metrics keep their order).
+    #[derive(serde::Serialize)]
+    struct SummaryRow<'a> {
+        variant: &'a str,
+        eval: &'a crate::eval::EvalReport,
+        steps: usize,
+        final_loss: f64,
+        median_step_ms: f64,
+        train_secs: f64,
+        data_wait_ms: f64,
+        data_seen: u64,
+        data_skipped: u64,
+        /// The last validation loss and its parts.
+        validation: Option<serde_json::Map<String, serde_json::Value>>,
+    }
+    let rows: Vec<SummaryRow> = outcomes
         .iter()
-        .map(|o| {
-            serde_json::json!({
-                "variant": o.name,
-                "eval": o.eval,
-                "steps": o.steps,
-                "final_loss": o.final_loss,
-                "median_step_ms": o.median_step_ms,
-                "train_secs": o.train_secs,
-                "data_wait_ms": o.total_data_wait_ms,
-                "data_seen": o.skipped.seen,
-                "data_skipped": o.skipped.skipped,
-                "validation": o.evals.iter().rev().find(|e| e.eval == "validation").map(|e| {
-                    e.metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>()
+        .map(|o| SummaryRow {
+            variant: &o.name,
+            eval: &o.eval,
+            steps: o.steps,
+            final_loss: o.final_loss,
+            median_step_ms: o.median_step_ms,
+            train_secs: o.train_secs,
+            data_wait_ms: o.total_data_wait_ms,
+            data_seen: o.skipped.seen,
+            data_skipped: o.skipped.skipped,
+            validation: o
+                .evals
+                .iter()
+                .rev()
+                .find(|e| e.eval == "validation")
+                .map(|e| {
+                    e.metrics
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+                        .collect()
                 }),
-            })
         })
         .collect();
     let json =

@@ -399,28 +399,29 @@ pub fn write_study(runs: &[std::path::PathBuf], out: &Path) -> Result<std::path:
     for dir in runs {
         let path = dir.join("summary.json");
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        let summary: serde_json::Value =
+        // Typed, so that the metrics keep the report's order.
+        #[derive(serde::Deserialize)]
+        struct SummaryRow {
+            variant: String,
+            eval: crate::eval::EvalReport,
+            #[serde(default)]
+            validation: Option<std::collections::BTreeMap<String, Option<f64>>>,
+        }
+        let rows: Vec<SummaryRow> =
             serde_json::from_str(&text).map_err(|e| TrainError::Config {
                 path: path.clone(),
                 msg: e.to_string(),
             })?;
-        let rows = summary.as_array().ok_or_else(|| TrainError::Config {
-            path: path.clone(),
-            msg: "expected a list of variants".into(),
-        })?;
         for row in rows {
-            let name = row["variant"].as_str().unwrap_or("?").to_string();
-            let report: crate::eval::EvalReport = serde_json::from_value(row["eval"].clone())
-                .map_err(|e| TrainError::Config {
-                    path: path.clone(),
-                    msg: format!("variant {name}: {e}"),
-                })?;
+            let (name, report) = (row.variant, row.eval);
             if !variants.contains(&name) {
                 variants.push(name.clone());
             }
             // The last validation loss's InfoNCE part: comparable across objectives.
-            let validation = row["validation"]["clip"]
-                .as_f64()
+            let validation = row
+                .validation
+                .as_ref()
+                .and_then(|v| v.get("clip").copied().flatten())
                 .map(|v| ("validation/clip_loss".to_string(), v));
             for (k, v) in report.metrics.iter().chain(validation.iter()) {
                 if crate::eval::is_count(k) || !v.is_finite() {
@@ -436,6 +437,49 @@ pub fn write_study(runs: &[std::path::PathBuf], out: &Path) -> Result<std::path:
             }
         }
     }
+    // Runs written before summaries kept their order have their metrics sorted by name:
+    // order them by dataset (as the report lists them) and then in the report's order.
+    let datasets: Vec<String> = {
+        let mut d: Vec<String> = Vec::new();
+        for m in &metrics {
+            let ds = m.split('/').next().unwrap_or(m).to_string();
+            if !d.contains(&ds) {
+                d.push(ds);
+            }
+        }
+        d
+    };
+    let canonical = |m: &str| -> (usize, usize, String) {
+        let (ds, k) = m.rsplit_once('/').unwrap_or(("", m));
+        let group = datasets
+            .iter()
+            .position(|d| d == ds.split('/').next().unwrap_or(ds));
+        let order = [
+            "acc1",
+            "acc5",
+            "mean_per_class_recall",
+            "lp_acc1",
+            "lp_acc5",
+            "lp_mean_per_class_recall",
+        ];
+        let rank = order.iter().position(|o| *o == k).unwrap_or_else(|| {
+            let at = |p: &str| k.strip_prefix(p).and_then(|n| n.parse::<usize>().ok());
+            if let Some(n) = at("image_retrieval_recall@") {
+                100 + n
+            } else if let Some(n) = at("text_retrieval_recall@") {
+                200 + n
+            } else {
+                match k {
+                    "alignment" => 300,
+                    "uniformity" => 301,
+                    "modality_gap" => 302,
+                    _ => 400,
+                }
+            }
+        });
+        (group.unwrap_or(usize::MAX), rank, k.to_string())
+    };
+    metrics.sort_by_key(|m| canonical(m));
     let cells: Vec<StudyCell> = metrics
         .iter()
         .flat_map(|m| {
