@@ -567,7 +567,7 @@ fn plot_study(
         .filter(|c| metrics.contains(&&c.metric))
         .map(|c| c.mean + c.std)
         .fold(1.0, f64::max)
-        * 1.1;
+        * 1.35;
     let width = 1.0 / (variants.len() as f64 + 1.0);
     let root =
         BitMapBackend::new(path, (260 * metrics.len() as u32 + 160, 480)).into_drawing_area();
@@ -583,13 +583,21 @@ fn plot_study(
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(metrics.len())
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            labels.get(i).cloned().unwrap_or_default()
-        })
+        .x_labels(0)
         .draw()
         .map_err(|e| plot_err(e.to_string()))?;
+    // Each group's metric name under its middle.
+    for (i, label) in labels.iter().enumerate() {
+        let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+        let style = TextStyle::from(("sans-serif", 13).into_font()).pos(
+            plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Center,
+                plotters::style::text_anchor::VPos::Top,
+            ),
+        );
+        root.draw(&Text::new(label.clone(), (px, py + 8), style))
+            .map_err(|e| plot_err(e.to_string()))?;
+    }
     for (vi, v) in variants.iter().enumerate() {
         let colour = COLOURS[vi % COLOURS.len()];
         let bars: Vec<(f64, f64, f64)> = metrics
