@@ -347,7 +347,7 @@ impl<'a> Evaluator<'a> {
         m.push(("alignment".into(), a));
         m.push(("uniformity".into(), u));
         let details = format!(
-            "{} images, {} classes, {} templates",
+            "{} images, {} classes, {} template(s)",
             set.len(),
             meta.classnames.len(),
             meta.templates.0.len()
