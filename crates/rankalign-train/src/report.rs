@@ -181,15 +181,21 @@ fn eval_tables(md: &mut String, outcomes: &[VariantOutcome]) {
     }
 }
 
-/// Each evaluation during training against the step: its first metric (the
-/// validation loss, a task's headline), one line per variant, one panel per series.
+/// Each evaluation during training against the step: the validation loss's InfoNCE part
+/// (comparable across objectives) or a task's first metric, one line per variant, one
+/// panel per series.
 pub fn plot_evals(path: &Path, outcomes: &[VariantOutcome]) -> Result<bool> {
     register_fonts();
     let plot_err = |e: String| TrainError::Invalid(format!("plotting {}: {e}", path.display()));
     let mut series: Vec<(String, String)> = Vec::new();
     for o in outcomes {
         for r in &o.evals {
-            if let Some((m, _)) = r.metrics.first()
+            let clip_part = r.metrics.iter().find(|(n, _)| n == "clip");
+            let headline = match (r.eval.as_str(), clip_part) {
+                ("validation", Some(c)) => Some(c),
+                _ => r.metrics.first(),
+            };
+            if let Some((m, _)) = headline
                 && !series.iter().any(|(e, _)| e == &r.eval)
             {
                 series.push((r.eval.clone(), m.clone()));
