@@ -412,7 +412,7 @@ fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) ->
          `torch.set_num_threads`), on {}, random weights, f32; against the same models in Hugging Face `transformers` ({torch_note}). \
          `vit_b16_image_forward`: image embeddings of the ViT-B/16 tower and its projection, no gradients (ours: weights as plain tensors, \
          so no graph is recorded; PyTorch: `CLIPVisionModelWithProjection` under `torch.no_grad()`, its default attention). \
-         `linear_probe_fit`: one fit of `rankalign eval`'s linear probe (full-batch L-BFGS, f64) on 10,000 L2-normalised 512-d features of 10 classes \
+         `linear_probe_fit`: one fit of `rankalign eval`'s linear probe (full-batch L-BFGS; f32 features and products, f64 parameters and loss) on 10,000 L2-normalised 512-d features of 10 classes \
          against scikit-learn's `LogisticRegression(C=1, tol=1e-6)` (lbfgs; the same objective) on the same features, BLAS limited to the same threads \
          (its peak is tracemalloc's). `img/s` = images per second of the ViT rows (evaluation throughput). \
          `tiny_clip_train_step`: one step of `ClipConfig::tiny()` (`CLIPModel` of the same shape) at batch 128 with 32-token captions: \
