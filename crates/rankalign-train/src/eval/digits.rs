@@ -30,15 +30,16 @@ pub fn write_eval_data(
     cfg: &EvalConfig,
     dir: &Path,
 ) -> Result<Vec<Task>> {
+    let write = |scenes: &DigitScenes, n: usize, format: EvalExportFormat, sub: &str| {
+        export_eval_digits(scenes, n, format, &dir.join(sub), "test", 256)
+    };
     let mut tasks = Vec::new();
     if cfg.zero_shot_size > 0 {
-        let folder = export_eval_digits(
+        let folder = write(
             test,
             cfg.zero_shot_size,
             EvalExportFormat::ImageFolder,
-            &dir.join("digits-test"),
-            "test",
-            256,
+            "digits-test",
         )?;
         let data = ClassificationData::ImageFolder(FolderConfig {
             path: folder.clone(),
@@ -51,13 +52,11 @@ pub fn write_eval_data(
             subset: None,
         }));
         if cfg.probe_train_size > 0 {
-            let train_folder = export_eval_digits(
+            let train_folder = write(
                 train,
                 cfg.probe_train_size,
                 EvalExportFormat::ImageFolder,
-                &dir.join("digits-train"),
-                "train",
-                256,
+                "digits-train",
             )?;
             tasks.push(Task::LinearProbe(ProbeTask {
                 train: ClassificationData::ImageFolder(FolderConfig { path: train_folder }),
@@ -73,13 +72,11 @@ pub fn write_eval_data(
         }
     }
     if cfg.retrieval_size > 0 {
-        let csv = export_eval_digits(
+        let csv = write(
             test,
             cfg.retrieval_size,
             EvalExportFormat::CaptionsCsv,
-            &dir.join("digit-scenes"),
-            "test",
-            256,
+            "digit-scenes",
         )?;
         let data = RetrievalData::Csv(CaptionCsvConfig {
             path: csv,
