@@ -700,19 +700,13 @@ fn task_from_flags(a: &EvalArgs) -> Result<rankalign_train::eval::Task> {
                 .as_deref()
                 .context("eval: linear_probe needs --train-dataset FORMAT:PATH")?;
             Task::LinearProbe(ProbeTask {
-                train: classes(train, "train")?,
-                test: classes(dataset, &a.split)?,
                 val: a
                     .val_dataset
                     .as_deref()
                     .map(|v| classes(v, "val"))
                     .transpose()?,
                 name: a.name.clone(),
-                val_proportion: 0.2,
-                lambda: None,
-                seed: 0,
-                normalize: true,
-                max_iter: 1000,
+                ..ProbeTask::new(classes(train, "train")?, classes(dataset, &a.split)?)
             })
         }
     })

@@ -274,9 +274,9 @@ impl Clip {
 
     /// L2-normalised embeddings `(n, e)` of texts.
     pub fn encode_texts(&self, texts: &[&str]) -> Result<Tensor> {
-        let ids = self.tokenize(texts)?;
+        let (ids, eot) = rankalign_data::collate_texts(texts, &self.tokenizer, &self.device)?;
         Ok(rankalign_kernels::l2_normalize(
-            &self.model.encode_text_ids(&ids)?,
+            &self.model.encode_text(&ids, &eot)?,
         )?)
     }
 }

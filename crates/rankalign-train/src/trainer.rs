@@ -443,7 +443,6 @@ pub fn fit(
         .iter()
         .filter(|t| t.every_steps.is_some() || t.every_epochs.is_some())
         .collect();
-    let mut new_evals = Vec::new();
 
     opts.progress.set_length(total as u64);
     opts.progress.set_position(start as u64);
@@ -537,28 +536,34 @@ pub fn fit(
                 metrics,
             });
         }
-        // A new evaluator per round: its feature cache belongs to these weights.
-        let mut evaluator = Evaluator::new(&run.model, &shared.tokenizer, device);
-        evaluator.batch_size = exp.eval.batch_size.max(1);
-        for t in periodic
+        let due: Vec<_> = periodic
             .iter()
             .filter(|t| t.due(done, sched.steps_per_epoch))
-        {
-            opts.progress
-                .set_message(format!("{} on {}", t.task.kind(), t.task.dataset_name()));
-            let r = evaluator.run(&t.task, Some(&run.dir.join("eval")))?;
-            records.push(EvalRecord {
-                step: done,
-                epoch,
-                eval: format!("{} on {}", r.task, r.dataset),
-                metrics: r.metrics,
-            });
+            .collect();
+        if !due.is_empty() {
+            // A new evaluator per round: its feature cache belongs to these weights.
+            let mut evaluator = Evaluator::new(&run.model, &shared.tokenizer, device);
+            evaluator.batch_size = exp.eval.batch_size.max(1);
+            for t in due {
+                opts.progress.set_message(format!(
+                    "{} on {}",
+                    t.task.kind(),
+                    t.task.dataset_name()
+                ));
+                let r = evaluator.run(&t.task, Some(&run.dir.join("eval")))?;
+                records.push(EvalRecord {
+                    step: done,
+                    epoch,
+                    eval: format!("{} on {}", r.task, r.dataset),
+                    metrics: r.metrics,
+                });
+            }
         }
         for rec in records {
             let line =
                 serde_json::to_string(&rec).map_err(|e| TrainError::Invalid(e.to_string()))?;
             writeln!(metrics, "{line}").map_err(io_err(&metrics_path))?;
-            new_evals.push(rec);
+            run.evals.push(rec);
         }
         opts.progress.set_position(done as u64);
         opts.progress.set_message(format!("loss {loss_value:.3}"));
@@ -585,7 +590,6 @@ pub fn fit(
         }
     }
     drop(prefetch);
-    run.evals.extend(new_evals);
     let mut sorted = step_times.clone();
     sorted.sort_by(f64::total_cmp);
     if final_loss.is_nan() {
@@ -622,15 +626,9 @@ pub fn finish(
     // One CLIP_benchmark-style file per task, as `rankalign eval` writes them.
     let arch = crate::eval::suite::model_name(run.model.config());
     for sec in &eval.sections {
-        crate::eval::ResultFile {
-            dataset: sec.dataset.clone(),
-            model: arch.clone(),
-            pretrained: format!("{}/{}", exp.name, run.name),
-            task: sec.task.clone(),
-            metrics: sec.metrics.clone(),
-            language: "en".into(),
-        }
-        .write(&eval_dir)?;
+        let pretrained = format!("{}/{}", exp.name, run.name);
+        crate::eval::ResultFile::of(&sec.task, &sec.dataset, &sec.metrics, &arch, &pretrained)
+            .write(&eval_dir)?;
     }
     let eval_path = run.dir.join("eval.json");
     std::fs::write(

@@ -59,15 +59,11 @@ pub fn write_eval_data(
                 "digits-train",
             )?;
             tasks.push(Task::LinearProbe(ProbeTask {
-                train: ClassificationData::ImageFolder(FolderConfig { path: train_folder }),
-                test: data,
-                val: None,
                 name: Some("digits".into()),
-                val_proportion: 0.2,
-                lambda: None,
-                seed: 0,
-                normalize: true,
-                max_iter: 1000,
+                ..ProbeTask::new(
+                    ClassificationData::ImageFolder(FolderConfig { path: train_folder }),
+                    data,
+                )
             }));
         }
     }

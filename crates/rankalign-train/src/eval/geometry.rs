@@ -17,23 +17,28 @@ use plotters::prelude::*;
 
 use crate::{Result, TrainError};
 
-/// `S_A` and `S_U` of paired normalised embeddings.
+/// `S_A` and `S_U` of paired normalised embeddings, in row blocks (no `N × N` matrix
+/// is held).
 pub fn alignment_uniformity(img: &Tensor, txt: &Tensor) -> Result<(f64, f64)> {
     let n = img.dim(0)?;
-    let sims = img.matmul(&txt.t()?)?.to_dtype(DType::F64)?;
-    let rows = sims.to_vec2::<f64>()?;
-    let alignment = rows.iter().enumerate().map(|(j, r)| r[j]).sum::<f64>() / n.max(1) as f64;
-    let off: f64 = rows
-        .iter()
-        .enumerate()
-        .map(|(j, r)| {
-            r.iter()
-                .enumerate()
-                .filter(|&(k, _)| k != j)
-                .map(|(_, v)| (-v).exp())
-                .sum::<f64>()
-        })
-        .sum();
+    let diag = img
+        .mul(txt)?
+        .sum(1)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    let alignment = diag.iter().sum::<f64>() / n.max(1) as f64;
+    let txt_t = txt.t()?;
+    let mut off = 0f64;
+    let block = 1024;
+    for start in (0..n).step_by(block) {
+        let len = block.min(n - start);
+        let sims = img
+            .narrow(0, start, len)?
+            .matmul(&txt_t)?
+            .to_dtype(DType::F64)?;
+        off += sims.neg()?.exp()?.sum_all()?.to_scalar::<f64>()?;
+    }
+    off -= diag.iter().map(|d| (-d).exp()).sum::<f64>();
     let uniformity = (off / (n * n.saturating_sub(1)).max(1) as f64).ln();
     Ok((alignment, uniformity))
 }

@@ -28,8 +28,24 @@ pub fn recall_at(ranks: &[usize], k: usize) -> f64 {
 /// over the classes that occur in `labels`, of the share of their images predicted
 /// right), in percent. `acc5` is NaN (JSON `null`) with fewer than 5 classes, as in
 /// CLIP_benchmark. `prefix` names them (`""`, or `"lp_"` for the linear probe).
-pub fn classification(logits: &[Vec<f32>], labels: &[usize], prefix: &str) -> Vec<(String, f64)> {
+pub fn classification(
+    logits: &[Vec<f32>],
+    labels: &[usize],
+    prefix: &str,
+) -> crate::Result<Vec<(String, f64)>> {
     let classes = logits.first().map_or(0, Vec::len);
+    if logits.len() != labels.len() {
+        return Err(crate::TrainError::Invalid(format!(
+            "{} score rows for {} labels",
+            logits.len(),
+            labels.len()
+        )));
+    }
+    if let Some(&y) = labels.iter().find(|&&y| y >= classes) {
+        return Err(crate::TrainError::Invalid(format!(
+            "label {y} is outside the {classes} classes scored"
+        )));
+    }
     let ranks: Vec<usize> = logits
         .par_iter()
         .zip(labels)
@@ -48,7 +64,7 @@ pub fn classification(logits: &[Vec<f32>], labels: &[usize], prefix: &str) -> Ve
         .map(|c| hits[c] as f64 / count[c] as f64)
         .collect();
     let balanced = 100.0 * present.iter().sum::<f64>() / present.len().max(1) as f64;
-    vec![
+    Ok(vec![
         (format!("{prefix}acc1"), recall_at(&ranks, 1)),
         (
             format!("{prefix}acc5"),
@@ -59,7 +75,7 @@ pub fn classification(logits: &[Vec<f32>], labels: &[usize], prefix: &str) -> Ve
             },
         ),
         (format!("{prefix}mean_per_class_recall"), balanced),
-    ]
+    ])
 }
 
 /// CLIP_benchmark's retrieval recalls from `scores` (a row of image scores per text)
@@ -147,7 +163,7 @@ mod tests {
             vec![0.0, 1.0, 0.0],
             vec![1.0, 0.0, 0.0],
         ];
-        let m = classification(&logits, &[0, 0, 1, 1], "");
+        let m = classification(&logits, &[0, 0, 1, 1], "").unwrap();
         assert_eq!(m[0].1, 75.0);
         assert!(m[1].1.is_nan(), "acc5 with 3 classes");
         assert_eq!(m[2].1, 75.0, "(2/2 + 1/2) / 2; class 2 has no image");

@@ -3,9 +3,10 @@
 //! The objective is scikit-learn's `LogisticRegression(solver="lbfgs")` objective:
 //! `mean_i CE(softmax(W x_i + b), y_i) + λ/2 ‖W‖²` with the intercept `b` not
 //! penalised and `λ = 1 / (C · n)`. It is minimised by full-batch L-BFGS (memory 10,
-//! Armijo backtracking, start at zero) in f64, with the two matrix products per
-//! evaluation on candle's CPU GEMM, so a fit is deterministic and does not depend on the
-//! thread count.
+//! Armijo backtracking, start at zero): parameters, softmax and loss in f64, the
+//! features and the two matrix products per evaluation with them in f32 on candle's CPU
+//! GEMM. A fit has no randomness (a repeated fit gives the same weights); whether GEMM's
+//! rounding changes with the thread count has not been measured.
 //!
 //! The protocol ([`probe`]): `λ` is chosen on a validation split, from the log-spaced
 //! grid `logspace(-6, 2, 97)` searched as CLIP_benchmark does (7 coarse points, then the
@@ -75,6 +76,11 @@ impl Problem {
     fn new(x: &Tensor, labels: &[usize], k: usize, lambda: f64) -> Result<Self> {
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let (n, d) = x.dims2()?;
+        if let Some(&y) = labels.iter().find(|&&y| y >= k) {
+            return Err(crate::TrainError::Invalid(format!(
+                "linear probe: label {y} is outside the {k} classes"
+            )));
+        }
         let mut onehot = vec![0f64; n * k];
         for (i, &y) in labels.iter().enumerate() {
             onehot[i * k + y] = 1.0;
@@ -138,6 +144,7 @@ pub fn fit(x: &Tensor, labels: &[usize], k: usize, opts: FitOptions) -> Result<L
     let mut converged = false;
     let mut iterations = 0;
     for it in 0..opts.max_iter {
+        // Steps taken so far.
         iterations = it;
         if g.iter().fold(0f64, |m, v| m.max(v.abs())) < opts.tol {
             converged = true;
@@ -200,6 +207,7 @@ pub fn fit(x: &Tensor, labels: &[usize], k: usize, opts: FitOptions) -> Result<L
                 y_hist.remove(0);
             }
         }
+        iterations = it + 1;
         if decrease.abs() <= 1e-12 * f.abs().max(1.0) && step < 1e-10 {
             break;
         }
@@ -247,7 +255,7 @@ impl Sweep<'_> {
             ..self.opts
         };
         let c = fit(self.train.x, self.train.labels, self.k, opts)?;
-        let acc = classification(&c.logits(self.val.x)?, self.val.labels, "")[0].1;
+        let acc = classification(&c.logits(self.val.x)?, self.val.labels, "")?[0].1;
         self.memo[i] = Some(acc);
         tried.push((self.grid[i], acc));
         Ok(acc)
@@ -275,28 +283,27 @@ pub struct ProbeOutcome {
     pub tried: Vec<(f64, f64)>,
 }
 
-/// The protocol of the module docs. `val` is `None` to fit once at `fixed_lambda`.
+/// The protocol of the module docs. `val` is `None` to fit once at `opts.lambda`.
 pub fn probe(
     train: Split,
     val: Option<Split>,
     test: Split,
     k: usize,
-    fixed_lambda: f64,
     opts: FitOptions,
 ) -> Result<ProbeOutcome> {
     let mut tried = Vec::new();
     let lambda = match &val {
-        None => fixed_lambda,
+        None => opts.lambda,
         Some(v) => {
+            let grid = lambda_grid();
             let mut sweep = Sweep {
-                grid: lambda_grid(),
-                memo: Vec::new(),
+                memo: vec![None; grid.len()],
+                grid,
                 train: &train,
                 val: v,
                 k,
                 opts,
             };
-            sweep.memo = vec![None; sweep.grid.len()];
             let coarse: Vec<usize> = (0..7).map(|j| j * 16).collect();
             let mut at = sweep.peak(&coarse, &mut tried)?;
             let mut span = 8usize;
@@ -319,7 +326,7 @@ pub fn probe(
         ),
     };
     let c = fit(&x, &labels, k, FitOptions { lambda, ..opts })?;
-    let mut metrics = classification(&c.logits(test.x)?, test.labels, "lp_");
+    let mut metrics = classification(&c.logits(test.x)?, test.labels, "lp_")?;
     metrics.push(("lp_lambda".into(), lambda));
     metrics.push(("lp_iterations".into(), c.iterations as f64));
     Ok(ProbeOutcome {
@@ -389,7 +396,7 @@ mod tests {
         )
         .unwrap();
         assert!(c.converged, "{} iterations", c.iterations);
-        let acc = classification(&c.logits(&x).unwrap(), &y, "")[0].1;
+        let acc = classification(&c.logits(&x).unwrap(), &y, "").unwrap()[0].1;
         assert!(acc > 95.0, "{acc}");
     }
 }

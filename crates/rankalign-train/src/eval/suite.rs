@@ -86,12 +86,23 @@ fn english() -> String {
 
 impl ResultFile {
     pub fn new(r: &TaskResult, model: &str, pretrained: &str) -> Self {
+        Self::of(r.task, &r.dataset, &r.metrics, model, pretrained)
+    }
+
+    /// The file of a task's results (`task` on `dataset`).
+    pub fn of(
+        task: &str,
+        dataset: &str,
+        metrics: &[(String, f64)],
+        model: &str,
+        pretrained: &str,
+    ) -> Self {
         ResultFile {
-            dataset: r.dataset.clone(),
+            dataset: dataset.into(),
             model: model.into(),
             pretrained: pretrained.into(),
-            task: r.task.into(),
-            metrics: r.metrics.clone(),
+            task: task.into(),
+            metrics: metrics.to_vec(),
             language: english(),
         }
     }

@@ -92,7 +92,7 @@ pub struct ProbeTask {
     /// sweep; `lambda` is used).
     #[serde(default = "default_val_proportion")]
     pub val_proportion: f64,
-    /// A fixed λ (skips the sweep).
+    /// A fixed λ: no sweep, the classifier is fit once on all of `train`.
     #[serde(default)]
     pub lambda: Option<f64>,
     /// Seed of the train/validation split.
@@ -103,6 +103,24 @@ pub struct ProbeTask {
     pub normalize: bool,
     #[serde(default = "default_max_iter")]
     pub max_iter: usize,
+}
+
+impl ProbeTask {
+    /// A probe of `train` on `test` with the defaults a table gets: λ chosen on a seeded
+    /// 20 % of `train`, normalised features, at most 1,000 L-BFGS iterations.
+    pub fn new(train: ClassificationData, test: ClassificationData) -> Self {
+        ProbeTask {
+            train,
+            test,
+            val: None,
+            name: None,
+            val_proportion: default_val_proportion(),
+            lambda: None,
+            seed: 0,
+            normalize: yes(),
+            max_iter: default_max_iter(),
+        }
+    }
 }
 
 fn default_val_proportion() -> f64 {
@@ -333,11 +351,12 @@ impl<'a> Evaluator<'a> {
             (names, _) => names,
         };
         let set = t.dataset.open(listed.as_deref())?;
-        let meta = class_meta(&set, listed, t.templates.as_deref(), &t.dataset.describe())?;
-        let feats = self.normalised(&t.dataset.describe(), &set.images)?;
+        let origin = t.dataset.describe();
+        let meta = class_meta(&set, listed, t.templates.as_deref(), &origin)?;
+        let feats = self.normalised(&origin, &set.images)?;
         let classes = self.classifier(&meta)?;
         let logits = feats.matmul(&classes.t()?)?.to_vec2::<f32>()?;
-        let mut m = metrics::classification(&logits, &set.labels, "");
+        let mut m = metrics::classification(&logits, &set.labels, "")?;
         let y = Tensor::from_vec(
             set.labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
             set.len(),
@@ -386,6 +405,8 @@ impl<'a> Evaluator<'a> {
         let (test_x, test) = feats(&t.test)?;
         let mut k = train.num_classes.max(test.num_classes);
         let (train_x, train_y, val) = match &t.val {
+            // A fixed λ needs no validation data: fit on the whole training set.
+            _ if t.lambda.is_some() => (train_x, train.labels.clone(), None),
             Some(v) => {
                 let (vx, vs) = feats(v)?;
                 k = k.max(vs.num_classes);
@@ -419,6 +440,7 @@ impl<'a> Evaluator<'a> {
         };
         let opts = probe::FitOptions {
             max_iter: t.max_iter,
+            lambda: t.lambda.unwrap_or(probe::FitOptions::default().lambda),
             ..Default::default()
         };
         let out = probe::probe(
@@ -432,7 +454,6 @@ impl<'a> Evaluator<'a> {
                 labels: &test.labels,
             },
             k,
-            t.lambda.unwrap_or(1e-4),
             opts,
         )?;
         let n_fit = train_y.len() + val.as_ref().map_or(0, |v| v.1.len());
@@ -446,6 +467,7 @@ impl<'a> Evaluator<'a> {
             out.lambda,
             out.tried.len(),
             match (&t.val, t.val_proportion) {
+                _ if t.lambda.is_some() => "nothing (fixed λ)".into(),
                 (Some(v), _) => v.describe(),
                 (None, p) if p > 0.0 => format!("{:.0}% of train held out", 100.0 * p),
                 _ => "nothing (fixed λ)".into(),
