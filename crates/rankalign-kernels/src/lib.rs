@@ -9,6 +9,10 @@
 //!   O(m) per row forward and backward;
 //! - [`layer_norm`]: LayerNorm with a backward pass (candle 0.11.1's fused LayerNorm has
 //!   none on contiguous input, which silently froze most of a CLIP's parameters);
+//! - [`linear`], [`activation`]: a transformer block's linear layers, QuickGELU and
+//!   softmax as one node each with a hand-written backward (candle's composed versions
+//!   cost a zero tensor plus an add per node in the backward, and a strided reduction
+//!   for the bias gradient);
 //! - [`pairwise`]: L2RCLIP's weighted pairwise-distance diversity term, in the code's
 //!   Euclidean form and the paper's meanNN (log) form.
 //!
@@ -30,8 +34,10 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+pub mod activation;
 mod cpu;
 pub mod layer_norm;
+pub mod linear;
 pub mod order;
 pub mod pairwise;
 pub mod plackett_luce;
@@ -39,7 +45,11 @@ pub mod plackett_luce;
 #[cfg(feature = "cuda")]
 mod cuda;
 
+pub use activation::{
+    quick_gelu, quick_gelu_reference, softmax_last_dim, softmax_last_dim_reference,
+};
 pub use layer_norm::{layer_norm, layer_norm_reference};
+pub use linear::{linear, linear_reference};
 pub use order::pl_order;
 pub use pairwise::{PairwiseForm, weighted_pairwise, weighted_pairwise_reference};
 pub use plackett_luce::{PlMode, pl_nll, pl_nll_reference};

@@ -1,0 +1,267 @@
+//! QuickGELU and the last-dimension softmax as single ops with hand-written backward
+//! passes, and their references composed from differentiable candle ops.
+//!
+//! - QuickGELU, `y = x·σ(1.702x)`: composed it is four nodes (scale, sigmoid, multiply)
+//!   and about fifteen passes over the activation in the backward; fused, one pass each
+//!   way, with `∂x = ∂y·(s + 1.702·x·s·(1 − s))`, `s = σ(1.702x)`.
+//! - Softmax over the last dimension: composed it is five nodes (max, subtract, exp,
+//!   sum, divide; candle's fused softmax has no backward); fused, one pass per row
+//!   forward, and `∂x = y ∘ (∂y − Σ ∂y∘y)` per row from the saved output.
+//!
+//! Both run on CPU f32 / f64 in parallel blocks of rows (elementwise results, so the
+//! block split does not change a bit); other devices and dtypes use the reference.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Elements per parallel task.
+const BLOCK: usize = 1 << 14;
+
+/// QuickGELU's sigmoid slope.
+const SLOPE: f64 = 1.702;
+
+/// `x·σ(1.702x)` composed from candle ops.
+pub fn quick_gelu_reference(xs: &Tensor) -> Result<Tensor> {
+    xs.mul(&(xs.affine(-SLOPE, 0.0)?.exp()? + 1.0)?.recip()?)
+}
+
+/// Softmax over the last dimension composed from candle ops (max-shifted).
+pub fn softmax_last_dim_reference(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?;
+    let e = xs.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+fn fused(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) && xs.elem_count() > 0
+}
+
+/// QuickGELU, `x·σ(1.702x)` (OpenAI CLIP's activation): fused on CPU f32 / f64.
+pub fn quick_gelu(xs: &Tensor) -> Result<Tensor> {
+    if !fused(xs) {
+        return quick_gelu_reference(xs);
+    }
+    xs.contiguous()?.apply_op1(QuickGelu)
+}
+
+/// Softmax over the last dimension: fused on CPU f32 / f64.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if !fused(xs) || xs.dim(D::Minus1)? == 0 {
+        return softmax_last_dim_reference(xs);
+    }
+    xs.contiguous()?.apply_op1(Softmax)
+}
+
+fn slice<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))?;
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// Element types of the CPU kernels.
+trait Float:
+    candle_core::WithDType + num_traits::Float + std::ops::AddAssign + std::ops::MulAssign + Send + Sync
+{
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+impl Float for f32 {
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Float for f64 {
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// `out[i] = f(a[i], b[i])` in parallel blocks (`b` may be empty for a unary map).
+fn map_blocks<T: Float>(a: &[T], width: usize, f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
+    let mut out = vec![T::zero(); a.len()];
+    let block = BLOCK.div_ceil(width.max(1)).max(1) * width.max(1);
+    out.par_chunks_mut(block)
+        .zip(a.par_chunks(block))
+        .for_each(|(o, a)| f(a, o));
+    out
+}
+
+fn sigmoid<T: Float>(x: T) -> T {
+    T::one() / (T::one() + (-x).exp())
+}
+
+struct QuickGelu;
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "quick_gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(x: &[T]) -> Vec<T> {
+            let k = T::from(SLOPE).unwrap_or_else(T::one);
+            map_blocks(x, 1, |x, o| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = x * sigmoid(k * x);
+                }
+            })
+        }
+        let out = match s.dtype() {
+            DType::F32 => f32::storage(run(slice::<f32>(s, l, "quick_gelu: x")?)),
+            DType::F64 => f64::storage(run(slice::<f64>(s, l, "quick_gelu: x")?)),
+            dt => candle_core::bail!("quick_gelu: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            x.apply_op2_no_bwd(&grad.contiguous()?, &QuickGeluGrad)?,
+        ))
+    }
+}
+
+/// `(x, ∂y) → ∂x` of QuickGELU.
+struct QuickGeluGrad;
+
+impl CustomOp2 for QuickGeluGrad {
+    fn name(&self) -> &'static str {
+        "quick_gelu_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(x: &[T], dy: &[T]) -> Vec<T> {
+            let k = T::from(SLOPE).unwrap_or_else(T::one);
+            let mut out = vec![T::zero(); x.len()];
+            out.par_chunks_mut(BLOCK)
+                .zip(x.par_chunks(BLOCK).zip(dy.par_chunks(BLOCK)))
+                .for_each(|(o, (x, dy))| {
+                    for ((o, &x), &g) in o.iter_mut().zip(x).zip(dy) {
+                        let s = sigmoid(k * x);
+                        *o = g * (s + k * x * s * (T::one() - s));
+                    }
+                });
+            out
+        }
+        let out = match s1.dtype() {
+            DType::F32 => f32::storage(run(
+                slice::<f32>(s1, l1, "quick_gelu: x")?,
+                slice(s2, l2, "quick_gelu: gradient")?,
+            )),
+            DType::F64 => f64::storage(run(
+                slice::<f64>(s1, l1, "quick_gelu: x")?,
+                slice(s2, l2, "quick_gelu: gradient")?,
+            )),
+            dt => candle_core::bail!("quick_gelu: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax_last_dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(x: &[T], d: usize) -> Vec<T> {
+            map_blocks(x, d, |x, o| {
+                for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                    let max = x
+                        .iter()
+                        .copied()
+                        .fold(T::neg_infinity(), num_traits::Float::max);
+                    let mut sum = T::zero();
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = (x - max).exp();
+                        sum += *o;
+                    }
+                    let inv = sum.recip();
+                    for o in o.iter_mut() {
+                        *o *= inv;
+                    }
+                }
+            })
+        }
+        let d = l.shape().dims().last().copied().unwrap_or(1);
+        let out = match s.dtype() {
+            DType::F32 => f32::storage(run(slice::<f32>(s, l, "softmax: x")?, d)),
+            DType::F64 => f64::storage(run(slice::<f64>(s, l, "softmax: x")?, d)),
+            dt => candle_core::bail!("softmax: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            res.detach()
+                .apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?,
+        ))
+    }
+}
+
+/// `(y, ∂y) → ∂x` of the last-dimension softmax.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax_last_dim_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
+            let block = BLOCK.div_ceil(d).max(1) * d;
+            let mut out = vec![T::zero(); y.len()];
+            out.par_chunks_mut(block)
+                .zip(y.par_chunks(block).zip(dy.par_chunks(block)))
+                .for_each(|(o, (y, dy))| {
+                    for ((o, y), dy) in o.chunks_mut(d).zip(y.chunks(d)).zip(dy.chunks(d)) {
+                        let dot = y
+                            .iter()
+                            .zip(dy)
+                            .fold(T::zero(), |acc, (&y, &g)| acc + y * g);
+                        for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {
+                            *o = y * (g - dot);
+                        }
+                    }
+                });
+            out
+        }
+        let d = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let out = match s1.dtype() {
+            DType::F32 => f32::storage(run(
+                slice::<f32>(s1, l1, "softmax: y")?,
+                slice(s2, l2, "softmax: gradient")?,
+                d,
+            )),
+            DType::F64 => f64::storage(run(
+                slice::<f64>(s1, l1, "softmax: y")?,
+                slice(s2, l2, "softmax: gradient")?,
+                d,
+            )),
+            dt => candle_core::bail!("softmax: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}

@@ -1,0 +1,198 @@
+//! The fused linear layer, QuickGELU and softmax against their composed references
+//! (values and the gradient of every input, f32 and f64) and against central finite
+//! differences in f64.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rankalign_kernels::{
+    linear, linear_reference, quick_gelu, quick_gelu_reference, softmax_last_dim,
+    softmax_last_dim_reference,
+};
+
+/// An op under test: its inputs' shapes and how to apply it (fused or composed).
+struct Case {
+    name: &'static str,
+    shapes: Vec<Vec<usize>>,
+    apply: fn(&[Tensor], bool) -> Result<Tensor>,
+}
+
+fn cases() -> Vec<Case> {
+    fn lin(t: &[Tensor], fused: bool) -> Result<Tensor> {
+        let b = t.get(2);
+        if fused {
+            linear(&t[0], &t[1], b)
+        } else {
+            linear_reference(&t[0], &t[1], b)
+        }
+    }
+    fn gelu(t: &[Tensor], fused: bool) -> Result<Tensor> {
+        if fused {
+            quick_gelu(&t[0])
+        } else {
+            quick_gelu_reference(&t[0])
+        }
+    }
+    fn softmax(t: &[Tensor], fused: bool) -> Result<Tensor> {
+        if fused {
+            softmax_last_dim(&t[0])
+        } else {
+            softmax_last_dim_reference(&t[0])
+        }
+    }
+    let mut out = Vec::new();
+    for (x, w) in [
+        (vec![1, 1], vec![1, 1]),
+        (vec![3, 5], vec![4, 5]),
+        (vec![2, 17, 96], vec![384, 96]),
+        (vec![4, 9, 33], vec![7, 33]),
+    ] {
+        let out_dim = w[0];
+        out.push(Case {
+            name: "linear+bias",
+            shapes: vec![x.clone(), w.clone(), vec![out_dim]],
+            apply: lin,
+        });
+        out.push(Case {
+            name: "linear",
+            shapes: vec![x, w],
+            apply: lin,
+        });
+    }
+    for shape in [vec![1], vec![7, 3], vec![2, 17, 384], vec![40_000]] {
+        out.push(Case {
+            name: "quick_gelu",
+            shapes: vec![shape],
+            apply: gelu,
+        });
+    }
+    for shape in [vec![1, 1], vec![3, 7], vec![2, 4, 17, 17], vec![5, 1000]] {
+        out.push(Case {
+            name: "softmax",
+            shapes: vec![shape],
+            apply: softmax,
+        });
+    }
+    out
+}
+
+fn draw(rng: &mut ChaCha8Rng, shape: &[usize], scale: f64) -> Vec<f64> {
+    let n = shape.iter().product();
+    (0..n)
+        .map(|_| scale * (rng.random::<f64>() * 2.0 - 1.0))
+        .collect()
+}
+
+/// The op's output and the gradients of `Σ y∘u` for a random `u`, fused or composed.
+fn run(
+    case: &Case,
+    inputs: &[Vec<f64>],
+    up: &[f64],
+    dtype: DType,
+    fused: bool,
+) -> Result<Vec<Vec<f64>>> {
+    let dev = Device::Cpu;
+    let vars = case
+        .shapes
+        .iter()
+        .zip(inputs)
+        .map(|(s, v)| {
+            Var::from_tensor(&Tensor::from_vec(v.clone(), s.as_slice(), &dev)?.to_dtype(dtype)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = (case.apply)(&tensors, fused)?;
+    let u = Tensor::from_vec(up.to_vec(), y.shape(), &dev)?.to_dtype(dtype)?;
+    let grads = (&y * &u)?.sum_all()?.backward()?;
+    let flat = |t: &Tensor| -> Result<Vec<f64>> {
+        t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+    };
+    let mut out = vec![flat(&y)?];
+    for v in &vars {
+        let g = grads.get(v).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: an input got no gradient", case.name))
+        })?;
+        out.push(flat(g)?);
+    }
+    Ok(out)
+}
+
+#[test]
+fn fused_ops_match_their_references() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for case in cases() {
+        let inputs: Vec<Vec<f64>> = case.shapes.iter().map(|s| draw(&mut rng, s, 3.0)).collect();
+        // The output's size, for the upstream gradient.
+        let n_out = {
+            let dev = Device::Cpu;
+            let t: Vec<Tensor> = case
+                .shapes
+                .iter()
+                .zip(&inputs)
+                .map(|(s, v)| Tensor::from_vec(v.clone(), s.as_slice(), &dev))
+                .collect::<Result<_>>()?;
+            (case.apply)(&t, false)?.elem_count()
+        };
+        let up = draw(&mut rng, &[n_out], 1.0);
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            let (f, r) = (
+                run(&case, &inputs, &up, dtype, true)?,
+                run(&case, &inputs, &up, dtype, false)?,
+            );
+            for (k, (a, b)) in f.iter().zip(&r).enumerate() {
+                let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                for (i, (u, v)) in a.iter().zip(b).enumerate() {
+                    assert!(
+                        (u - v).abs() <= tol * scale,
+                        "{} {:?} {dtype:?} output {k} [{i}]: fused {u}, reference {v}",
+                        case.name,
+                        case.shapes
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fused_gradients_match_finite_differences() -> Result<()> {
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for case in cases()
+        .into_iter()
+        .filter(|c| c.shapes.iter().all(|s| s.iter().product::<usize>() <= 64))
+    {
+        let inputs: Vec<Vec<f64>> = case.shapes.iter().map(|s| draw(&mut rng, s, 2.0)).collect();
+        let as_tensors = |xs: &[Vec<f64>]| -> Result<Vec<Tensor>> {
+            case.shapes
+                .iter()
+                .zip(xs)
+                .map(|(s, v)| Tensor::from_vec(v.clone(), s.as_slice(), &dev))
+                .collect()
+        };
+        let n_out = (case.apply)(&as_tensors(&inputs)?, true)?.elem_count();
+        let up = draw(&mut rng, &[n_out], 1.0);
+        let backward = run(&case, &inputs, &up, DType::F64, true)?;
+        for k in 0..inputs.len() {
+            let f = |x: &[f64]| -> Result<f64> {
+                let mut xs = inputs.clone();
+                xs[k] = x.to_vec();
+                let y = (case.apply)(&as_tensors(&xs)?, true)?;
+                (y.flatten_all()? * Tensor::from_vec(up.clone(), n_out, &dev)?)?
+                    .sum_all()?
+                    .to_scalar::<f64>()
+            };
+            let fd = crate::central_differences(f, &inputs[k], 1e-6)?;
+            for (i, (d, g)) in fd.iter().zip(&backward[k + 1]).enumerate() {
+                assert!(
+                    (d - g).abs() < 1e-6 * (1.0 + g.abs()),
+                    "{} {:?} input {k} [{i}]: finite difference {d}, backward {g}",
+                    case.name,
+                    case.shapes
+                );
+            }
+        }
+    }
+    Ok(())
+}
