@@ -4,7 +4,7 @@
 //! Parameter names follow Hugging Face `CLIPEncoderLayer` (`layer_norm1`,
 //! `self_attn.{q,k,v,out}_proj`, `layer_norm2`, `mlp.fc1`, `mlp.fc2`).
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 /// `y = x Wᵀ + b` over the last dimension, with `W` `(out, in)`.
@@ -53,16 +53,16 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let Some(weight_t) = &self.weight_t else {
+            // Trained weights: one fused node with its own backward (rankalign_kernels).
+            return rankalign_kernels::linear(xs, &self.weight, self.bias.as_ref());
+        };
         let dims = xs.dims().to_vec();
         let in_dim = *dims
             .last()
             .ok_or_else(|| candle_core::Error::Msg("linear: scalar input".into()))?;
         let rows = xs.elem_count() / in_dim.max(1);
-        let xs = xs.reshape((rows, in_dim))?;
-        let ys = match &self.weight_t {
-            Some(weight_t) => xs.matmul(weight_t)?,
-            None => xs.matmul(&self.weight.t()?)?,
-        };
+        let ys = xs.reshape((rows, in_dim))?.matmul(weight_t)?;
         let ys = match &self.bias {
             Some(b) => ys.broadcast_add(b)?,
             None => ys,
@@ -165,9 +165,9 @@ pub enum EncoderInit {
     TorchDefault,
 }
 
-/// `x · sigmoid(1.702 x)`, OpenAI CLIP's activation.
+/// `x · sigmoid(1.702 x)`, OpenAI CLIP's activation (one fused node on the CPU).
 pub fn quick_gelu(xs: &Tensor) -> Result<Tensor> {
-    xs.mul(&candle_nn::ops::sigmoid(&(xs * 1.702)?)?)
+    rankalign_kernels::quick_gelu(xs)
 }
 
 /// Multi-head self-attention with separate q/k/v projections (HF layout).
@@ -231,11 +231,10 @@ impl Attention {
             att = att.broadcast_add(mask)?;
         }
         // With nothing to differentiate (inference weights, inputs without a graph),
-        // candle's fused softmax: one parallel pass per row instead of five separate
-        // ops. It has no backward, so anything that records a graph keeps the composed
-        // form; both give the same values (tested).
+        // candle's fused softmax; when a graph is recorded, ours, which has a backward
+        // (candle's has none). Both give the same values (tested).
         let att = if att.track_op() {
-            candle_nn::ops::softmax(&att, D::Minus1)?
+            rankalign_kernels::softmax_last_dim(&att)?
         } else {
             candle_nn::ops::softmax_last_dim(&att)?
         };
