@@ -106,7 +106,7 @@ pub fn save(
     let model_path = tmp.join("model.safetensors");
     candle_core::safetensors::save(&model, &model_path)?;
     let optim_path = tmp.join("optim.safetensors");
-    candle_core::safetensors::save(&opt.state_tensors(), &optim_path)?;
+    candle_core::safetensors::save(&opt.state_tensors()?, &optim_path)?;
     let state_path = tmp.join("state.json");
     let mut state = state.clone();
     state.checksums.clear();

@@ -7,15 +7,16 @@
 //! `logit_scale` get no decay.
 //!
 //! candle's `AdamW` keeps its moments private, so a resumed run would restart them; here
-//! they are tensors saved beside the weights. On the CPU with f32 the update runs as one
-//! fused pass over the slices (one read of θ, g, m, v and one write each), instead of a
-//! dozen tensor ops that each allocate; elsewhere it is composed from tensor ops.
+//! they are tensors saved beside the weights. On the CPU with f32 the update runs in
+//! place, as one pass over θ, g, m and v split into blocks across the rayon pool, with
+//! the moments kept as host vectors: nothing is allocated per step. Elsewhere it is
+//! composed from tensor ops.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Layout, Storage, Tensor, Var};
+use candle_core::{DType, Layout, Tensor, Var};
 
 use crate::{Result, TrainError};
 
@@ -28,12 +29,82 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+/// The first and second moments of one parameter.
+enum Moments {
+    /// CPU f32: updated in place with the parameter.
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// Any other device or dtype: tensors, replaced each step.
+    Tensors { m: Tensor, v: Tensor },
+}
+
 struct ParamState {
     name: String,
     var: Var,
     decay: bool,
-    m: Tensor,
-    v: Tensor,
+    moments: Moments,
+}
+
+/// Elements per block of the in-place update (one rayon task each).
+const BLOCK: usize = 1 << 14;
+
+/// One AdamW update in place: `θ` is the destination, the gradient the source, the
+/// moments borrowed from the optimiser for the call.
+struct InPlaceAdamW<'a> {
+    moments: std::cell::RefCell<Option<(&'a mut [f32], &'a mut [f32])>>,
+    lr: f32,
+    decay: f32,
+    betas: (f32, f32),
+    eps: f32,
+    bc: (f32, f32),
+}
+
+impl candle_core::InplaceOp2 for InPlaceAdamW<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        theta: &mut candle_core::CpuStorage,
+        tl: &Layout,
+        grad: &candle_core::CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let (Some((t0, t1)), Some((g0, g1))) = (tl.contiguous_offsets(), gl.contiguous_offsets())
+        else {
+            candle_core::bail!("adamw: parameter or gradient is not contiguous")
+        };
+        let (candle_core::CpuStorage::F32(theta), candle_core::CpuStorage::F32(grad)) =
+            (theta, grad)
+        else {
+            candle_core::bail!("adamw: the in-place update takes f32")
+        };
+        let (theta, grad) = (&mut theta[t0..t1], &grad[g0..g1]);
+        let Some((m, v)) = self.moments.borrow_mut().take() else {
+            candle_core::bail!("adamw: the update ran twice")
+        };
+        if grad.len() != theta.len() || m.len() != theta.len() || v.len() != theta.len() {
+            candle_core::bail!("adamw: parameter, gradient and moments differ in size")
+        }
+        let (b1, b2) = self.betas;
+        let (bc1, bc2) = self.bc;
+        let (lr, decay, eps) = (self.lr, self.decay, self.eps);
+        theta
+            .par_chunks_mut(BLOCK)
+            .zip(grad.par_chunks(BLOCK))
+            .zip(m.par_chunks_mut(BLOCK))
+            .zip(v.par_chunks_mut(BLOCK))
+            .for_each(|(((t, g), m), v)| {
+                for (((t, &g), m), v) in t.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    let upd = (*m / bc1) / ((*v / bc2).sqrt() + eps);
+                    *t = *t * decay - lr * upd;
+                }
+            });
+        Ok(())
+    }
 }
 
 /// AdamW over named variables.
@@ -60,16 +131,6 @@ pub fn exempt_from_decay(name: &str, var: &Var) -> bool {
             .any(|k| name.contains(k))
 }
 
-fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
-    match storage {
-        Storage::Cpu(cpu) => {
-            let (a, b) = layout.contiguous_offsets()?;
-            cpu.as_slice::<f32>().ok().map(|s| &s[a..b])
-        }
-        _ => None,
-    }
-}
-
 impl AdamW {
     /// `vars` in a stable order (e.g. sorted by name).
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
@@ -77,14 +138,23 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let decay = !exempt_from_decay(&name, &var);
-                let m = var.as_tensor().zeros_like()?;
-                let v = var.as_tensor().zeros_like()?;
+                let moments = if var.device().is_cpu() && var.dtype() == DType::F32 {
+                    let n = var.elem_count();
+                    Moments::Host {
+                        m: vec![0.0; n],
+                        v: vec![0.0; n],
+                    }
+                } else {
+                    Moments::Tensors {
+                        m: var.as_tensor().zeros_like()?,
+                        v: var.as_tensor().zeros_like()?,
+                    }
+                };
                 Ok(ParamState {
                     name,
                     var,
                     decay,
-                    m,
-                    v,
+                    moments,
                 })
             })
             .collect::<Result<_>>()?;
@@ -120,81 +190,51 @@ impl AdamW {
                 continue;
             };
             let wd = if p.decay { weight_decay } else { 0.0 };
-            if !Self::fused_cpu(p, g, lr, wd, (beta1, beta2, eps), (bc1, bc2))? {
-                let m = ((&p.m * beta1)? + (g * (1.0 - beta1))?)?;
-                let v = ((&p.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-                let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + eps)?)?;
-                let theta = p.var.as_tensor();
-                let next = ((theta * (1.0 - lr * wd))? - (update * lr)?)?;
-                p.var.set(&next.detach())?;
-                p.m = m.detach();
-                p.v = v.detach();
+            match &mut p.moments {
+                Moments::Host { m, v } => {
+                    let op = InPlaceAdamW {
+                        moments: std::cell::RefCell::new(Some((m, v))),
+                        lr: lr as f32,
+                        decay: (1.0 - lr * wd) as f32,
+                        betas: (beta1 as f32, beta2 as f32),
+                        eps: eps as f32,
+                        bc: (bc1 as f32, bc2 as f32),
+                    };
+                    p.var.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
+                }
+                Moments::Tensors { m, v } => {
+                    let m_next = ((&*m * beta1)? + (g * (1.0 - beta1))?)?;
+                    let v_next = ((&*v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                    let update = ((&m_next / bc1)? / ((&v_next / bc2)?.sqrt()? + eps)?)?;
+                    let theta = p.var.as_tensor();
+                    let next = ((theta * (1.0 - lr * wd))? - (update * lr)?)?;
+                    p.var.set(&next.detach())?;
+                    *m = m_next.detach();
+                    *v = v_next.detach();
+                }
             }
         }
         Ok(())
     }
 
-    /// The update in one pass over CPU f32 slices; `false` if the tensors are not that.
-    fn fused_cpu(
-        p: &mut ParamState,
-        g: &Tensor,
-        lr: f64,
-        wd: f64,
-        betas: (f64, f64, f64),
-        bc: (f64, f64),
-    ) -> Result<bool> {
-        let (beta1, beta2, eps) = (betas.0 as f32, betas.1 as f32, betas.2 as f32);
-        let (bc1, bc2) = (bc.0 as f32, bc.1 as f32);
-        let (lr, decay) = (lr as f32, (1.0 - lr * wd) as f32);
-        let theta = p.var.as_tensor();
-        let (new_t, new_m, new_v) = {
-            let (ts, tl) = theta.storage_and_layout();
-            let (gs, gl) = g.storage_and_layout();
-            let (ms, ml) = p.m.storage_and_layout();
-            let (vs, vl) = p.v.storage_and_layout();
-            let (Some(t), Some(g), Some(m), Some(v)) = (
-                f32_slice(&ts, tl),
-                f32_slice(&gs, gl),
-                f32_slice(&ms, ml),
-                f32_slice(&vs, vl),
-            ) else {
-                return Ok(false);
-            };
-            if g.len() != t.len() {
-                return Ok(false);
-            }
-            let n = t.len();
-            let (mut nt, mut nm, mut nv) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            for i in 0..n {
-                let mi = beta1 * m[i] + (1.0 - beta1) * g[i];
-                let vi = beta2 * v[i] + (1.0 - beta2) * g[i] * g[i];
-                let upd = (mi / bc1) / ((vi / bc2).sqrt() + eps);
-                nt.push(t[i] * decay - lr * upd);
-                nm.push(mi);
-                nv.push(vi);
-            }
-            (nt, nm, nv)
-        };
-        let shape = theta.shape().clone();
-        let dev = theta.device().clone();
-        p.var.set(&Tensor::from_vec(new_t, shape.clone(), &dev)?)?;
-        p.m = Tensor::from_vec(new_m, shape.clone(), &dev)?;
-        p.v = Tensor::from_vec(new_v, shape, &dev)?;
-        Ok(true)
-    }
-
     /// Moments as `{name}.m` / `{name}.v` tensors, for a checkpoint.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for p in &self.params {
-            out.insert(format!("{}.m", p.name), p.m.clone());
-            out.insert(format!("{}.v", p.name), p.v.clone());
+            let (m, v) = match &p.moments {
+                Moments::Host { m, v } => {
+                    let (shape, dev) = (p.var.shape(), p.var.device());
+                    (
+                        Tensor::from_slice(m, shape, dev)?,
+                        Tensor::from_slice(v, shape, dev)?,
+                    )
+                }
+                Moments::Tensors { m, v } => (m.clone(), v.clone()),
+            };
+            out.insert(format!("{}.m", p.name), m);
+            out.insert(format!("{}.v", p.name), v);
         }
-        out
+        Ok(out)
     }
 
     /// Restore moments and the step count; every parameter must be present with its shape.
@@ -209,7 +249,7 @@ impl AdamW {
             msg,
         };
         for p in &mut self.params {
-            for (suffix, slot) in [("m", &mut p.m), ("v", &mut p.v)] {
+            let read = |suffix: &str| -> Result<Tensor> {
                 let key = format!("{}.{suffix}", p.name);
                 let t = tensors
                     .get(&key)
@@ -221,11 +261,18 @@ impl AdamW {
                         p.var.dims()
                     )));
                 }
-                *slot = t
-                    .to_dtype(DType::F32)?
+                Ok(t.to_dtype(DType::F32)?
                     .to_device(p.var.device())?
-                    .to_dtype(p.var.dtype())?;
-            }
+                    .to_dtype(p.var.dtype())?)
+            };
+            let (m, v) = (read("m")?, read("v")?);
+            p.moments = match p.moments {
+                Moments::Host { .. } => Moments::Host {
+                    m: m.flatten_all()?.to_vec1::<f32>()?,
+                    v: v.flatten_all()?.to_vec1::<f32>()?,
+                },
+                Moments::Tensors { .. } => Moments::Tensors { m, v },
+            };
         }
         self.t = t;
         Ok(())
