@@ -7,6 +7,7 @@ mod config_errors;
 mod evaluation;
 mod export;
 mod gradients;
+mod micro_batch;
 mod minilm;
 mod ordinal;
 mod pretrained;

@@ -225,14 +225,17 @@ fn progress_bar(len: u64, template: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// Fix candle's and rayon's thread count before any of their pools start.
+/// Fix candle's and rayon's thread count before any of their pools start: `n` for
+/// rayon (gemm's split), and `elementwise` for candle's pool of elementwise ops. With
+/// micro-batches the parallelism is the micro-batches', so elementwise ops run inline
+/// (`elementwise = 1`): their pool takes one caller at a time and would serialise them.
 #[allow(unsafe_code)]
-fn set_compute_threads(n: usize) {
+fn set_compute_threads(n: usize, elementwise: usize) {
     // SAFETY: called first thing in `main`, before any thread is spawned, so no other
     // thread can read the environment concurrently.
     unsafe {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", elementwise.to_string());
     }
 }
 
@@ -258,7 +261,7 @@ fn main() -> Result<()> {
                 let concurrent = cfg.parallel_runs.max(1);
                 let per_run = threads.unwrap_or((cores / concurrent).max(1));
                 if std::env::var_os("RAYON_NUM_THREADS").is_none() || threads.is_some() {
-                    set_compute_threads(per_run);
+                    set_compute_threads(per_run, per_run);
                 }
                 if seed.is_some() {
                     anyhow::bail!(
@@ -287,7 +290,12 @@ fn main() -> Result<()> {
             };
             let per_run = threads.unwrap_or((cores / concurrent).max(1));
             if std::env::var_os("RAYON_NUM_THREADS").is_none() || threads.is_some() {
-                set_compute_threads(per_run);
+                let elementwise = if exp.train.micro_batch.is_some() {
+                    1
+                } else {
+                    per_run
+                };
+                set_compute_threads(per_run, elementwise);
             }
             train(&exp, &device, overwrite, stop_after, per_run, concurrent)
         }
@@ -490,6 +498,7 @@ fn train(
         progress: Some(progress),
         on_log: Some(on_log),
         on_notice: Some(on_notice),
+        threads: per_run,
     };
     let out =
         run_experiment(exp, device, &opts).with_context(|| format!("experiment {}", exp.name))?;

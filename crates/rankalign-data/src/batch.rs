@@ -27,6 +27,27 @@ pub struct Batch {
     pub eot: Tensor,
 }
 
+impl Batch {
+    /// Rows `start..start + len`, with the EOT indices rebased onto the slice.
+    pub fn narrow(&self, start: usize, len: usize) -> candle_core::Result<Batch> {
+        let s = self.ids.dim(1)?;
+        let base = Tensor::new(&[(start * s) as u32], self.eot.device())?;
+        Ok(Batch {
+            pixels: self.pixels.narrow(0, start, len)?,
+            ids: self.ids.narrow(0, start, len)?,
+            eot: self.eot.narrow(0, start, len)?.broadcast_sub(&base)?,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.pixels.dims().first().copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Images to a normalised `(b, 3, size, size)` tensor; every image must be `size × size`.
 pub fn collate_images(
     images: &[&Image],

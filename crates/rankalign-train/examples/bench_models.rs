@@ -10,46 +10,18 @@
 //! thread count and joins them into a table. Usage: `bench_models [--quick]` (fewer runs,
 //! ViT at batch 1 only).
 
-#![allow(unsafe_code)] // the counting allocator below
-
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use rankalign_train::kernels::l2_normalize;
-use rankalign_train::losses::clip_loss;
+use rankalign_train::data::Batch;
+use rankalign_train::losses::{ClipObjective, StepContext};
+use rankalign_train::memory::{Counting, peak_during};
 use rankalign_train::models::layers::{WeightInit, linear};
 use rankalign_train::models::{ClipConfig, ClipModel, SeededVarMap, VisionTransformer};
 use rankalign_train::optim::{AdamW, AdamWConfig};
-
-/// The system allocator, counting live bytes and their high-water mark.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call forwards to `System` with the same layout; the counters are only
-// bookkeeping and never affect the pointers returned.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded unchanged to the system allocator.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(live, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `alloc` with this layout.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
+use rankalign_train::step::{StepPlan, loss_and_grads};
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
@@ -66,12 +38,11 @@ fn measure(
     let mut times = Vec::with_capacity(runs);
     let mut peak = 0;
     for _ in 0..runs {
-        let base = LIVE.load(Ordering::Relaxed);
-        PEAK.store(base, Ordering::Relaxed);
         let t = Instant::now();
-        f()?;
+        let (done, bytes) = peak_during(&mut f);
+        done?;
         times.push(t.elapsed().as_secs_f64());
-        peak = peak.max(PEAK.load(Ordering::Relaxed).saturating_sub(base));
+        peak = peak.max(bytes);
     }
     times.sort_by(f64::total_cmp);
     Ok((times[times.len() / 2], peak))
@@ -168,16 +139,30 @@ fn captions(b: usize, ctx: usize) -> anyhow::Result<(Tensor, Tensor)> {
     ))
 }
 
-/// One optimiser step of the tiny preset at batch `b`, as the trainer's CLIP step:
-/// both towers, `exp(logit_scale)`-scaled cosine logits, symmetric InfoNCE, backward,
-/// AdamW (decay 0.1 on matrices only).
-fn tiny_step(b: usize, warmup: usize, runs: usize) -> anyhow::Result<(f64, usize)> {
+/// One optimiser step of the tiny preset at batch `b`, as the trainer runs it
+/// (`step::loss_and_grads` split by `plan`, then AdamW with decay 0.1 on matrices only):
+/// both towers, `exp(logit_scale)`-scaled cosine logits, symmetric InfoNCE, backward.
+/// It runs on a rayon pool of `threads` workers, as a variant trains.
+fn tiny_step(
+    b: usize,
+    plan: StepPlan,
+    threads: usize,
+    warmup: usize,
+    runs: usize,
+) -> anyhow::Result<(f64, usize)> {
     let dev = Device::Cpu;
     let cfg = ClipConfig::tiny();
     let vm = SeededVarMap::new(0);
     let model = ClipModel::new(&cfg, vm.var_builder(DType::F32, &dev))?;
+    let vars = vm.named_vars();
+    let params: Vec<_> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let logit_scale = vars
+        .iter()
+        .find(|(n, _)| n == "logit_scale")
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| anyhow::anyhow!("no logit_scale"))?;
     let mut opt = AdamW::new(
-        vm.named_vars(),
+        vars,
         AdamWConfig {
             beta1: 0.9,
             beta2: 0.98,
@@ -186,22 +171,40 @@ fn tiny_step(b: usize, warmup: usize, runs: usize) -> anyhow::Result<(f64, usize
         },
     )?;
     let size = cfg.vision.image_size();
-    let pixels = pseudo_random(&[b, 3, size, size], 2)?;
     let (ids, eot) = captions(b, cfg.text.context_length)?;
-    measure(
-        || {
-            let v = l2_normalize(&model.encode_image(&pixels)?)?;
-            let t = l2_normalize(&model.encode_text(&ids, &eot)?)?;
-            let logits = v
-                .matmul(&t.t()?)?
-                .broadcast_mul(&model.logit_scale().exp()?)?;
-            let grads = clip_loss(&logits)?.backward()?;
-            opt.step(&grads, 5e-4)?;
-            Ok(())
-        },
-        warmup,
-        runs,
-    )
+    let batch = Batch {
+        pixels: pseudo_random(&[b, 3, size, size], 2)?,
+        ids,
+        eot,
+    };
+    let ctx = StepContext {
+        epoch: 1,
+        epochs: 1,
+        tie_seed: 0,
+        labels: None,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    pool.install(|| {
+        measure(
+            || {
+                let out = loss_and_grads(
+                    &model,
+                    &params,
+                    &logit_scale,
+                    &ClipObjective,
+                    &batch,
+                    &ctx,
+                    plan,
+                )?;
+                opt.step(&out.grads, 5e-4)?;
+                Ok(())
+            },
+            warmup,
+            runs,
+        )
+    })
 }
 
 /// The probe's features: 10 classes of 512-d rows (noise plus a class offset on every
@@ -264,10 +267,34 @@ fn main() -> anyhow::Result<()> {
         "10000x512 k10",
         probe_fit(10_000, 512, 1, if quick { 1 } else { 3 })?,
     );
-    emit(
-        "tiny_clip_train_step",
-        "b128 48px ctx32",
-        tiny_step(128, warmup, runs)?,
-    );
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1usize);
+    let whole = StepPlan::default();
+    let micro = |recompute| StepPlan {
+        micro_batch: Some(32),
+        recompute,
+    };
+    let mut steps = vec![("b128 48px ctx32", whole, threads)];
+    if threads > 1 {
+        steps.push(("b128 48px ctx32, 1 thread", whole, 1));
+    }
+    steps.push(("b128 48px ctx32, 4x32 micro", micro(false), threads));
+    steps.push((
+        "b128 48px ctx32, 4x32 micro recompute",
+        micro(true),
+        threads,
+    ));
+    if threads > 1 && !quick {
+        steps.push(("b128 48px ctx32, 4x32 micro, 1 thread", micro(false), 1));
+    }
+    for (size, plan, t) in steps {
+        emit(
+            "tiny_clip_train_step",
+            size,
+            tiny_step(128, plan, t, warmup, runs)?,
+        );
+    }
     Ok(())
 }

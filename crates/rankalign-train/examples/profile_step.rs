@@ -1,5 +1,8 @@
-//! Times the parts of one tiny-CLIP training step (forward, loss, backward, optimiser).
-//! `cargo run --release -p rankalign-train --example profile_step -- [batch]`
+//! Times the parts of one tiny-CLIP training step (forward, loss and backward as the
+//! trainer runs them, then the optimiser), alternating InfoNCE and RankCLIP.
+//! `cargo run --release -p rankalign-train --example profile_step -- [batch]`; env:
+//! `MICRO=m` micro-batches of m rows, `RECOMPUTE=1`, `ITERS=n`, and the shape
+//! overrides `PATCH`, `VW`, `VL`, `TW`, `TL`.
 
 use std::time::Instant;
 
@@ -7,9 +10,12 @@ use candle_core::{DType, Device};
 use rankalign_train::data::{
     ClipTokenizer, Dataset, DigitScenes, Digits, SceneConfig, Split, collate_pairs,
 };
-use rankalign_train::losses::{ListPerms, RankClipConfig, clip_loss, rankclip_loss};
+use rankalign_train::losses::{
+    ClipObjective, Objective, RankClipConfig, RankClipObjective, StepContext,
+};
 use rankalign_train::models::{ClipConfig, ClipModel, SeededVarMap};
 use rankalign_train::optim::{AdamW, AdamWConfig};
+use rankalign_train::step::loss_and_grads;
 
 fn main() -> anyhow::Result<()> {
     let b: usize = std::env::args()
@@ -69,43 +75,54 @@ fn main() -> anyhow::Result<()> {
             weight_decay: 0.1,
         },
     )?;
-    for it in 0..4 {
+    // MICRO=m splits the step into micro-batches of m rows (`train.micro_batch`).
+    let plan = rankalign_train::step::StepPlan {
+        micro_batch: std::env::var("MICRO").ok().and_then(|v| v.parse().ok()),
+        recompute: std::env::var_os("RECOMPUTE").is_some(),
+    };
+    let vars = vm.named_vars();
+    let params: Vec<_> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let logit_scale = vars
+        .iter()
+        .find(|(n, _)| n == "logit_scale")
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| anyhow::anyhow!("no logit_scale"))?;
+    let ctx = StepContext {
+        epoch: 1,
+        epochs: 1,
+        tie_seed: 1,
+        labels: None,
+    };
+    let objectives: [(&str, Box<dyn Objective>); 2] = [
+        ("clip    ", Box::new(ClipObjective)),
+        (
+            "rankclip",
+            Box::new(RankClipObjective(RankClipConfig::rankclip())),
+        ),
+    ];
+    let iters = env("ITERS", 4);
+    for it in 0..iters {
+        let (name, objective) = &objectives[it % 2];
         let t0 = Instant::now();
-        let img = model.encode_image(&batch.pixels)?;
+        let out = loss_and_grads(
+            &model,
+            &params,
+            &logit_scale,
+            objective.as_ref(),
+            &batch,
+            &ctx,
+            plan,
+        )?;
+        let _ = out.terms.total.to_scalar::<f32>()?;
         let t1 = Instant::now();
-        let txt = model.encode_text(&batch.ids, &batch.eot)?;
+        opt.step(&out.grads, 1e-4)?;
         let t2 = Instant::now();
-        let loss = if it % 2 == 0 {
-            let v = rankalign_train::kernels::l2_normalize(&img)?;
-            let t = rankalign_train::kernels::l2_normalize(&txt)?;
-            clip_loss(&(v.matmul(&t.t()?)? * 14.0)?)?
-        } else {
-            rankclip_loss(
-                &RankClipConfig::rankclip(),
-                &img,
-                &txt,
-                model.logit_scale(),
-                1.0,
-                &ListPerms::from_seed(b, 1),
-            )?
-            .total
-        };
-        let _ = loss.to_scalar::<f32>()?;
-        let t3 = Instant::now();
-        let grads = loss.backward()?;
-        let t4 = Instant::now();
-        opt.step(&grads, 1e-4)?;
-        let t5 = Instant::now();
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
         eprintln!(
-            "{} vision {:.0} text {:.0} loss {:.0} backward {:.0} optim {:.0} total {:.0} ms",
-            if it % 2 == 0 { "clip    " } else { "rankclip" },
+            "{name} forward+loss+backward {:.0} optim {:.0} total {:.0} ms",
             ms(t0, t1),
             ms(t1, t2),
-            ms(t2, t3),
-            ms(t3, t4),
-            ms(t4, t5),
-            ms(t0, t5)
+            ms(t0, t2)
         );
     }
     Ok(())

@@ -132,6 +132,26 @@ pub struct TrainConfig {
     /// Threads that decode and assemble batches, per variant.
     #[serde(default = "default_data_threads")]
     pub data_threads: usize,
+    /// Rows per micro-batch: the step runs the towers per micro-batch, on the compute
+    /// threads in parallel, and the loss once on the whole batch (exact; see
+    /// [`crate::step`]). Unset: the batch in one piece.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch: Option<usize>,
+    /// With `micro_batch`: keep no activations between a micro-batch's forward and its
+    /// backward, and run the forward again, so the batch costs the activation memory of
+    /// one micro-batch per thread.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recompute: bool,
+}
+
+impl TrainConfig {
+    /// How a step splits its batch.
+    pub fn step_plan(&self) -> crate::step::StepPlan {
+        crate::step::StepPlan {
+            micro_batch: self.micro_batch,
+            recompute: self.recompute,
+        }
+    }
 }
 
 fn default_keep() -> usize {

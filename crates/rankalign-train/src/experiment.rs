@@ -22,6 +22,24 @@ pub struct RunOptions {
     pub on_log: Option<LogFn>,
     /// Lines to show as they happen (see [`NoticeFn`]).
     pub on_notice: Option<NoticeFn>,
+    /// Compute threads per variant: each variant trains on a rayon pool of its own of
+    /// this size, so that variants side by side never queue on one pool; 0: the
+    /// caller's pool.
+    pub threads: usize,
+}
+
+/// `f` on a new rayon pool of `threads` workers (the caller waits); 0: on the current
+/// pool.
+pub fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
+    if threads == 0 {
+        return f();
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("rankalign-compute-{i}"))
+        .build()
+        .map_err(|e| TrainError::Invalid(format!("starting {threads} compute threads: {e}")))?;
+    pool.install(f)
 }
 
 /// The results and where they were written.
@@ -95,7 +113,8 @@ pub fn run_experiment(
                 .enumerate()
                 .map(|(i, v)| {
                     let (shared, o) = (&shared, variant_opts(i));
-                    s.spawn(move || train_variant(exp, v, shared, &o))
+                    let threads = opts.threads;
+                    s.spawn(move || in_pool(threads, || train_variant(exp, v, shared, &o)))
                 })
                 .collect();
             handles
@@ -111,7 +130,11 @@ pub fn run_experiment(
         exp.variants
             .iter()
             .enumerate()
-            .map(|(i, v)| train_variant(exp, v, &shared, &variant_opts(i)))
+            .map(|(i, v)| {
+                in_pool(opts.threads, || {
+                    train_variant(exp, v, &shared, &variant_opts(i))
+                })
+            })
             .collect::<Result<_>>()?
     };
     let wall_secs = started.elapsed().as_secs_f64();

@@ -5,6 +5,8 @@
 //! - [`optim`]: AdamW with parameter groups and moments that are saved and restored;
 //! - [`schedule`]: linear warm-up then cosine decay;
 //! - [`checkpoint`]: atomic checkpoints (model, optimiser, step) and exact resume;
+//! - [`step`]: one step's loss and gradients, in one piece or over micro-batches
+//!   (exact, in parallel, optionally in bounded memory);
 //! - [`trainer`]: the loop for one variant: prefetched batches, loss, step, clamp,
 //!   NaN guard, metrics JSONL, progress;
 //! - [`eval`]: zero-shot classification, retrieval, alignment and uniformity;
@@ -16,6 +18,7 @@
 //!   open_clip's (ResNet), and their configs translated both ways;
 //! - [`pretrained`]: pretrained weights in, from an HF or open_clip directory, a
 //!   `.safetensors` / `.bin` / `.pt` file, or a hub name in the local Hugging Face cache;
+//! - [`memory`]: a counting allocator, for peak-memory figures in benchmarks and tests;
 //! - [`embed`]: L2-normalised image and text embeddings of such a model, to a file.
 //!
 //! Load a CLIP from any supported checkpoint in one call, and evaluate it:
@@ -52,11 +55,13 @@ pub mod embed;
 pub mod eval;
 pub mod experiment;
 pub mod export;
+pub mod memory;
 pub mod optim;
 pub mod ordinal;
 pub mod pretrained;
 pub mod report;
 pub mod schedule;
+pub mod step;
 pub mod text_tower;
 pub mod trainer;
 

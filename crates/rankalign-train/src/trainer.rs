@@ -40,6 +40,7 @@ use crate::config::{ExperimentConfig, VariantConfig};
 use crate::eval::{EvalReport, Evaluation, Evaluator, evaluate};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::cosine_with_warmup;
+use crate::step::{StepGrads, loss_and_grads};
 use crate::{Result, TrainError, io_err};
 
 /// The upper clamp of `logit_scale`: ln 100.
@@ -141,6 +142,8 @@ pub fn config_digest(exp: &ExperimentConfig, variant: &VariantConfig) -> String 
     };
     shared.train.prefetch = 0;
     shared.train.data_threads = 0;
+    // Recomputing a micro-batch's forward gives the same bits as keeping it.
+    shared.train.recompute = false;
     // Nor do the held-out files, or the share of corrupt samples tolerated (raising it
     // after a stop must not refuse the resume).
     match &mut shared.data {
@@ -234,6 +237,8 @@ pub struct Run {
     pub dir: PathBuf,
     pub model: ClipModel,
     vars: Vec<(String, Var)>,
+    /// The optimised variables (not BatchNorm's running statistics).
+    params: Vec<Var>,
     logit_scale: Var,
     opt: AdamW,
     objective: Box<dyn Objective>,
@@ -312,6 +317,8 @@ pub fn build(
         .find(|(n, _)| n == "logit_scale")
         .map(|(_, v)| v.clone())
         .ok_or_else(|| TrainError::Invalid("the model has no logit_scale parameter".into()))?;
+    exp.train.step_plan().check(&model)?;
+    let param_vars = params.iter().map(|(_, v)| v.clone()).collect();
     let o = &exp.optim;
     let mut opt = AdamW::new(
         params,
@@ -365,6 +372,7 @@ pub fn build(
         dir,
         model,
         vars,
+        params: param_vars,
         logit_scale,
         opt,
         objective: variant.loss.objective(),
@@ -462,8 +470,6 @@ pub fn fit(
         let waited = wait.elapsed().as_secs_f64() * 1e3;
         data_wait_ms += waited;
         let t0 = Instant::now();
-        let image = run.model.encode_image_t(&batch.pixels, true)?;
-        let text = run.model.encode_text(&batch.ids, &batch.eot)?;
         let epoch = step / sched.steps_per_epoch + 1;
         let ctx = StepContext {
             epoch,
@@ -471,9 +477,15 @@ pub fn fit(
             tie_seed: mix_seed(&[exp.seed, 0x9E53, step as u64]),
             labels: None,
         };
-        let terms = run
-            .objective
-            .loss(&image, &text, run.logit_scale.as_tensor(), &ctx)?;
+        let StepGrads { terms, grads } = loss_and_grads(
+            &run.model,
+            &run.params,
+            &run.logit_scale,
+            run.objective.as_ref(),
+            &batch,
+            &ctx,
+            exp.train.step_plan(),
+        )?;
         let loss_value = scalar(&terms.total)?;
         if !loss_value.is_finite() {
             return Err(TrainError::Diverged {
@@ -482,7 +494,6 @@ pub fn fit(
                 checkpoint: run.last_ckpt.clone(),
             });
         }
-        let grads = terms.total.backward()?;
         let lr = cosine_with_warmup(o.lr, o.warmup_steps, total, step);
         run.opt.step(&grads, lr)?;
         run.logit_scale

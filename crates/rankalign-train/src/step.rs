@@ -1,0 +1,249 @@
+//! The loss and the gradients of one training step, over the batch in one piece or over
+//! micro-batches.
+//!
+//! With micro-batches ([`StepPlan::micro_batch`]) the step is the GradCache
+//! construction, exact for losses over the whole batch:
+//! 1. each micro-batch runs both towers forward, on its own thread of the current rayon
+//!    pool, single-threaded inside;
+//! 2. the objective runs once, on the detached embeddings of the whole batch, and its
+//!    backward gives `logit_scale`'s gradient and each embedding's gradient;
+//! 3. each micro-batch back-propagates `Σ (embedding ∘ its gradient)` through its towers,
+//!    again one thread each;
+//! 4. the parameters' gradients are summed over the micro-batches in their order.
+//!
+//! The loss is computed once over all B rows, so InfoNCE's and RankCLIP's list-wise
+//! terms see the global batch and `logit_scale` gets one gradient (open_clip's
+//! `--accum-freq` recomputes the loss per micro-batch instead). The micro-batch count is
+//! fixed by the config and the sums run in a fixed order, so the result does not depend
+//! on how many threads run it; it equals the one-piece step up to f32 rounding.
+//!
+//! With [`StepPlan::recompute`], step 1 keeps no graph and step 3 runs the forward again,
+//! so that at most one micro-batch's activations per thread are alive: a batch of B
+//! costs the activation memory of the micro-batch, at one more forward pass.
+//! Without it, every micro-batch keeps its graph from step 1 to step 3 (the memory of
+//! the whole batch, and no extra work): that is the data-parallel speed-up alone.
+//!
+//! A tower with BatchNorm (a ResNet) is refused: its statistics would be the
+//! micro-batch's, which changes the model, and a recomputed forward would update the
+//! running statistics twice.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use rankalign_data::batch::Batch;
+use rankalign_losses::{LossTerms, Objective, StepContext};
+use rankalign_models::ClipModel;
+use rayon::prelude::*;
+
+use crate::{Result, TrainError};
+
+/// How a step splits its batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    /// Rows per micro-batch (the last may be shorter); `None`: the batch in one piece.
+    pub micro_batch: Option<usize>,
+    /// Keep no activations between the forward and the backward of a micro-batch; run
+    /// its forward again instead.
+    pub recompute: bool,
+}
+
+impl StepPlan {
+    /// An error if `model` cannot be split this way.
+    pub fn check(&self, model: &ClipModel) -> Result<()> {
+        if self.micro_batch == Some(0) {
+            return Err(TrainError::Invalid(
+                "train.micro_batch must be at least 1".into(),
+            ));
+        }
+        if self.micro_batch.is_some() && !model.buffer_names().is_empty() {
+            return Err(TrainError::Invalid(
+                "train.micro_batch: the image tower has BatchNorm (a ResNet), which would \
+                 normalise each micro-batch by its own statistics and so change the model; \
+                 leave micro_batch unset for this tower"
+                    .into(),
+            ));
+        }
+        if self.recompute && self.micro_batch.is_none() {
+            return Err(TrainError::Invalid(
+                "train.recompute needs train.micro_batch (the rows per micro-batch)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A step's loss terms and the gradients of the parameters and `logit_scale`.
+pub struct StepGrads {
+    pub terms: LossTerms,
+    pub grads: GradStore,
+}
+
+/// Both towers on `batch`, in training mode: `(image, text)` embeddings.
+fn encode(model: &ClipModel, batch: &Batch) -> Result<(Tensor, Tensor)> {
+    let image = model.encode_image_t(&batch.pixels, true)?;
+    let text = model.encode_text(&batch.ids, &batch.eot)?;
+    Ok((image, text))
+}
+
+/// The loss of `batch` under `objective` and its gradients, split as `plan` says.
+/// `params` are the variables whose gradients are summed over micro-batches.
+pub fn loss_and_grads(
+    model: &ClipModel,
+    params: &[Var],
+    logit_scale: &Var,
+    objective: &dyn Objective,
+    batch: &Batch,
+    ctx: &StepContext<'_>,
+    plan: StepPlan,
+) -> Result<StepGrads> {
+    let rows = batch.len();
+    let micro = match plan.micro_batch {
+        Some(m) if m < rows => m,
+        _ => {
+            let (image, text) = encode(model, batch)?;
+            let terms = objective.loss(&image, &text, logit_scale.as_tensor(), ctx)?;
+            let grads = terms.total.backward()?;
+            return Ok(StepGrads { terms, grads });
+        }
+    };
+    plan.check(model)?;
+    let pieces: Vec<(usize, Batch)> = (0..rows)
+        .step_by(micro)
+        .map(|start| Ok((start, batch.narrow(start, micro.min(rows - start))?)))
+        .collect::<Result<_>>()?;
+
+    // 1. Forward per micro-batch; the graphs are kept unless they are to be recomputed.
+    let forward: Vec<(Tensor, Tensor)> = pieces
+        .par_iter()
+        .map(|(_, piece)| {
+            let (image, text) = encode(model, piece)?;
+            Ok(if plan.recompute {
+                (image.detach(), text.detach())
+            } else {
+                (image, text)
+            })
+        })
+        .collect::<Result<_>>()?;
+
+    // 2. The objective once, on the whole batch's detached embeddings.
+    let gather = |side: fn(&(Tensor, Tensor)) -> &Tensor| -> Result<Var> {
+        let parts: Vec<Tensor> = forward.iter().map(|p| side(p).detach()).collect();
+        Ok(Var::from_tensor(&Tensor::cat(&parts, 0)?)?)
+    };
+    let image = gather(|p| &p.0)?;
+    let text = gather(|p| &p.1)?;
+    let terms = objective.loss(
+        image.as_tensor(),
+        text.as_tensor(),
+        logit_scale.as_tensor(),
+        ctx,
+    )?;
+    let mut grads = terms.total.backward()?;
+    let d_image = grads.remove(image.as_tensor());
+    let d_text = grads.remove(text.as_tensor());
+
+    // 3. Back through each micro-batch's towers against its slice of those gradients,
+    //    as many at a time as the pool has threads; 4. each wave's gradients are added
+    //    to the sums in micro-batch order, so the sums do not depend on the wave size and
+    //    at most one wave of gradient stores is alive.
+    let mut sums: Vec<Option<Tensor>> = vec![None; params.len()];
+    let wave = rayon::current_num_threads().max(1);
+    let mut kept = forward.into_iter();
+    for chunk in pieces.chunks(wave) {
+        let work: Vec<_> = chunk.iter().zip(kept.by_ref()).collect();
+        let stores: Vec<GradStore> = work
+            .into_par_iter()
+            .map(|((start, piece), kept)| {
+                let (img, txt) = if plan.recompute {
+                    encode(model, piece)?
+                } else {
+                    kept
+                };
+                let mut surrogate: Option<Tensor> = None;
+                for (emb, grad) in [(&img, &d_image), (&txt, &d_text)] {
+                    if let Some(g) = grad {
+                        let term = (emb * g.narrow(0, *start, piece.len())?)?.sum_all()?;
+                        surrogate = Some(match surrogate {
+                            Some(s) => (s + term)?,
+                            None => term,
+                        });
+                    }
+                }
+                match surrogate {
+                    Some(s) => Ok(s.backward()?),
+                    None => Ok(GradStore::default()),
+                }
+            })
+            .collect::<Result<_>>()?;
+        for mut store in stores {
+            for (var, sum) in params.iter().zip(sums.iter_mut()) {
+                if let Some(g) = store.remove(var.as_tensor()) {
+                    *sum = Some(match sum.take() {
+                        Some(acc) => accumulate(acc, &g)?,
+                        None => g,
+                    });
+                }
+            }
+        }
+    }
+    for (var, sum) in params.iter().zip(sums) {
+        let Some(mut sum) = sum else { continue };
+        let t = var.as_tensor();
+        if let Some(loss_side) = grads.get(t) {
+            // `logit_scale`, or a parameter the objective itself uses.
+            sum = (loss_side + sum)?;
+        }
+        grads.insert(t, sum);
+    }
+    Ok(StepGrads { terms, grads })
+}
+
+/// `acc + g`, in place in `acc` for CPU f32 (the sums are parameter-sized, and the token
+/// embedding's is 19 MB at the tiny preset).
+fn accumulate(acc: Tensor, g: &Tensor) -> Result<Tensor> {
+    let in_place = acc.device().is_cpu()
+        && acc.dtype() == DType::F32
+        && g.dtype() == DType::F32
+        && acc.shape() == g.shape()
+        && acc.is_contiguous()
+        && g.is_contiguous();
+    if !in_place {
+        return Ok((acc + g)?);
+    }
+    acc.inplace_op2(g, &AddAssign)?;
+    Ok(acc)
+}
+
+/// `dst += src` over contiguous CPU f32 storages.
+struct AddAssign;
+
+impl candle_core::InplaceOp2 for AddAssign {
+    fn name(&self) -> &'static str {
+        "add-assign"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dl: &candle_core::Layout,
+        src: &candle_core::CpuStorage,
+        sl: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
+        else {
+            candle_core::bail!("add-assign: both sides must be contiguous")
+        };
+        let (candle_core::CpuStorage::F32(dst), candle_core::CpuStorage::F32(src)) = (dst, src)
+        else {
+            candle_core::bail!("add-assign: f32 only")
+        };
+        dst[d0..d1]
+            .par_chunks_mut(1 << 14)
+            .zip(src[s0..s1].par_chunks(1 << 14))
+            .for_each(|(d, s)| {
+                for (d, s) in d.iter_mut().zip(s) {
+                    *d += s;
+                }
+            });
+        Ok(())
+    }
+}
