@@ -62,6 +62,9 @@ struct Suite {
     script: &'static str,
     /// Python modules whose versions the table names.
     modules: &'static [&'static str],
+    /// An argument for a second run of the Rust example with candle's elementwise ops
+    /// inline (`CANDLE_NUM_THREADS=1`), as `rankalign train` runs micro-batched steps.
+    inline_pass: Option<&'static str>,
 }
 
 const KERNELS: Suite = Suite {
@@ -69,6 +72,7 @@ const KERNELS: Suite = Suite {
     example: "bench",
     script: "crates/rankalign-kernels/benches/torch_reference.py",
     modules: &["torch"],
+    inline_pass: None,
 };
 
 const MODELS: Suite = Suite {
@@ -76,6 +80,7 @@ const MODELS: Suite = Suite {
     example: "bench_models",
     script: "crates/rankalign-train/benches/torch_models.py",
     modules: &["torch", "transformers"],
+    inline_pass: Some("--micro-steps"),
 };
 
 /// The same glibc malloc settings for both programs: keep freed memory instead of
@@ -120,6 +125,22 @@ fn run_suite(
     }
     eprintln!("xtask: running {} with {threads} thread(s)", exe.display());
     let mut rows: Vec<Row> = capture(rust)?.lines().filter_map(parse).collect();
+    if let Some(arg) = suite.inline_pass {
+        let mut inline = Command::new(&exe);
+        inline
+            .env("RAYON_NUM_THREADS", threads.to_string())
+            .env("CANDLE_NUM_THREADS", "1")
+            .envs(MALLOC)
+            .arg(arg);
+        if quick {
+            inline.arg("--quick");
+        }
+        eprintln!(
+            "xtask: running {} {arg} with {threads} thread(s)",
+            exe.display()
+        );
+        rows.extend(capture(inline)?.lines().filter_map(parse));
+    }
     if !python.exists() {
         let note = format!(
             "PyTorch column missing: no venv at {}; run `cargo xtask bench --setup-torch`",
@@ -207,8 +228,27 @@ pub fn run(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--models-only") {
         // Replace the models section (between the kernels and the data) in place.
         let old = std::fs::read_to_string(&path).unwrap_or_default();
-        let (model_rows, model_note) = run_suite(&MODELS, threads, quick, &python)?;
-        let table = render_models(&model_rows, threads, &model_note, quick);
+        let repeat: usize = match args.iter().position(|a| a == "--repeat") {
+            Some(i) => args
+                .get(i + 1)
+                .and_then(|v| v.parse().ok())
+                .filter(|&n| n > 0)
+                .context("--repeat takes a number of runs, at least 1")?,
+            None => 1,
+        };
+        let mut runs = Vec::with_capacity(repeat);
+        let mut model_note = String::new();
+        for r in 0..repeat {
+            eprintln!("xtask: model benchmarks, run {} of {repeat}", r + 1);
+            let (rows, note) = run_suite(&MODELS, threads, quick, &python)?;
+            runs.push(rows);
+            model_note = note;
+        }
+        let last = runs.last().cloned().unwrap_or_default();
+        let mut table = render_models(&last, threads, &model_note, quick);
+        if repeat > 1 {
+            table.push_str(&render_spread(&runs));
+        }
         let start = old.find("## Models").unwrap_or(old.len());
         let end = old.find("## Data loading").unwrap_or(old.len()).max(start);
         let doc = format!("{}{table}\n{}", &old[..start], &old[end..]);
@@ -392,6 +432,84 @@ Peak memory is the growth of live heap bytes during one run over those live befo
 
 /// The model table: our time, PyTorch's, their ratio (above 1× = ours is faster) and
 /// peak memory.
+/// The reference of a row: PyTorch's row of the same size, else of the size before the
+/// first `, ` (ours split into micro-batches against PyTorch's plain step); none for a
+/// row of ours on one thread (PyTorch ran on all of them).
+fn torch_cell(
+    by: &BTreeMap<(&str, &str), BTreeMap<&str, (f64, f64)>>,
+    op: &str,
+    size: &str,
+) -> Option<(f64, f64)> {
+    if size.ends_with(", 1 thread") {
+        return None;
+    }
+    let base = size.split(", ").next().unwrap_or(size);
+    by.get(&(op, size))
+        .and_then(|m| m.get("torch"))
+        .or_else(|| by.get(&(op, base)).and_then(|m| m.get("torch")))
+        .copied()
+}
+
+/// Each row's ratio (PyTorch's time over ours) over several runs, as median [min–max],
+/// and how our steps scale from one thread.
+fn render_spread(runs: &[Vec<Row>]) -> String {
+    let mut ratios: Vec<((String, String), Vec<f64>)> = Vec::new();
+    let mut scaling: Vec<(String, Vec<f64>)> = Vec::new();
+    for rows in runs {
+        let mut by: BTreeMap<(&str, &str), BTreeMap<&str, (f64, f64)>> = BTreeMap::new();
+        for r in rows {
+            by.entry((r.op.as_str(), r.size.as_str()))
+                .or_default()
+                .insert(r.imp.as_str(), (r.ms, r.peak_mb));
+        }
+        for r in rows.iter().filter(|r| r.imp == "ours") {
+            if let Some(t) = torch_cell(&by, &r.op, &r.size) {
+                let key = (r.op.clone(), r.size.clone());
+                match ratios.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, v)) => v.push(t.0 / r.ms),
+                    None => ratios.push((key, vec![t.0 / r.ms])),
+                }
+            }
+        }
+        // Our threaded steps against our best one-thread step of the same batch.
+        let one: Option<f64> = rows
+            .iter()
+            .filter(|r| r.imp == "ours" && r.size.ends_with(", 1 thread"))
+            .map(|r| r.ms)
+            .reduce(f64::min);
+        for r in rows
+            .iter()
+            .filter(|r| r.imp == "ours" && r.op.contains("step") && !r.size.ends_with(", 1 thread"))
+        {
+            if let Some(one) = one {
+                match scaling.iter_mut().find(|(k, _)| *k == r.size) {
+                    Some((_, v)) => v.push(r.ms / one),
+                    None => scaling.push((r.size.clone(), vec![r.ms / one])),
+                }
+            }
+        }
+    }
+    let spread = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        format!("{:.2}× [{:.2}–{:.2}]", v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let mut s = format!(
+        "\nOver {} runs of `cargo xtask bench --models-only --repeat {}` (the table above is the last), PyTorch's (or scikit-learn's) time over ours, median [min–max]; a row whose range crosses 1.0× is not a win:\n\n| model | size | vs torch |\n|---|---|---|\n",
+        runs.len(),
+        runs.len()
+    );
+    for ((op, size), mut v) in ratios {
+        s.push_str(&format!("| {op} | {size} | {} |\n", spread(&mut v)));
+    }
+    if !scaling.is_empty() {
+        s.push_str("\nOur training steps' time over our fastest one-thread step of the same batch (below 1× = the threads help), median [min–max]:\n\n| step | time / 1 thread |\n|---|---|\n");
+        for (size, mut v) in scaling {
+            s.push_str(&format!("| {size} | {} |\n", spread(&mut v)));
+        }
+    }
+    s
+}
+
 fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) -> String {
     let mut order: Vec<(&str, &str)> = Vec::new();
     // (op, size) → implementation → (ms, peak MB)
@@ -416,7 +534,10 @@ fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) ->
          against scikit-learn's `LogisticRegression(C=1, tol=1e-6)` (lbfgs; the same objective) on the same features, BLAS limited to the same threads \
          (its peak is tracemalloc's). `img/s` = images per second of the ViT rows (evaluation throughput). \
          `tiny_clip_train_step`: one step of `ClipConfig::tiny()` (`CLIPModel` of the same shape) at batch 128 with 32-token captions: \
-         both towers, InfoNCE on exp(logit_scale)-scaled cosine logits, backward, AdamW. \
+         both towers, InfoNCE on exp(logit_scale)-scaled cosine logits, backward, AdamW, as `rankalign train` runs it on a pool of the given threads \
+         (`, 4x32 micro`: `train.micro_batch = 32`, the towers per micro-batch in parallel and the loss once over all 128, with candle's elementwise ops inline as the CLI sets them; \
+         `recompute`: `train.recompute`, the forward run twice to hold one micro-batch's activations per thread; PyTorch's column is its plain b128 step; \
+         `, 1 thread`: ours on one thread, no PyTorch ratio). \
          Peak memory is measured as for the kernels. `vs torch` = PyTorch's time divided by ours (above 1× = ours is faster).\n\n",
         if quick { 3 } else { 10 },
         if quick { 1 } else { 2 },
@@ -430,7 +551,8 @@ fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) ->
             m.get(imp)
                 .map_or_else(|| "–".to_string(), |v| format!("{:.*}", digits, f(v)))
         };
-        let ratio = match (m.get("torch"), m.get("ours")) {
+        let torch = torch_cell(&by, key.0, key.1);
+        let ratio = match (torch, m.get("ours")) {
             (Some(t), Some(o)) if o.0 > 0.0 => format!("{:.2}×", t.0 / o.0),
             _ => "–".into(),
         };
@@ -450,11 +572,11 @@ fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) ->
             key.0,
             key.1,
             cell("ours", |v| v.0, 1),
-            cell("torch", |v| v.0, 1),
+            torch.map_or_else(|| "–".to_string(), |t| format!("{:.1}", t.0)),
             rate("ours"),
             rate("torch"),
             cell("ours", |v| v.1, 1),
-            cell("torch", |v| v.1, 1),
+            torch.map_or_else(|| "–".to_string(), |t| format!("{:.1}", t.1)),
         ));
     }
     s

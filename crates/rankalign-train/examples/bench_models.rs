@@ -7,8 +7,9 @@
 //!
 //! Prints one JSON object per line; `benches/torch_models.py` does the same for the
 //! Hugging Face `CLIPModel` in PyTorch, and `cargo xtask bench` runs both with the same
-//! thread count and joins them into a table. Usage: `bench_models [--quick]` (fewer runs,
-//! ViT at batch 1 only).
+//! thread count and joins them into a table. Usage: `bench_models [--quick]
+//! [--micro-steps]` (`--quick`: fewer runs, ViT at batch 1 only; `--micro-steps`: only
+//! the micro-batched training steps, which want `CANDLE_NUM_THREADS=1`).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -255,18 +256,21 @@ fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let (warmup, runs) = if quick { (1, 3) } else { (2, 10) };
     let batches: &[usize] = if quick { &[1] } else { &[1, 8] };
-    for &b in batches {
+    let micro_only = std::env::args().any(|a| a == "--micro-steps");
+    for &b in batches.iter().filter(|_| !micro_only) {
         emit(
             "vit_b16_image_forward",
             &format!("b{b} 224px"),
             vit_b16_forward(b, warmup, runs)?,
         );
     }
-    emit(
-        "linear_probe_fit",
-        "10000x512 k10",
-        probe_fit(10_000, 512, 1, if quick { 1 } else { 3 })?,
-    );
+    if !micro_only {
+        emit(
+            "linear_probe_fit",
+            "10000x512 k10",
+            probe_fit(10_000, 512, 1, if quick { 1 } else { 3 })?,
+        );
+    }
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -276,18 +280,24 @@ fn main() -> anyhow::Result<()> {
         micro_batch: Some(32),
         recompute,
     };
-    let mut steps = vec![("b128 48px ctx32", whole, threads)];
-    if threads > 1 {
-        steps.push(("b128 48px ctx32, 1 thread", whole, 1));
-    }
-    steps.push(("b128 48px ctx32, 4x32 micro", micro(false), threads));
-    steps.push((
-        "b128 48px ctx32, 4x32 micro recompute",
-        micro(true),
-        threads,
-    ));
-    if threads > 1 && !quick {
-        steps.push(("b128 48px ctx32, 4x32 micro, 1 thread", micro(false), 1));
+    // `--micro-steps`: only the micro-batched steps (`cargo xtask bench` runs them in a
+    // second process with candle's elementwise ops inline, as `rankalign train` does).
+    let mut steps = Vec::new();
+    if std::env::args().any(|a| a == "--micro-steps") {
+        steps.push(("b128 48px ctx32, 4x32 micro", micro(false), threads));
+        steps.push((
+            "b128 48px ctx32, 4x32 micro recompute",
+            micro(true),
+            threads,
+        ));
+        if threads > 1 {
+            steps.push(("b128 48px ctx32, 4x32 micro, 1 thread", micro(false), 1));
+        }
+    } else {
+        steps.push(("b128 48px ctx32", whole, threads));
+        if threads > 1 {
+            steps.push(("b128 48px ctx32, 1 thread", whole, 1));
+        }
     }
     for (size, plan, t) in steps {
         emit(
