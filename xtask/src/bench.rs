@@ -62,9 +62,10 @@ struct Suite {
     script: &'static str,
     /// Python modules whose versions the table names.
     modules: &'static [&'static str],
-    /// An argument for a second run of the Rust example with candle's elementwise ops
-    /// inline (`CANDLE_NUM_THREADS=1`), as `rankalign train` runs micro-batched steps.
-    inline_pass: Option<&'static str>,
+    /// More runs of the Rust example: an argument and its `RAYON_NUM_THREADS` (`None`:
+    /// the bench's threads), each with candle's elementwise ops inline
+    /// (`CANDLE_NUM_THREADS=1`), as `rankalign train` runs micro-batched steps.
+    inline_passes: &'static [(&'static str, Option<usize>)],
 }
 
 const KERNELS: Suite = Suite {
@@ -72,7 +73,7 @@ const KERNELS: Suite = Suite {
     example: "bench",
     script: "crates/rankalign-kernels/benches/torch_reference.py",
     modules: &["torch"],
-    inline_pass: None,
+    inline_passes: &[],
 };
 
 const MODELS: Suite = Suite {
@@ -80,7 +81,7 @@ const MODELS: Suite = Suite {
     example: "bench_models",
     script: "crates/rankalign-train/benches/torch_models.py",
     modules: &["torch", "transformers"],
-    inline_pass: Some("--micro-steps"),
+    inline_passes: &[("--micro-steps", None), ("--one-thread-steps", Some(1))],
 };
 
 /// The same glibc malloc settings for both programs: keep freed memory instead of
@@ -125,10 +126,10 @@ fn run_suite(
     }
     eprintln!("xtask: running {} with {threads} thread(s)", exe.display());
     let mut rows: Vec<Row> = capture(rust)?.lines().filter_map(parse).collect();
-    if let Some(arg) = suite.inline_pass {
+    for &(arg, rayon) in suite.inline_passes {
         let mut inline = Command::new(&exe);
         inline
-            .env("RAYON_NUM_THREADS", threads.to_string())
+            .env("RAYON_NUM_THREADS", rayon.unwrap_or(threads).to_string())
             .env("CANDLE_NUM_THREADS", "1")
             .envs(MALLOC)
             .arg(arg);
@@ -136,8 +137,9 @@ fn run_suite(
             inline.arg("--quick");
         }
         eprintln!(
-            "xtask: running {} {arg} with {threads} thread(s)",
-            exe.display()
+            "xtask: running {} {arg} with {} thread(s)",
+            exe.display(),
+            rayon.unwrap_or(threads)
         );
         rows.extend(capture(inline)?.lines().filter_map(parse));
     }
@@ -433,17 +435,18 @@ Peak memory is the growth of live heap bytes during one run over those live befo
 /// The model table: our time, PyTorch's, their ratio (above 1× = ours is faster) and
 /// peak memory.
 /// The reference of a row: PyTorch's row of the same size, else of the size before the
-/// first `, ` (ours split into micro-batches against PyTorch's plain step); none for a
-/// row of ours on one thread (PyTorch ran on all of them).
+/// first `; ` (ours split into micro-batches against PyTorch's plain step); none for a
+/// row of ours on one thread (PyTorch ran on all of them). (Sizes carry no commas: the
+/// row reader splits on them.)
 fn torch_cell(
     by: &BTreeMap<(&str, &str), BTreeMap<&str, (f64, f64)>>,
     op: &str,
     size: &str,
 ) -> Option<(f64, f64)> {
-    if size.ends_with(", 1 thread") {
+    if size.ends_with("; 1 thread") {
         return None;
     }
-    let base = size.split(", ").next().unwrap_or(size);
+    let base = size.split("; ").next().unwrap_or(size);
     by.get(&(op, size))
         .and_then(|m| m.get("torch"))
         .or_else(|| by.get(&(op, base)).and_then(|m| m.get("torch")))
@@ -474,12 +477,12 @@ fn render_spread(runs: &[Vec<Row>]) -> String {
         // Our threaded steps against our best one-thread step of the same batch.
         let one: Option<f64> = rows
             .iter()
-            .filter(|r| r.imp == "ours" && r.size.ends_with(", 1 thread"))
+            .filter(|r| r.imp == "ours" && r.size.ends_with("; 1 thread"))
             .map(|r| r.ms)
             .reduce(f64::min);
         for r in rows
             .iter()
-            .filter(|r| r.imp == "ours" && r.op.contains("step") && !r.size.ends_with(", 1 thread"))
+            .filter(|r| r.imp == "ours" && r.op.contains("step") && !r.size.ends_with("; 1 thread"))
         {
             if let Some(one) = one {
                 match scaling.iter_mut().find(|(k, _)| *k == r.size) {
@@ -535,9 +538,9 @@ fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) ->
          (its peak is tracemalloc's). `img/s` = images per second of the ViT rows (evaluation throughput). \
          `tiny_clip_train_step`: one step of `ClipConfig::tiny()` (`CLIPModel` of the same shape) at batch 128 with 32-token captions: \
          both towers, InfoNCE on exp(logit_scale)-scaled cosine logits, backward, AdamW, as `rankalign train` runs it on a pool of the given threads \
-         (`, 4x32 micro`: `train.micro_batch = 32`, the towers per micro-batch in parallel and the loss once over all 128, with candle's elementwise ops inline as the CLI sets them; \
+         (`; 4x32 micro`: `train.micro_batch = 32`, the towers per micro-batch in parallel and the loss once over all 128, with candle's elementwise ops inline as the CLI sets them; \
          `recompute`: `train.recompute`, the forward run twice to hold one micro-batch's activations per thread; PyTorch's column is its plain b128 step; \
-         `, 1 thread`: ours on one thread, no PyTorch ratio). \
+         `; 1 thread`: ours on one thread, in a process started with one thread, no PyTorch ratio). \
          Peak memory is measured as for the kernels. `vs torch` = PyTorch's time divided by ours (above 1× = ours is faster).\n\n",
         if quick { 3 } else { 10 },
         if quick { 1 } else { 2 },

@@ -8,8 +8,10 @@
 //! Prints one JSON object per line; `benches/torch_models.py` does the same for the
 //! Hugging Face `CLIPModel` in PyTorch, and `cargo xtask bench` runs both with the same
 //! thread count and joins them into a table. Usage: `bench_models [--quick]
-//! [--micro-steps]` (`--quick`: fewer runs, ViT at batch 1 only; `--micro-steps`: only
-//! the micro-batched training steps, which want `CANDLE_NUM_THREADS=1`).
+//! [--micro-steps | --one-thread-steps]` (`--quick`: fewer runs, ViT at batch 1 only;
+//! `--micro-steps`: only the micro-batched training steps, which want
+//! `CANDLE_NUM_THREADS=1`; `--one-thread-steps`: only the steps on one thread, to be run
+//! with `RAYON_NUM_THREADS=1`).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -256,7 +258,7 @@ fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let (warmup, runs) = if quick { (1, 3) } else { (2, 10) };
     let batches: &[usize] = if quick { &[1] } else { &[1, 8] };
-    let micro_only = std::env::args().any(|a| a == "--micro-steps");
+    let micro_only = std::env::args().any(|a| a == "--micro-steps" || a == "--one-thread-steps");
     for &b in batches.iter().filter(|_| !micro_only) {
         emit(
             "vit_b16_image_forward",
@@ -281,23 +283,22 @@ fn main() -> anyhow::Result<()> {
         recompute,
     };
     // `--micro-steps`: only the micro-batched steps (`cargo xtask bench` runs them in a
-    // second process with candle's elementwise ops inline, as `rankalign train` does).
+    // second process with candle's elementwise ops inline, as `rankalign train` does);
+    // `--one-thread-steps`: both steps on one thread, in a process started with one
+    // thread (so that gemm is not told of threads the pool does not have).
     let mut steps = Vec::new();
-    if std::env::args().any(|a| a == "--micro-steps") {
-        steps.push(("b128 48px ctx32, 4x32 micro", micro(false), threads));
+    if std::env::args().any(|a| a == "--one-thread-steps") {
+        steps.push(("b128 48px ctx32; 1 thread", whole, 1));
+        steps.push(("b128 48px ctx32; 4x32 micro; 1 thread", micro(false), 1));
+    } else if std::env::args().any(|a| a == "--micro-steps") {
+        steps.push(("b128 48px ctx32; 4x32 micro", micro(false), threads));
         steps.push((
-            "b128 48px ctx32, 4x32 micro recompute",
+            "b128 48px ctx32; 4x32 micro recompute",
             micro(true),
             threads,
         ));
-        if threads > 1 {
-            steps.push(("b128 48px ctx32, 4x32 micro, 1 thread", micro(false), 1));
-        }
     } else {
         steps.push(("b128 48px ctx32", whole, threads));
-        if threads > 1 {
-            steps.push(("b128 48px ctx32, 1 thread", whole, 1));
-        }
     }
     for (size, plan, t) in steps {
         emit(
