@@ -434,15 +434,14 @@ Peak memory is the growth of live heap bytes during one run over those live befo
 
 /// The model table: our time, PyTorch's, their ratio (above 1× = ours is faster) and
 /// peak memory.
+/// Rows by (op, size), then by implementation: (ms, peak MB).
+type RowsBy<'a> = BTreeMap<(&'a str, &'a str), BTreeMap<&'a str, (f64, f64)>>;
+
 /// The reference of a row: PyTorch's row of the same size, else of the size before the
 /// first `; ` (ours split into micro-batches against PyTorch's plain step); none for a
 /// row of ours on one thread (PyTorch ran on all of them). (Sizes carry no commas: the
 /// row reader splits on them.)
-fn torch_cell(
-    by: &BTreeMap<(&str, &str), BTreeMap<&str, (f64, f64)>>,
-    op: &str,
-    size: &str,
-) -> Option<(f64, f64)> {
+fn torch_cell(by: &RowsBy, op: &str, size: &str) -> Option<(f64, f64)> {
     if size.ends_with("; 1 thread") {
         return None;
     }
@@ -459,7 +458,7 @@ fn render_spread(runs: &[Vec<Row>]) -> String {
     let mut ratios: Vec<((String, String), Vec<f64>)> = Vec::new();
     let mut scaling: Vec<(String, Vec<f64>)> = Vec::new();
     for rows in runs {
-        let mut by: BTreeMap<(&str, &str), BTreeMap<&str, (f64, f64)>> = BTreeMap::new();
+        let mut by: RowsBy = BTreeMap::new();
         for r in rows {
             by.entry((r.op.as_str(), r.size.as_str()))
                 .or_default()
@@ -515,9 +514,7 @@ fn render_spread(runs: &[Vec<Row>]) -> String {
 
 fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) -> String {
     let mut order: Vec<(&str, &str)> = Vec::new();
-    // (op, size) → implementation → (ms, peak MB)
-    type Cells<'a> = BTreeMap<&'a str, (f64, f64)>;
-    let mut by: BTreeMap<(&str, &str), Cells> = BTreeMap::new();
+    let mut by: RowsBy = BTreeMap::new();
     for r in rows {
         let key = (r.op.as_str(), r.size.as_str());
         if !order.contains(&key) {

@@ -3,12 +3,13 @@
 //!
 //! With micro-batches ([`StepPlan::micro_batch`]) the step is the GradCache
 //! construction, exact for losses over the whole batch:
-//! 1. each micro-batch runs both towers forward, on its own thread of the current rayon
-//!    pool, single-threaded inside;
+//! 1. each micro-batch runs both towers forward, as one task of the current rayon pool
+//!    (the pool's threads take one micro-batch each; gemm's own splits go to the same
+//!    pool, never to more threads);
 //! 2. the objective runs once, on the detached embeddings of the whole batch, and its
 //!    backward gives `logit_scale`'s gradient and each embedding's gradient;
 //! 3. each micro-batch back-propagates `Σ (embedding ∘ its gradient)` through its towers,
-//!    again one thread each;
+//!    again one task each;
 //! 4. the parameters' gradients are summed over the micro-batches in their order.
 //!
 //! The loss is computed once over all B rows, so InfoNCE's and RankCLIP's list-wise
