@@ -15,6 +15,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::{Float, slice};
+
 /// Elements per parallel task.
 const BLOCK: usize = 1 << 14;
 
@@ -53,36 +55,6 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     xs.contiguous()?.apply_op1(Softmax)
 }
 
-fn slice<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))?;
-    Ok(&s.as_slice::<T>()?[a..b])
-}
-
-/// Element types of the CPU kernels.
-trait Float:
-    candle_core::WithDType + num_traits::Float + std::ops::AddAssign + std::ops::MulAssign + Send + Sync
-{
-    fn storage(v: Vec<Self>) -> CpuStorage;
-}
-
-impl Float for f32 {
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-}
-
-impl Float for f64 {
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-}
-
 /// `out[i] = f(a[i], b[i])` in parallel blocks (`b` may be empty for a unary map).
 fn map_blocks<T: Float>(a: &[T], width: usize, f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
     let mut out = vec![T::zero(); a.len()];
@@ -114,8 +86,8 @@ impl CustomOp1 for QuickGelu {
             })
         }
         let out = match s.dtype() {
-            DType::F32 => f32::storage(run(slice::<f32>(s, l, "quick_gelu: x")?)),
-            DType::F64 => f64::storage(run(slice::<f64>(s, l, "quick_gelu: x")?)),
+            DType::F32 => f32::storage(run(slice::<f32>(s, l, "quick_gelu", "x")?)),
+            DType::F64 => f64::storage(run(slice::<f64>(s, l, "quick_gelu", "x")?)),
             dt => candle_core::bail!("quick_gelu: fused kernel runs on f32 or f64, got {dt:?}"),
         };
         Ok((out, l.shape().clone()))
@@ -158,12 +130,12 @@ impl CustomOp2 for QuickGeluGrad {
         }
         let out = match s1.dtype() {
             DType::F32 => f32::storage(run(
-                slice::<f32>(s1, l1, "quick_gelu: x")?,
-                slice(s2, l2, "quick_gelu: gradient")?,
+                slice::<f32>(s1, l1, "quick_gelu", "x")?,
+                slice(s2, l2, "quick_gelu", "gradient")?,
             )),
             DType::F64 => f64::storage(run(
-                slice::<f64>(s1, l1, "quick_gelu: x")?,
-                slice(s2, l2, "quick_gelu: gradient")?,
+                slice::<f64>(s1, l1, "quick_gelu", "x")?,
+                slice(s2, l2, "quick_gelu", "gradient")?,
             )),
             dt => candle_core::bail!("quick_gelu: fused kernel runs on f32 or f64, got {dt:?}"),
         };
@@ -200,8 +172,8 @@ impl CustomOp1 for Softmax {
         }
         let d = l.shape().dims().last().copied().unwrap_or(1);
         let out = match s.dtype() {
-            DType::F32 => f32::storage(run(slice::<f32>(s, l, "softmax: x")?, d)),
-            DType::F64 => f64::storage(run(slice::<f64>(s, l, "softmax: x")?, d)),
+            DType::F32 => f32::storage(run(slice::<f32>(s, l, "softmax", "x")?, d)),
+            DType::F64 => f64::storage(run(slice::<f64>(s, l, "softmax", "x")?, d)),
             dt => candle_core::bail!("softmax: fused kernel runs on f32 or f64, got {dt:?}"),
         };
         Ok((out, l.shape().clone()))
@@ -251,13 +223,13 @@ impl CustomOp2 for SoftmaxGrad {
         let d = l1.shape().dims().last().copied().unwrap_or(1).max(1);
         let out = match s1.dtype() {
             DType::F32 => f32::storage(run(
-                slice::<f32>(s1, l1, "softmax: y")?,
-                slice(s2, l2, "softmax: gradient")?,
+                slice::<f32>(s1, l1, "softmax", "y")?,
+                slice(s2, l2, "softmax", "gradient")?,
                 d,
             )),
             DType::F64 => f64::storage(run(
-                slice::<f64>(s1, l1, "softmax: y")?,
-                slice(s2, l2, "softmax: gradient")?,
+                slice::<f64>(s1, l1, "softmax", "y")?,
+                slice(s2, l2, "softmax", "gradient")?,
                 d,
             )),
             dt => candle_core::bail!("softmax: fused kernel runs on f32 or f64, got {dt:?}"),

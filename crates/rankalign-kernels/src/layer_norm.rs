@@ -13,6 +13,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::{Float, slice};
+
 /// Rows per parallel task (and per partial sum of `∂w`, `∂b`).
 const BLOCK: usize = 64;
 
@@ -73,40 +75,6 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
 #[derive(Clone, Copy, Debug)]
 struct LayerNormOp {
     eps: f64,
-}
-
-fn slice<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("layer_norm: {what} must be contiguous")))?;
-    Ok(&s.as_slice::<T>()?[a..b])
-}
-
-/// Float element types the CPU kernels run on; the arithmetic is done in the element
-/// type itself (f32 for f32 input, as PyTorch does), which lets the loops vectorise.
-trait Float:
-    candle_core::WithDType + num_traits::Float + std::ops::AddAssign + std::iter::Sum + Send + Sync
-{
-    fn storage(v: Vec<Self>) -> CpuStorage;
-    fn of_usize(n: usize) -> Self {
-        Self::from(n).expect("invariant: row widths fit any float")
-    }
-}
-
-impl Float for f32 {
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-}
-
-impl Float for f64 {
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
 }
 
 /// Mean and `1/√(var + eps)` of a row (two passes: the centred variance does not cancel).
@@ -197,15 +165,15 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(CpuStorage, Shape)> {
         let out = match s1.dtype() {
             DType::F32 => f32::storage(forward(
-                slice::<f32>(s1, l1, "x")?,
-                slice(s2, l2, "weight")?,
-                slice(s3, l3, "bias")?,
+                slice::<f32>(s1, l1, "layer_norm", "x")?,
+                slice(s2, l2, "layer_norm", "weight")?,
+                slice(s3, l3, "layer_norm", "bias")?,
                 self.eps,
             )),
             DType::F64 => f64::storage(forward(
-                slice::<f64>(s1, l1, "x")?,
-                slice(s2, l2, "weight")?,
-                slice(s3, l3, "bias")?,
+                slice::<f64>(s1, l1, "layer_norm", "x")?,
+                slice(s2, l2, "layer_norm", "weight")?,
+                slice(s3, l3, "layer_norm", "bias")?,
                 self.eps,
             )),
             dt => candle_core::bail!("layer_norm: fused kernel runs on f32 or f64, got {dt:?}"),
@@ -268,15 +236,15 @@ impl CustomOp3 for LayerNormGrad {
         let n = l1.shape().elem_count();
         let out = match s1.dtype() {
             DType::F32 => f32::storage(backward(
-                slice::<f32>(s1, l1, "x")?,
-                slice(s2, l2, "weight")?,
-                slice(s3, l3, "gradient")?,
+                slice::<f32>(s1, l1, "layer_norm", "x")?,
+                slice(s2, l2, "layer_norm", "weight")?,
+                slice(s3, l3, "layer_norm", "gradient")?,
                 self.eps,
             )),
             DType::F64 => f64::storage(backward(
-                slice::<f64>(s1, l1, "x")?,
-                slice(s2, l2, "weight")?,
-                slice(s3, l3, "gradient")?,
+                slice::<f64>(s1, l1, "layer_norm", "x")?,
+                slice(s2, l2, "layer_norm", "weight")?,
+                slice(s3, l3, "layer_norm", "gradient")?,
                 self.eps,
             )),
             dt => candle_core::bail!("layer_norm: fused kernel runs on f32 or f64, got {dt:?}"),
