@@ -4,46 +4,24 @@
 //! bit, and neither does the number of threads.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use rankalign_train::data::{
-    Batch, ClipTokenizer, Dataset, DigitScenes, Digits, SceneConfig, Split, collate_pairs,
-};
-use rankalign_train::losses::{
-    ClipObjective, Objective, RankClipConfig, RankClipObjective, StepContext,
-};
+use rankalign_train::data::Batch;
+use rankalign_train::losses::{ClipObjective, Objective, RankClipConfig, RankClipObjective};
 use rankalign_train::models::{ClipConfig, ClipModel, SeededVarMap};
 use rankalign_train::optim::{AdamW, AdamWConfig};
 use rankalign_train::step::{StepPlan, loss_and_grads};
+
+#[path = "../common/tiny_step.rs"]
+mod tiny_step;
+use tiny_step::{Tiny, ctx, scene_batches, tiny};
 
 const B: usize = 128;
 const STEPS: usize = 5;
 
 /// Five batches of 128 digit scenes at the tiny preset's 48 px.
-pub fn batches(cfg: &ClipConfig) -> Vec<Batch> {
-    let dev = Device::Cpu;
-    let scenes = DigitScenes::new(
-        Arc::new(Digits::embedded().unwrap()),
-        SceneConfig {
-            seed: 9,
-            image_size: 48,
-            train_size: B * STEPS,
-            val_size: 0,
-            test_size: 0,
-        },
-        Split::Train,
-    )
-    .unwrap();
-    let tok = ClipTokenizer::new(cfg.text.context_length).unwrap();
-    (0..STEPS)
-        .map(|s| {
-            let items: Vec<_> = (s * B..(s + 1) * B).map(|i| scenes.get(i)).collect();
-            let images: Vec<_> = items.iter().map(|i| &i.image).collect();
-            let captions: Vec<_> = items.iter().map(|i| i.caption.as_str()).collect();
-            collate_pairs(&images, &captions, 48, &tok, &dev).unwrap()
-        })
-        .collect()
+fn batches() -> Vec<Batch> {
+    scene_batches(9, STEPS, B)
 }
 
 /// The weights after [`STEPS`] steps of `objective` split by `plan`, on `threads`.
@@ -53,17 +31,12 @@ pub fn train(
     threads: usize,
     data: &[Batch],
 ) -> HashMap<String, Vec<f32>> {
-    let cfg = ClipConfig::tiny();
-    let vm = SeededVarMap::new(4);
-    let model = ClipModel::new(&cfg, vm.var_builder(DType::F32, &Device::Cpu)).unwrap();
-    let vars = vm.named_vars();
-    let params: Vec<_> = vars.iter().map(|(_, v)| v.clone()).collect();
-    let logit_scale = vars
-        .iter()
-        .find(|(n, _)| n == "logit_scale")
-        .unwrap()
-        .1
-        .clone();
+    let Tiny {
+        model,
+        vars,
+        params,
+        logit_scale,
+    } = tiny(4);
     let mut opt = AdamW::new(
         vars.clone(),
         AdamWConfig {
@@ -80,12 +53,7 @@ pub fn train(
         .unwrap();
     pool.install(|| {
         for (step, batch) in data.iter().enumerate() {
-            let ctx = StepContext {
-                epoch: 1,
-                epochs: 1,
-                tie_seed: step as u64,
-                labels: None,
-            };
+            let ctx = ctx(step as u64);
             let out = loss_and_grads(&model, &params, &logit_scale, objective, batch, &ctx, plan)
                 .unwrap();
             opt.step(&out.grads, 1e-3).unwrap();
@@ -135,7 +103,7 @@ fn micro(recompute: bool) -> StepPlan {
 
 #[test]
 fn four_micro_batches_of_32_equal_one_batch_of_128() {
-    let data = batches(&ClipConfig::tiny());
+    let data = batches();
     let rankclip = RankClipObjective(RankClipConfig::rankclip());
     let objectives: [(&str, &dyn Objective); 2] =
         [("clip", &ClipObjective), ("rankclip", &rankclip)];
@@ -172,31 +140,20 @@ fn four_micro_batches_of_32_equal_one_batch_of_128() {
 /// below the value biases'.
 #[test]
 fn key_bias_gradients_are_rounding_noise() {
-    let cfg = ClipConfig::tiny();
-    let data = batches(&cfg);
-    let vm = SeededVarMap::new(4);
-    let model = ClipModel::new(&cfg, vm.var_builder(DType::F32, &Device::Cpu)).unwrap();
-    let vars = vm.named_vars();
-    let params: Vec<_> = vars.iter().map(|(_, v)| v.clone()).collect();
-    let logit_scale = vars
-        .iter()
-        .find(|(n, _)| n == "logit_scale")
-        .unwrap()
-        .1
-        .clone();
-    let ctx = StepContext {
-        epoch: 1,
-        epochs: 1,
-        tie_seed: 0,
-        labels: None,
-    };
+    let data = batches();
+    let Tiny {
+        model,
+        vars,
+        params,
+        logit_scale,
+    } = tiny(4);
     let out = loss_and_grads(
         &model,
         &params,
         &logit_scale,
         &ClipObjective,
         &data[0],
-        &ctx,
+        &ctx(0),
         StepPlan::default(),
     )
     .unwrap();
@@ -235,13 +192,7 @@ fn a_batchnorm_tower_is_refused() {
         micro_batch: None,
         recompute: true,
     }
-    .check(
-        &ClipModel::new(
-            &ClipConfig::tiny(),
-            SeededVarMap::new(1).var_builder(DType::F32, &Device::Cpu),
-        )
-        .unwrap(),
-    )
+    .check(&tiny(1).model)
     .unwrap_err()
     .to_string();
     assert!(err.contains("recompute"), "{err}");
