@@ -6,7 +6,8 @@
 //!
 //! Prints one JSON object per line. `cargo xtask bench` runs this next to the PyTorch
 //! script `benches/torch_reference.py` with the same thread count and writes the table.
-//! Usage: `bench [--quick]`.
+//! Usage: `bench [--quick] [--only OP] [--fused-only]` (`--only` runs one op's rows,
+//! `--fused-only` skips the composed references: both for profiling).
 
 #![allow(unsafe_code)] // the counting allocator below
 
@@ -107,7 +108,19 @@ fn permutations(n: usize, m: usize) -> Result<Tensor> {
 }
 
 fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let fused_only = args.iter().any(|a| a == "--fused-only");
+    let impls: &[(&str, bool)] = if fused_only {
+        &[("fused", true)]
+    } else {
+        &[("fused", true), ("candle", false)]
+    };
+    let wanted = |op: &str| only.as_deref().is_none_or(|o| o == op);
     let (warmup, runs) = if quick { (1, 3) } else { (3, 15) };
     let sizes: &[usize] = if quick {
         &[128, 512]
@@ -122,7 +135,7 @@ fn main() -> Result<()> {
         let reference = random((b, b), 9)?;
         let perm: Vec<u32> = permutations(1, b)?.flatten_all()?.to_vec1::<u32>()?;
         let size = format!("{b}x{b}");
-        for (imp, fused) in [("fused", true), ("candle", false)] {
+        for &(imp, fused) in impls.iter().filter(|_| wanted("pl_nll")) {
             let (t, p) = measure(
                 || {
                     let order = pl_order(&reference, &perm)?;
@@ -142,7 +155,7 @@ fn main() -> Result<()> {
         let a = Var::from_tensor(&random((b, 512), 2)?)?;
         let c = Var::from_tensor(&random((b, 512), 3)?)?;
         let w = random((b, b), 4)?.abs()?;
-        for (imp, fused) in [("fused", true), ("candle", false)] {
+        for &(imp, fused) in impls.iter().filter(|_| wanted("pairwise_dist")) {
             let (t, p) = measure(
                 || {
                     let l = if fused {
@@ -168,7 +181,7 @@ fn main() -> Result<()> {
         let x = Var::from_tensor(&random((rows, d), 5)?)?;
         let w = Var::from_tensor(&(random((1, d), 6)?.squeeze(0)? + 1.0)?)?;
         let bias = Var::from_tensor(&random((1, d), 7)?.squeeze(0)?)?;
-        for (imp, fused) in [("fused", true), ("candle", false)] {
+        for &(imp, fused) in impls.iter().filter(|_| wanted("layer_norm")) {
             let (t, p) = measure(
                 || {
                     let y = if fused {

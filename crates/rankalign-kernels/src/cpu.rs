@@ -73,3 +73,63 @@ impl Float for f64 {
         CpuStorage::F64(v)
     }
 }
+
+/// Accumulators of [`sum_map`]: independent partial sums let the loop run in vector
+/// registers (a single running float sum cannot be reordered, so it runs one add per
+/// element at the add's latency).
+const LANES: usize = 32;
+
+/// `Σ f(a_i, b_i)` over two equally long slices with [`LANES`] partial sums combined in
+/// a fixed tree: the same order, and so the same bits, on every call.
+#[inline(always)]
+pub(crate) fn sum_map<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [T::zero(); LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for k in 0..LANES {
+            acc[k] += f(xa[k], xb[k]);
+        }
+    }
+    for (k, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+        acc[k] += f(x, y);
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for k in 0..width {
+            let upper = acc[k + width];
+            acc[k] += upper;
+        }
+    }
+    acc[0]
+}
+
+/// `Σ a_i`, as [`sum_map`].
+#[inline(always)]
+pub(crate) fn sum<T: Float>(a: &[T]) -> T {
+    sum_map(a, a, |x, _| x)
+}
+
+/// Runs `f` as code compiled for AVX2 and FMA when this CPU has them (detected at run
+/// time), else as compiled for the baseline, so the binary runs on any x86-64. The loops
+/// inside `f` (and the `#[inline(always)]` helpers they call) then use 256-bit vectors.
+/// The floating-point operations and their order are the same on both paths (Rust never
+/// fuses a multiply and an add on its own), so the results are the same bits.
+#[inline(always)]
+#[allow(unsafe_code)] // the call into `with_avx2`, after the CPU check
+pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA, the only features `with_avx2` enables.
+        return unsafe { with_avx2(f) };
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(unsafe_code)] // enabling target features needs the CPU check in `vectorised`
+unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}

@@ -13,7 +13,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{Float, slice};
+use std::sync::{Arc, OnceLock};
+
+use crate::cpu::{Float, slice, sum, sum_map, vectorised};
 
 /// Rows per parallel task (and per partial sum of `∂w`, `∂b`).
 const BLOCK: usize = 64;
@@ -68,76 +70,80 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
     xs.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
-        LayerNormOp { eps },
+        LayerNormOp {
+            eps,
+            stats: OnceLock::new(),
+        },
     )
 }
 
-#[derive(Clone, Copy, Debug)]
 struct LayerNormOp {
     eps: f64,
+    /// Each row's mean and `1/√(var + eps)` (as f64, which holds f32 and f64 exactly),
+    /// kept by the CPU forward for the backward: one op instance is one forward.
+    stats: OnceLock<Arc<Vec<f64>>>,
 }
 
 /// Mean and `1/√(var + eps)` of a row (two passes: the centred variance does not cancel).
+#[inline(always)]
 fn moments<T: Float>(row: &[T], eps: f64) -> (T, T) {
     let d = T::of_usize(row.len());
-    let mean = row.iter().copied().sum::<T>() / d;
-    let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / d;
+    let mean = sum(row) / d;
+    let var = sum_map(row, row, |v, _| (v - mean) * (v - mean)) / d;
     let eps = T::from(eps).unwrap_or_else(T::zero);
     (mean, (var + eps).sqrt().recip())
 }
 
-fn forward<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+/// `y` and the rows' `[mean, rstd]` pairs.
+fn forward<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> (Vec<T>, Vec<f64>) {
     let d = w.len();
     let mut out = vec![T::zero(); x.len()];
+    let mut stats = vec![0f64; 2 * (x.len() / d)];
     out.par_chunks_mut(d * BLOCK)
         .zip(x.par_chunks(d * BLOCK))
-        .for_each(|(o, xb)| {
-            for (orow, row) in o.chunks_mut(d).zip(xb.chunks(d)) {
-                let (mean, r) = moments(row, eps);
-                for (((o, &xv), &wv), &bv) in orow.iter_mut().zip(row).zip(w).zip(b) {
-                    *o = (xv - mean) * r * wv + bv;
-                }
-            }
+        .zip(stats.par_chunks_mut(2 * BLOCK))
+        .for_each(|((o, xb), st)| {
+            vectorised(
+                #[inline(always)]
+                || forward_rows(xb, w, b, eps, o, st),
+            )
         });
-    out
+    (out, stats)
 }
 
-/// `(∂x, ∂w, ∂b)` packed as one vector of `rows·d + 2d`.
-fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
+/// The forward of a block of rows into `out`, their `[mean, rstd]` into `stats`.
+#[inline(always)]
+fn forward_rows<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64, out: &mut [T], stats: &mut [f64]) {
     let d = w.len();
-    let dt = T::of_usize(d);
-    let mut dx = vec![T::zero(); x.len()];
+    for ((orow, row), st) in out.chunks_mut(d).zip(x.chunks(d)).zip(stats.chunks_mut(2)) {
+        let (mean, r) = moments(row, eps);
+        st[0] = mean.to_f64();
+        st[1] = r.to_f64();
+        for (((o, &xv), &wv), &bv) in orow.iter_mut().zip(row).zip(w).zip(b) {
+            *o = (xv - mean) * r * wv + bv;
+        }
+    }
+}
+
+/// `(∂x, ∂w, ∂b)` packed as one vector of `rows·d + 2d`; `stats` are the forward's
+/// `[mean, rstd]` pairs (recomputed from `x` when absent).
+fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], stats: Option<&[f64]>, eps: f64) -> Vec<T> {
+    let d = w.len();
+    let mut dx = Vec::with_capacity(x.len() + 2 * d);
+    dx.resize(x.len(), T::zero());
     let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(d * BLOCK)
         .zip(x.par_chunks(d * BLOCK).zip(dy.par_chunks(d * BLOCK)))
-        .map(|(dxb, (xb, dyb))| {
-            let mut part = vec![T::zero(); 2 * d];
-            let (dw, db) = part.split_at_mut(d);
-            for ((dxr, xr), dyr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(dyb.chunks(d)) {
-                let (mean, r) = moments(xr, eps);
-                let (mut mg, mut mgx) = (T::zero(), T::zero());
-                for ((((&xv, &gv), &wv), dwi), dbi) in xr
-                    .iter()
-                    .zip(dyr)
-                    .zip(w)
-                    .zip(dw.iter_mut())
-                    .zip(db.iter_mut())
-                {
-                    let xh = (xv - mean) * r;
-                    let g = gv * wv;
-                    mg += g;
-                    mgx += g * xh;
-                    *dwi += gv * xh;
-                    *dbi += gv;
-                }
-                let (mg, mgx) = (mg / dt, mgx / dt);
-                for (((o, &xv), &gv), &wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
-                    *o = r * (gv * wv - mg - (xv - mean) * r * mgx);
-                }
-            }
-            part
+        .enumerate()
+        .map(|(blk, (dxb, (xb, dyb)))| {
+            let stats = stats.map(|st| &st[2 * blk * BLOCK..(2 * (blk + 1) * BLOCK).min(st.len())]);
+            vectorised(
+                #[inline(always)]
+                || backward_rows(xb, w, dyb, stats, eps, dxb),
+            )
         })
         .collect();
+
     // Block partials added in block order, in f64.
     let mut sums = vec![0f64; 2 * d];
     for part in &partials {
@@ -147,6 +153,55 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
     }
     dx.extend(sums.into_iter().map(|v| T::from(v).unwrap_or_else(T::nan)));
     dx
+}
+
+/// The backward of a block of rows: `∂x` into `dx`; returns the block's `[∂w, ∂b]`.
+#[inline(always)]
+fn backward_rows<T: Float>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    stats: Option<&[f64]>,
+    eps: f64,
+    dx: &mut [T],
+) -> Vec<T> {
+    let d = w.len();
+    let dt = T::of_usize(d);
+    // dw, db, then the row's x̂ and ∂y·w.
+    let mut part = vec![T::zero(); 4 * d];
+    let (sums, row) = part.split_at_mut(2 * d);
+    let (dw, db) = sums.split_at_mut(d);
+    let (xh, g) = row.split_at_mut(d);
+    for (i, ((dxr, xr), dyr)) in dx
+        .chunks_mut(d)
+        .zip(x.chunks(d))
+        .zip(dy.chunks(d))
+        .enumerate()
+    {
+        let (mean, r) = match stats {
+            Some(st) => (
+                T::from(st[2 * i]).unwrap_or_else(T::nan),
+                T::from(st[2 * i + 1]).unwrap_or_else(T::nan),
+            ),
+            None => moments(xr, eps),
+        };
+        for ((((xh, g), &xv), &gv), &wv) in xh.iter_mut().zip(g.iter_mut()).zip(xr).zip(dyr).zip(w)
+        {
+            *xh = (xv - mean) * r;
+            *g = gv * wv;
+        }
+        for (((dwi, dbi), &gv), &xhv) in dw.iter_mut().zip(db.iter_mut()).zip(dyr).zip(xh.iter()) {
+            *dwi += gv * xhv;
+            *dbi += gv;
+        }
+        let mg = sum(g) / dt;
+        let mgx = sum_map(g, xh, |g, x| g * x) / dt;
+        for ((o, &gv), &xhv) in dxr.iter_mut().zip(g.iter()).zip(xh.iter()) {
+            *o = r * (gv - mg - xhv * mgx);
+        }
+    }
+    part.truncate(2 * d);
+    part
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -164,18 +219,26 @@ impl CustomOp3 for LayerNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match s1.dtype() {
-            DType::F32 => f32::storage(forward(
-                slice::<f32>(s1, l1, "layer_norm", "x")?,
-                slice(s2, l2, "layer_norm", "weight")?,
-                slice(s3, l3, "layer_norm", "bias")?,
-                self.eps,
-            )),
-            DType::F64 => f64::storage(forward(
-                slice::<f64>(s1, l1, "layer_norm", "x")?,
-                slice(s2, l2, "layer_norm", "weight")?,
-                slice(s3, l3, "layer_norm", "bias")?,
-                self.eps,
-            )),
+            DType::F32 => {
+                let (y, stats) = forward(
+                    slice::<f32>(s1, l1, "layer_norm", "x")?,
+                    slice(s2, l2, "layer_norm", "weight")?,
+                    slice(s3, l3, "layer_norm", "bias")?,
+                    self.eps,
+                );
+                let _ = self.stats.set(Arc::new(stats));
+                f32::storage(y)
+            }
+            DType::F64 => {
+                let (y, stats) = forward(
+                    slice::<f64>(s1, l1, "layer_norm", "x")?,
+                    slice(s2, l2, "layer_norm", "weight")?,
+                    slice(s3, l3, "layer_norm", "bias")?,
+                    self.eps,
+                );
+                let _ = self.stats.set(Arc::new(stats));
+                f64::storage(y)
+            }
             dt => candle_core::bail!("layer_norm: fused kernel runs on f32 or f64, got {dt:?}"),
         };
         Ok((out, l1.shape().clone()))
@@ -204,8 +267,14 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = w.dim(0)?;
         let n = x.elem_count();
-        let packed =
-            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let packed = x.apply_op3_no_bwd(
+            w,
+            &grad.contiguous()?,
+            &LayerNormGrad {
+                eps: self.eps,
+                stats: self.stats.get().cloned(),
+            },
+        )?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let dw = packed.narrow(0, n, d)?;
         let db = packed.narrow(0, n + d, d)?;
@@ -216,6 +285,7 @@ impl CustomOp3 for LayerNormOp {
 /// `(x, weight, ∂y) → [∂x (flattened), ∂w, ∂b]`.
 struct LayerNormGrad {
     eps: f64,
+    stats: Option<Arc<Vec<f64>>>,
 }
 
 impl CustomOp3 for LayerNormGrad {
@@ -239,12 +309,14 @@ impl CustomOp3 for LayerNormGrad {
                 slice::<f32>(s1, l1, "layer_norm", "x")?,
                 slice(s2, l2, "layer_norm", "weight")?,
                 slice(s3, l3, "layer_norm", "gradient")?,
+                self.stats.as_ref().map(|s| s.as_slice()),
                 self.eps,
             )),
             DType::F64 => f64::storage(backward(
                 slice::<f64>(s1, l1, "layer_norm", "x")?,
                 slice(s2, l2, "layer_norm", "weight")?,
                 slice(s3, l3, "layer_norm", "gradient")?,
+                self.stats.as_ref().map(|s| s.as_slice()),
                 self.eps,
             )),
             dt => candle_core::bail!("layer_norm: fused kernel runs on f32 or f64, got {dt:?}"),
@@ -290,6 +362,23 @@ mod tests {
             assert!(grads.get(v).is_some());
         }
         Ok(())
+    }
+
+    #[test]
+    fn backward_from_kept_stats_equals_recomputed() {
+        let (rows, d) = (130, 37); // more than one block, an odd width
+        let x: Vec<f32> = (0..rows * d)
+            .map(|i| ((i * 7919) % 113) as f32 * 0.37 - 9.0)
+            .collect();
+        let dy: Vec<f32> = (0..rows * d)
+            .map(|i| ((i * 104729) % 97) as f32 * 0.05 - 2.0)
+            .collect();
+        let w: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 * 0.01).collect();
+        let b = vec![0.1f32; d];
+        let (_, stats) = forward(&x, &w, &b, 1e-5);
+        let kept = backward(&x, &w, &dy, Some(&stats), 1e-5);
+        let recomputed = backward(&x, &w, &dy, None, 1e-5);
+        assert_eq!(kept, recomputed);
     }
 
     #[test]
