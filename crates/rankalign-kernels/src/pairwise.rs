@@ -9,16 +9,28 @@
 //! - [`PairwiseForm::LogSquared`], the paper's meanNN estimator (Eq. 4) without its
 //!   constant `D/(N(M−1))`: `mean_ij w_ij · log s_ij`.
 //!
-//! Neither form materialises `n × m × d`: the cross term is one matmul, and the fused
-//! op turns the `(n, m)` matrix of squared distances and the weights into per-row sums
-//! in one pass, with a backward that produces `∂/∂s` in one pass too. Gradients below
-//! the clamp are zero (as PyTorch's `clamp`). The weights are constants: no gradient.
+//! Neither form materialises `n × m × d`. On the CPU the fused op is one node from the
+//! features to the loss: the cross term `a bᵀ` is one gemm, and one pass over it turns
+//! it into the loss and, in place, into `Q_ij = w_ij f'(s_ij) / (n m)` with its row and
+//! column sums, kept for the backward, which is then two gemms:
+//! `∂a = 2g (diag(Q 1) a − Q b)`, `∂b = 2g (diag(Qᵀ 1) b − Qᵀ a)` (three gemms in all,
+//! as PyTorch's `cdist`). Elsewhere (CUDA) the squared distances are composed and a
+//! fused reduction turns them and the weights into per-row sums, with a one-pass
+//! backward to `∂/∂s`. Gradients below the clamp are zero (as PyTorch's `clamp`). The
+//! weights are constants: no gradient.
+
+use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, D, DType, Device, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
-use crate::cpu::{f64_data, storage_of};
+use crate::cpu::{Float, f64_data, slice, storage_of, sum, sum_map, vectorised};
+
+/// Rows per parallel task of the CPU op.
+const BLOCK: usize = 16;
 
 /// The clamp on squared distances.
 pub const MIN_SQUARED_DISTANCE: f64 = 1e-12;
@@ -103,12 +115,218 @@ pub fn weighted_pairwise(a: &Tensor, b: &Tensor, w: &Tensor, form: PairwiseForm)
     if !matches!(a.dtype(), DType::F32 | DType::F64) || n * m == 0 {
         return weighted_pairwise_reference(a, b, w, form);
     }
+    if a.device().is_cpu() && b.dtype() == a.dtype() {
+        let w = w.to_dtype(a.dtype())?.contiguous()?.detach();
+        return a.contiguous()?.apply_op3(
+            &b.contiguous()?,
+            &w,
+            PairwiseLoss {
+                form,
+                kept: OnceLock::new(),
+            },
+        );
+    }
     let s = squared_distances(a, b)?.contiguous()?;
     let rows = s.apply_op2(
         &w.to_dtype(a.dtype())?.contiguous()?.detach(),
         PairwiseReduce { form },
     )?;
     rows.sum_all()? / (n * m) as f64
+}
+
+/// `(a (n, d), b (m, d), w (n, m)) →` the weighted mean, on the CPU.
+struct PairwiseLoss {
+    form: PairwiseForm,
+    /// `Q` `(n, m)` and its row sums `(n, 1)` and column sums `(m, 1)`, from the forward.
+    kept: OnceLock<Arc<[Tensor; 3]>>,
+}
+
+/// The loss of a block of rows of `ab` (`a bᵀ`, overwritten with `Q`), their row sums of
+/// `Q` into `rows`, and the block's column sums of `Q` into `cols`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn pairwise_rows<T: Float>(
+    form: PairwiseForm,
+    ab: &mut [T],
+    w: &[T],
+    na: &[T],
+    nb: &[T],
+    scale: T,
+    rows: &mut [T],
+    cols: &mut [T],
+    values: &mut [T],
+) -> f64 {
+    let m = nb.len();
+    let clamp = T::from(MIN_SQUARED_DISTANCE).unwrap_or_else(T::zero);
+    let (two, half) = (T::of_usize(2), T::from(0.5).unwrap_or_else(T::zero));
+    let mut total = 0.0;
+    for (((q, w), &na), r) in ab
+        .chunks_mut(m)
+        .zip(w.chunks(m))
+        .zip(na)
+        .zip(rows.iter_mut())
+    {
+        match form {
+            PairwiseForm::Euclidean => {
+                for ((((q, &w), &nb), v), c) in q
+                    .iter_mut()
+                    .zip(w)
+                    .zip(nb)
+                    .zip(values.iter_mut())
+                    .zip(cols.iter_mut())
+                {
+                    let s = na + nb - two * *q;
+                    let root = if s > clamp { s } else { clamp }.sqrt();
+                    *v = w * root;
+                    *q = if s >= clamp {
+                        w * half / root * scale
+                    } else {
+                        T::zero()
+                    };
+                    *c += *q;
+                }
+            }
+            PairwiseForm::LogSquared => {
+                for ((((q, &w), &nb), v), c) in q
+                    .iter_mut()
+                    .zip(w)
+                    .zip(nb)
+                    .zip(values.iter_mut())
+                    .zip(cols.iter_mut())
+                {
+                    let s = na + nb - two * *q;
+                    let sc = if s > clamp { s } else { clamp };
+                    *v = w * sc.ln();
+                    *q = if s >= clamp {
+                        w / sc * scale
+                    } else {
+                        T::zero()
+                    };
+                    *c += *q;
+                }
+            }
+        }
+        *r = sum(q);
+        total += sum(&values[..m]).to_f64();
+    }
+    total
+}
+
+fn pairwise_forward<T: Float>(
+    form: PairwiseForm,
+    n: usize,
+    mut ab: Vec<T>,
+    a: &[T],
+    b: &[T],
+    w: &[T],
+) -> Result<(T, [Tensor; 3])> {
+    let (m, d) = (ab.len() / n, a.len() / n);
+    let norms = |x: &[T]| -> Vec<T> { x.chunks(d).map(|r| sum_map(r, r, |u, _| u * u)).collect() };
+    let (na, nb) = (norms(a), norms(b));
+    let scale = T::of_usize(n * m).recip();
+    let mut rows = vec![T::zero(); n];
+    let parts: Vec<(f64, Vec<T>)> = ab
+        .par_chunks_mut(m * BLOCK)
+        .zip(w.par_chunks(m * BLOCK))
+        .zip(na.par_chunks(BLOCK).zip(rows.par_chunks_mut(BLOCK)))
+        .map(|((q, w), (na, r))| {
+            let mut cols = vec![T::zero(); m];
+            let mut values = vec![T::zero(); m];
+            let total = vectorised(
+                #[inline(always)]
+                || pairwise_rows(form, q, w, na, &nb, scale, r, &mut cols, &mut values),
+            );
+            (total, cols)
+        })
+        .collect();
+    // Block partials in block order: the same sums on every run.
+    let mut cols = vec![T::zero(); m];
+    let mut total = 0.0;
+    for (t, part) in &parts {
+        total += t;
+        for (c, &p) in cols.iter_mut().zip(part) {
+            *c += p;
+        }
+    }
+    let loss = T::from(total / (n * m) as f64).unwrap_or_else(T::nan);
+    let dev = Device::Cpu;
+    let kept = [
+        Tensor::from_vec(ab, (n, m), &dev)?,
+        Tensor::from_vec(rows, (n, 1), &dev)?,
+        Tensor::from_vec(cols, (m, 1), &dev)?,
+    ];
+    Ok((loss, kept))
+}
+
+impl CustomOp3 for PairwiseLoss {
+    fn name(&self) -> &'static str {
+        "weighted_pairwise"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let (m, _) = l2.shape().dims2()?;
+        let bt = Layout::contiguous_with_offset((m, d), l2.start_offset()).transpose(0, 1)?;
+        let a_l = Layout::contiguous_with_offset((n, d), l1.start_offset());
+        let ab = s1.matmul(s2, (1, n, m, d), &a_l, &bt)?;
+        let (out, kept) = match ab {
+            CpuStorage::F32(ab) => {
+                let (loss, kept) = pairwise_forward(
+                    self.form,
+                    n,
+                    ab,
+                    slice::<f32>(s1, l1, "weighted_pairwise", "a")?,
+                    slice(s2, l2, "weighted_pairwise", "b")?,
+                    slice(s3, l3, "weighted_pairwise", "weights")?,
+                )?;
+                (f32::storage(vec![loss]), kept)
+            }
+            CpuStorage::F64(ab) => {
+                let (loss, kept) = pairwise_forward(
+                    self.form,
+                    n,
+                    ab,
+                    slice::<f64>(s1, l1, "weighted_pairwise", "a")?,
+                    slice(s2, l2, "weighted_pairwise", "b")?,
+                    slice(s3, l3, "weighted_pairwise", "weights")?,
+                )?;
+                (f64::storage(vec![loss]), kept)
+            }
+            other => candle_core::bail!(
+                "weighted_pairwise: fused kernel runs on f32 or f64, got {:?}",
+                other.dtype()
+            ),
+        };
+        let _ = self.kept.set(Arc::new(kept));
+        Ok((out, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(kept) = self.kept.get() else {
+            candle_core::bail!("weighted_pairwise: backward without a CPU forward")
+        };
+        let [q, rows, cols] = kept.as_ref();
+        let (a, b) = (a.detach(), b.detach());
+        let g2 = grad.detach().affine(2.0, 0.0)?;
+        let da = (a.broadcast_mul(rows)? - q.matmul(&b)?)?.broadcast_mul(&g2)?;
+        let db = (b.broadcast_mul(cols)? - q.t()?.matmul(&a)?)?.broadcast_mul(&g2)?;
+        Ok((Some(da), Some(db), None))
+    }
 }
 
 /// `(s (n, m), w (n, m)) → Σ_j w_ij f(max(s_ij, clamp))`, per row `(n)`.
