@@ -42,7 +42,7 @@ pub fn pl_order(reference: &Tensor, perm: &[u32]) -> Result<Tensor> {
                 RadixScratch::default,
                 |sc, (i, row_order)| {
                     let row = &values[i * m..(i + 1) * m];
-                    radix_order(perm, |c| !f64_key(row[c as usize]), 8, sc, row_order);
+                    radix_order(perm, |c| !f64_key(row[c as usize]), sc, row_order);
                 },
             );
         }
@@ -55,13 +55,7 @@ pub fn pl_order(reference: &Tensor, perm: &[u32]) -> Result<Tensor> {
                 RadixScratch::default,
                 |sc, (i, row_order)| {
                     let row = &values[i * m..(i + 1) * m];
-                    radix_order(
-                        perm,
-                        |c| u64::from(!f32_key(row[c as usize])),
-                        4,
-                        sc,
-                        row_order,
-                    );
+                    radix_order(perm, |c| !f32_key(row[c as usize]), sc, row_order);
                 },
             );
         }
@@ -84,39 +78,68 @@ fn f64_key(v: f64) -> u64 {
     }
 }
 
-#[derive(Default)]
-struct RadixScratch {
-    items: Vec<(u64, u32)>,
-    swap: Vec<(u64, u32)>,
+/// An unsigned sort key: its bytes, least significant first, are the radix digits.
+trait RadixKey: Copy + Default + Into<u64> + Send {
+    const BYTES: usize;
 }
 
-/// Sort the columns listed in `perm` by `key` ascending, stably, with `bytes` 8-bit
-/// passes, into `out`.
-fn radix_order(
+impl RadixKey for u32 {
+    const BYTES: usize = 4;
+}
+
+impl RadixKey for u64 {
+    const BYTES: usize = 8;
+}
+
+struct RadixScratch<K> {
+    items: Vec<(K, u32)>,
+    swap: Vec<(K, u32)>,
+}
+
+impl<K> Default for RadixScratch<K> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            swap: Vec::new(),
+        }
+    }
+}
+
+/// Sort the columns listed in `perm` by `key` ascending, stably, one 8-bit pass per key
+/// byte (the histograms of all bytes counted in one read; a byte every key shares is
+/// skipped), into `out`.
+fn radix_order<K: RadixKey>(
     perm: &[u32],
-    key: impl Fn(u32) -> u64,
-    bytes: usize,
-    sc: &mut RadixScratch,
+    key: impl Fn(u32) -> K,
+    sc: &mut RadixScratch<K>,
     out: &mut [u32],
 ) {
+    let len = perm.len();
     sc.items.clear();
     sc.items.extend(perm.iter().map(|&c| (key(c), c)));
     sc.swap.clear();
-    sc.swap.resize(sc.items.len(), (0, 0));
-    for pass in 0..bytes {
-        let shift = 8 * pass;
-        let mut counts = [0usize; 257];
-        for &(k, _) in &sc.items {
-            counts[((k >> shift) & 0xFF) as usize + 1] += 1;
+    sc.swap.resize(len, (K::default(), 0));
+    let mut counts = vec![[0usize; 256]; K::BYTES];
+    for &(k, _) in &sc.items {
+        let k: u64 = k.into();
+        for (pass, hist) in counts.iter_mut().enumerate() {
+            hist[((k >> (8 * pass)) & 0xFF) as usize] += 1;
         }
-        if counts[1..].contains(&sc.items.len()) {
+    }
+    for (pass, hist) in counts.iter_mut().enumerate() {
+        if hist.contains(&len) {
             continue; // every key has the same byte here
         }
-        for b in 0..256 {
-            counts[b + 1] += counts[b];
+        // Exclusive prefix sums: each digit's first slot.
+        let mut next = 0;
+        for c in hist.iter_mut() {
+            let here = *c;
+            *c = next;
+            next += here;
         }
+        let shift = 8 * pass;
         for &item in &sc.items {
-            let slot = &mut counts[((item.0 >> shift) & 0xFF) as usize];
+            let slot = &mut hist[((item.0.into() >> shift) & 0xFF) as usize];
             sc.swap[*slot] = item;
             *slot += 1;
         }

@@ -20,7 +20,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{f64_data, storage_of};
+use crate::cpu::{f64_data, storage_of, vectorised};
 
 /// The ε that allRank's (and so RankCLIP's) ListMLE adds inside the log.
 pub const PARITY_EPS: f64 = 1e-10;
@@ -128,6 +128,13 @@ impl PlNll {
         self.weights.as_ref().map_or(1.0, |w| w[k])
     }
 
+    /// The position weights in f32 (`None`: all 1).
+    fn mu_f32(&self, m: usize) -> Option<Vec<f32>> {
+        self.weights
+            .as_ref()
+            .map(|w| w.iter().take(m).map(|&v| v as f32).collect())
+    }
+
     /// Suffix statistics of the present items into `out`, position by position: exact,
     /// `L_k` = log-sum-exp of the items at `k..` (−inf if none), by a running max; parity,
     /// `c_k = Σ_{j ≥ k} exp(x_j − max)`, with each `exp(x_k − max)` also left in `exps`.
@@ -226,6 +233,119 @@ impl PlNll {
     }
 }
 
+/// The parity form on f32 scores, in f32 as the authors' code computes it: each row's
+/// exponentials, logarithms and divisions in vector passes ([`exp_f32`], [`ln_f32`]),
+/// the suffix and prefix sums in one scalar pass each.
+mod parity32 {
+    use super::PARITY_EPS;
+    use crate::cpu::{exp_f32, ln_f32, sum, sum_map};
+
+    #[derive(Default)]
+    pub(super) struct Scratch {
+        /// The row in order, `exp(x − max)`, the suffix sums `c`, and a work row.
+        x: Vec<f32>,
+        e: Vec<f32>,
+        c: Vec<f32>,
+        t: Vec<f32>,
+    }
+
+    /// Gathers the row in `order` and fills `e` and `c`; returns the shift (the first
+    /// maximum among present items, 0 if none) and its position.
+    #[inline(always)]
+    fn prepare(row: &[f32], order: &[u32], sc: &mut Scratch) -> (f32, Option<usize>) {
+        let m = order.len();
+        sc.x.resize(m, 0.0);
+        for (x, &c) in sc.x.iter_mut().zip(order) {
+            *x = row[c as usize];
+        }
+        let mut arg: Option<usize> = None;
+        for (k, &v) in sc.x.iter().enumerate() {
+            if v != f32::NEG_INFINITY && arg.is_none_or(|a| v > sc.x[a]) {
+                arg = Some(k);
+            }
+        }
+        let shift = arg.map_or(0.0, |a| sc.x[a]);
+        sc.e.resize(m, 0.0);
+        for (e, &v) in sc.e.iter_mut().zip(&sc.x) {
+            *e = exp_f32(v - shift);
+        }
+        sc.c.resize(m, 0.0);
+        let mut run = 0f32;
+        for (c, &e) in sc.c.iter_mut().zip(&sc.e).rev() {
+            run += e;
+            *c = run;
+        }
+        (shift, arg)
+    }
+
+    /// One row's loss: `Σ_k μ_k (ln(c_k + ε) − (x_k − max))` over present items.
+    #[inline(always)]
+    pub(super) fn row_loss(
+        row: &[f32],
+        order: &[u32],
+        mu: Option<&[f32]>,
+        sc: &mut Scratch,
+    ) -> f32 {
+        let (shift, _) = prepare(row, order, sc);
+        let eps = PARITY_EPS as f32;
+        sc.t.resize(sc.x.len(), 0.0);
+        for ((t, &x), &c) in sc.t.iter_mut().zip(&sc.x).zip(&sc.c) {
+            *t = if x == f32::NEG_INFINITY {
+                0.0
+            } else {
+                ln_f32(c + eps) - (x - shift)
+            };
+        }
+        match mu {
+            Some(mu) => sum_map(&sc.t, mu, |t, w| t * w),
+            None => sum(&sc.t),
+        }
+    }
+
+    /// One row's gradient times `up`, scattered back to the row's columns in `out`.
+    #[inline(always)]
+    pub(super) fn row_grad(
+        row: &[f32],
+        order: &[u32],
+        mu: Option<&[f32]>,
+        up: f32,
+        sc: &mut Scratch,
+        out: &mut [f32],
+    ) {
+        let (_, arg) = prepare(row, order, sc);
+        let eps = PARITY_EPS as f32;
+        let weight = |k: usize| mu.map_or(1.0, |w| w[k]);
+        // t_k = μ_k / (c_k + ε) for present items.
+        sc.t.resize(sc.x.len(), 0.0);
+        for (k, ((t, &x), &c)) in sc.t.iter_mut().zip(&sc.x).zip(&sc.c).enumerate() {
+            *t = if x == f32::NEG_INFINITY {
+                0.0
+            } else {
+                weight(k) / (c + eps)
+            };
+        }
+        let via_max = eps * sum(&sc.t);
+        // ∂/∂x_j = −μ_j + e_j · Σ_{k≤j} t_k; e is overwritten with the gradient.
+        let mut b = 0f32;
+        for (k, (e, &t)) in sc.e.iter_mut().zip(&sc.t).enumerate() {
+            b += t;
+            *e = if sc.x[k] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                -weight(k) + *e * b
+            };
+        }
+        if let Some(a) = arg {
+            sc.e[a] += via_max;
+        }
+        // A column repeated in `order` sums, as a gather's backward does.
+        out.fill(0.0);
+        for (&c, &g) in order.iter().zip(&sc.e) {
+            out[c as usize] += g * up;
+        }
+    }
+}
+
 /// Position of the first maximum among present (finite or +inf) entries.
 fn first_max(x: &[f64]) -> Option<usize> {
     let mut best: Option<usize> = None;
@@ -282,6 +402,20 @@ impl CustomOp2 for PlNll {
         let (n, m) = l1.shape().dims2()?;
         let offset = float_offset(s1, l1, "scores")?;
         let order = order_slice(s2, l2)?;
+        if let (PlMode::Parity, CpuStorage::F32(v)) = (self.mode, s1) {
+            let mu = self.mu_f32(m);
+            let losses: Vec<f32> = (0..n)
+                .into_par_iter()
+                .map_init(parity32::Scratch::default, |sc, i| {
+                    let row = &v[offset + i * m..offset + (i + 1) * m];
+                    vectorised(
+                        #[inline(always)]
+                        || parity32::row_loss(row, &order[i * m..(i + 1) * m], mu.as_deref(), sc),
+                    )
+                })
+                .collect();
+            return Ok((CpuStorage::F32(losses), Shape::from(n)));
+        }
         let losses: Vec<f64> = (0..n)
             .into_par_iter()
             .map_init(RowScratch::default, |sc, i| {
@@ -385,6 +519,23 @@ impl CustomOp3 for PlNllGrad {
         let offset = float_offset(s1, l1, "scores")?;
         let order = order_slice(s2, l2)?;
         let upstream = f64_data(s3, l3, "pl_nll", "gradient")?;
+        if let (PlMode::Parity, CpuStorage::F32(v)) = (self.0.mode, s1) {
+            let mu = self.0.mu_f32(m);
+            let mut out = vec![0f32; n * m];
+            out.par_chunks_mut(m).enumerate().for_each_init(
+                parity32::Scratch::default,
+                |sc, (i, out_row)| {
+                    let row = &v[offset + i * m..offset + (i + 1) * m];
+                    let ord = &order[i * m..(i + 1) * m];
+                    let up = upstream[i] as f32;
+                    vectorised(
+                        #[inline(always)]
+                        || parity32::row_grad(row, ord, mu.as_deref(), up, sc, out_row),
+                    );
+                },
+            );
+            return Ok((CpuStorage::F32(out), Shape::from((n, m))));
+        }
         let out = match s1.dtype() {
             DType::F32 => CpuStorage::F32(self.rows(s1, offset, order, &upstream, m, |v| v as f32)),
             _ => CpuStorage::F64(self.rows(s1, offset, order, &upstream, m, |v| v)),
