@@ -241,6 +241,8 @@ fn set_compute_threads(n: usize, elementwise: usize) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Training allocates and frees the same large tensors every step.
+    rankalign_train::memory::keep_freed_memory();
     match cli.command {
         Command::Train {
             config,

@@ -48,3 +48,42 @@ pub fn peak_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
     let out = f();
     (out, PEAK.load(Ordering::Relaxed).saturating_sub(base))
 }
+
+/// Makes glibc's malloc keep freed memory for reuse: no trimming of the heap's top and
+/// large blocks from the heap instead of a fresh `mmap` each (which the kernel zeroes
+/// and faults in page by page on first touch). A training step allocates and frees the
+/// same large tensors every step; with glibc's defaults each costs page faults again
+/// (measured: 29.5 s of system time in a 47 s kernel benchmark, 0.7 s with these
+/// settings). The resident size then stays near the peak. Returns whether glibc took
+/// the settings (false on other C libraries, which are left as they are).
+pub fn keep_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_THRESHOLD: i32 = -3;
+        // SAFETY: `mallopt` only changes glibc's allocator tunables, which it guards by
+        // its own lock; it returns 0 for a value it refuses (older glibc caps the mmap
+        // threshold at 32 MiB, hence the second try).
+        unsafe {
+            let mmap =
+                mallopt(M_MMAP_THRESHOLD, 1 << 30) != 0 || mallopt(M_MMAP_THRESHOLD, 32 << 20) != 0;
+            mmap && mallopt(M_TRIM_THRESHOLD, i32::MAX) != 0
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn glibc_takes_the_malloc_settings() {
+        assert!(super::keep_freed_memory());
+    }
+}
