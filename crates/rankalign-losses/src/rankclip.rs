@@ -241,7 +241,9 @@ pub fn rankclip_loss(
     let v = rankalign_kernels::l2_normalize(image)?;
     let t = rankalign_kernels::l2_normalize(text)?;
     let scale = logit_scale.exp()?;
-    let scaled = |a: &Tensor, c: &Tensor| a.matmul(&c.t()?)?.broadcast_mul(&scale);
+    // The scale multiplies the (b, d) left factor, not the (b, b) product: half the
+    // elementwise work forward and backward, the same matrix up to rounding.
+    let scaled = |a: &Tensor, c: &Tensor| a.broadcast_mul(&scale)?.matmul(&c.t()?);
     let s = scaled(&v, &t)?;
     let st = s.t()?.contiguous()?;
     let clip = clip_loss(&s)?;
