@@ -227,17 +227,44 @@ pub fn run(args: &[String]) -> Result<()> {
         return Ok(());
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let repeat: usize = match args.iter().position(|a| a == "--repeat") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .context("--repeat takes a number of runs, at least 1")?,
+        None => 1,
+    };
+    if args.iter().any(|a| a == "--kernels-only") {
+        // Replace the kernels section (before the models) in place.
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut runs = Vec::with_capacity(repeat);
+        let mut note = String::new();
+        for r in 0..repeat {
+            eprintln!("xtask: kernel benchmarks, run {} of {repeat}", r + 1);
+            let (rows, n) = run_suite(&KERNELS, threads, quick, &python)?;
+            runs.push(rows);
+            note = n;
+        }
+        let last = runs.last().cloned().unwrap_or_default();
+        let mut table = render(&last, threads, &note, quick);
+        if repeat > 1 {
+            table.push_str(&render_spread(
+                &runs,
+                "fused",
+                &format!("cargo xtask bench --kernels-only --repeat {repeat}"),
+            ));
+        }
+        let end = old.find("## Models").unwrap_or(old.len());
+        let doc = format!("{table}\n{}", &old[end..]);
+        eprintln!("{table}");
+        std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("xtask: wrote {}", path.display());
+        return Ok(());
+    }
     if args.iter().any(|a| a == "--models-only") {
         // Replace the models section (between the kernels and the data) in place.
         let old = std::fs::read_to_string(&path).unwrap_or_default();
-        let repeat: usize = match args.iter().position(|a| a == "--repeat") {
-            Some(i) => args
-                .get(i + 1)
-                .and_then(|v| v.parse().ok())
-                .filter(|&n| n > 0)
-                .context("--repeat takes a number of runs, at least 1")?,
-            None => 1,
-        };
         let mut runs = Vec::with_capacity(repeat);
         let mut model_note = String::new();
         for r in 0..repeat {
@@ -249,7 +276,11 @@ pub fn run(args: &[String]) -> Result<()> {
         let last = runs.last().cloned().unwrap_or_default();
         let mut table = render_models(&last, threads, &model_note, quick);
         if repeat > 1 {
-            table.push_str(&render_spread(&runs));
+            table.push_str(&render_spread(
+                &runs,
+                "ours",
+                &format!("cargo xtask bench --models-only --repeat {repeat}"),
+            ));
         }
         let start = old.find("## Models").unwrap_or(old.len());
         let end = old.find("## Data loading").unwrap_or(old.len()).max(start);
@@ -454,7 +485,9 @@ fn torch_cell(by: &RowsBy, op: &str, size: &str) -> Option<(f64, f64)> {
 
 /// Each row's ratio (PyTorch's time over ours) over several runs, as median [min–max],
 /// and how our steps scale from one thread.
-fn render_spread(runs: &[Vec<Row>]) -> String {
+/// `ours` names our column ("ours" for models, "fused" for kernels); `command`
+/// reproduces the runs.
+fn render_spread(runs: &[Vec<Row>], ours: &str, command: &str) -> String {
     let mut ratios: Vec<((String, String), Vec<f64>)> = Vec::new();
     let mut scaling: Vec<(String, Vec<f64>)> = Vec::new();
     for rows in runs {
@@ -464,7 +497,7 @@ fn render_spread(runs: &[Vec<Row>]) -> String {
                 .or_default()
                 .insert(r.imp.as_str(), (r.ms, r.peak_mb));
         }
-        for r in rows.iter().filter(|r| r.imp == "ours") {
+        for r in rows.iter().filter(|r| r.imp == ours) {
             if let Some(t) = torch_cell(&by, &r.op, &r.size) {
                 let key = (r.op.clone(), r.size.clone());
                 match ratios.iter_mut().find(|(k, _)| *k == key) {
@@ -496,9 +529,8 @@ fn render_spread(runs: &[Vec<Row>]) -> String {
         format!("{:.2}× [{:.2}–{:.2}]", v[v.len() / 2], v[0], v[v.len() - 1])
     };
     let mut s = format!(
-        "\nOver {} runs of `cargo xtask bench --models-only --repeat {}` (the table above is the last), PyTorch's (or scikit-learn's) time over ours, median [min–max]; a row whose range crosses 1.0× is not a win:\n\n| model | size | vs torch |\n|---|---|---|\n",
+        "\nOver {} runs of `{command}` (the table above is the last), PyTorch's (or scikit-learn's) time over ours, median [min–max]; a row whose range crosses 1.0× is not a win:\n\n| op | size | vs torch |\n|---|---|---|\n",
         runs.len(),
-        runs.len()
     );
     for ((op, size), mut v) in ratios {
         s.push_str(&format!("| {op} | {size} | {} |\n", spread(&mut v)));
@@ -533,6 +565,8 @@ fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) ->
          `linear_probe_fit`: one fit of `rankalign eval`'s linear probe (full-batch L-BFGS; f32 features and products, f64 parameters and loss) on 10,000 L2-normalised 512-d features of 10 classes \
          against scikit-learn's `LogisticRegression(C=1, tol=1e-6)` (lbfgs; the same objective) on the same features, BLAS limited to the same threads \
          (its peak is tracemalloc's). `img/s` = images per second of the ViT rows (evaluation throughput). \
+         `rankclip_loss`: RankCLIP's whole loss (InfoNCE plus the four ListMLE terms in the authors' parity form, λ = 1/16, over B) on 1024 × 512 image and text embeddings, forward and backward \
+         (PyTorch: the authors' form, allRank's `listMLE` as in the kernel table, `F.cross_entropy` both ways). \
          `tiny_clip_train_step`: one step of `ClipConfig::tiny()` (`CLIPModel` of the same shape) at batch 128 with 32-token captions: \
          both towers, InfoNCE on exp(logit_scale)-scaled cosine logits, backward, AdamW, as `rankalign train` runs it on a pool of the given threads \
          (`; 4x32 micro`: `train.micro_batch = 32`, the towers per micro-batch in parallel and the loss once over all 128, with candle's elementwise ops inline as the CLI sets them; \

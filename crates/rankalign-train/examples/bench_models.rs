@@ -1,6 +1,7 @@
 //! Model benchmarks for `cargo xtask bench`: the ViT-B/16 image tower's forward pass
 //! without gradients (evaluation throughput), one linear-probe fit on 10,000 × 512
-//! features (against scikit-learn), and one training step of the tiny CLIP preset (both towers,
+//! features (against scikit-learn), RankCLIP's whole loss at B = 1024 (forward and
+//! backward), and one training step of the tiny CLIP preset (both towers,
 //! InfoNCE on scaled cosine logits, backward, AdamW). Median time of several runs after
 //! warm-up, and peak heap growth during one run (a counting allocator, as in the kernel
 //! bench).
@@ -11,7 +12,7 @@
 //! [--micro-steps | --one-thread-steps]` (`--quick`: fewer runs, ViT at batch 1 only;
 //! `--micro-steps`: only the micro-batched training steps, which want
 //! `CANDLE_NUM_THREADS=1`; `--one-thread-steps`: only the steps on one thread, to be run
-//! with `RAYON_NUM_THREADS=1`).
+//! with `RAYON_NUM_THREADS=1`; `--only OP`: one op's rows, for profiling).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -254,23 +255,56 @@ fn probe_fit(n: usize, d: usize, warmup: usize, runs: usize) -> anyhow::Result<(
     Ok(r)
 }
 
+/// RankCLIP's whole loss (InfoNCE and the four ListMLE terms, the authors' parity form
+/// and λ = 1/16) on `b × 512` image and text embeddings, forward and backward.
+fn rankclip_loss_step(b: usize, warmup: usize, runs: usize) -> anyhow::Result<(f64, usize)> {
+    use rankalign_train::losses::{ListPerms, RankClipConfig, rankclip_loss};
+    let image = candle_core::Var::from_tensor(&pseudo_random(&[b, 512], 11)?)?;
+    let text = candle_core::Var::from_tensor(&pseudo_random(&[b, 512], 12)?)?;
+    let scale = candle_core::Var::new((1.0f32 / 0.07).ln(), &Device::Cpu)?;
+    let cfg = RankClipConfig::rankclip();
+    let perms = ListPerms::from_seed(b, 5);
+    measure(
+        || {
+            let terms = rankclip_loss(&cfg, &image, &text, &scale, 1.0, &perms)?;
+            terms.total.backward()?;
+            Ok(())
+        },
+        warmup,
+        runs,
+    )
+}
+
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let (warmup, runs) = if quick { (1, 3) } else { (2, 10) };
     let batches: &[usize] = if quick { &[1] } else { &[1, 8] };
     let micro_only = std::env::args().any(|a| a == "--micro-steps" || a == "--one-thread-steps");
-    for &b in batches.iter().filter(|_| !micro_only) {
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let wanted = |op: &str| !micro_only && only.as_deref().is_none_or(|o| o == op);
+    for &b in batches.iter().filter(|_| wanted("vit_b16_image_forward")) {
         emit(
             "vit_b16_image_forward",
             &format!("b{b} 224px"),
             vit_b16_forward(b, warmup, runs)?,
         );
     }
-    if !micro_only {
+    if wanted("linear_probe_fit") {
         emit(
             "linear_probe_fit",
             "10000x512 k10",
             probe_fit(10_000, 512, 1, if quick { 1 } else { 3 })?,
+        );
+    }
+    if wanted("rankclip_loss") {
+        emit(
+            "rankclip_loss",
+            "B1024 d512",
+            rankclip_loss_step(1024, warmup, runs)?,
         );
     }
     let threads = std::env::var("RAYON_NUM_THREADS")
@@ -300,7 +334,8 @@ fn main() -> anyhow::Result<()> {
     } else {
         steps.push(("b128 48px ctx32", whole, threads));
     }
-    for (size, plan, t) in steps {
+    let steps_wanted = micro_only || only.as_deref().is_none_or(|o| o == "tiny_clip_train_step");
+    for (size, plan, t) in steps.into_iter().filter(|_| steps_wanted) {
         emit(
             "tiny_clip_train_step",
             size,
