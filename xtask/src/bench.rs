@@ -565,6 +565,8 @@ fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) ->
          `linear_probe_fit`: one fit of `rankalign eval`'s linear probe (full-batch L-BFGS; f32 features and products, f64 parameters and loss) on 10,000 L2-normalised 512-d features of 10 classes \
          against scikit-learn's `LogisticRegression(C=1, tol=1e-6)` (lbfgs; the same objective) on the same features, BLAS limited to the same threads \
          (its peak is tracemalloc's). `img/s` = images per second of the ViT rows (evaluation throughput). \
+         `vit_b16_train_step`: one training step of `ClipConfig::vit_b16()` (OpenAI's ViT-B/16 shape, `CLIPModel` of the same shape) at batch 16, 224 px and 77-token captions, \
+         InfoNCE, backward and AdamW on the whole batch (1 warm-up run and 3 runs). \
          `rankclip_loss`: RankCLIP's whole loss (InfoNCE plus the four ListMLE terms in the authors' parity form, λ = 1/16, over B) on 1024 × 512 image and text embeddings, forward and backward \
          (PyTorch: the authors' form, allRank's `listMLE` as in the kernel table, `F.cross_entropy` both ways). \
          `tiny_clip_train_step`: one step of `ClipConfig::tiny()` (`CLIPModel` of the same shape) at batch 128 with 32-token captions: \

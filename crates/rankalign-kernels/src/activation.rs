@@ -15,7 +15,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{Float, slice};
+use crate::cpu::{Float, slice, sum, sum_map, vectorised};
 
 /// Elements per parallel task.
 const BLOCK: usize = 1 << 14;
@@ -61,12 +61,18 @@ fn map_blocks<T: Float>(a: &[T], width: usize, f: impl Fn(&[T], &mut [T]) + Sync
     let block = BLOCK.div_ceil(width.max(1)).max(1) * width.max(1);
     out.par_chunks_mut(block)
         .zip(a.par_chunks(block))
-        .for_each(|(o, a)| f(a, o));
+        .for_each(|(o, a)| {
+            vectorised(
+                #[inline(always)]
+                || f(a, o),
+            )
+        });
     out
 }
 
+#[inline(always)]
 fn sigmoid<T: Float>(x: T) -> T {
-    T::one() / (T::one() + (-x).exp())
+    T::one() / (T::one() + (-x).exp_v())
 }
 
 struct QuickGelu;
@@ -79,11 +85,16 @@ impl CustomOp1 for QuickGelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn run<T: Float>(x: &[T]) -> Vec<T> {
             let k = T::from(SLOPE).unwrap_or_else(T::one);
-            map_blocks(x, 1, |x, o| {
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o = x * sigmoid(k * x);
-                }
-            })
+            map_blocks(
+                x,
+                1,
+                #[inline(always)]
+                |x, o| {
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = x * sigmoid(k * x);
+                    }
+                },
+            )
         }
         let out = match s.dtype() {
             DType::F32 => f32::storage(run(slice::<f32>(s, l, "quick_gelu", "x")?)),
@@ -121,10 +132,15 @@ impl CustomOp2 for QuickGeluGrad {
             out.par_chunks_mut(BLOCK)
                 .zip(x.par_chunks(BLOCK).zip(dy.par_chunks(BLOCK)))
                 .for_each(|(o, (x, dy))| {
-                    for ((o, &x), &g) in o.iter_mut().zip(x).zip(dy) {
-                        let s = sigmoid(k * x);
-                        *o = g * (s + k * x * s * (T::one() - s));
-                    }
+                    vectorised(
+                        #[inline(always)]
+                        || {
+                            for ((o, &x), &g) in o.iter_mut().zip(x).zip(dy) {
+                                let s = sigmoid(k * x);
+                                *o = g * (s + k * x * s * (T::one() - s));
+                            }
+                        },
+                    )
                 });
             out
         }
@@ -152,23 +168,26 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn run<T: Float>(x: &[T], d: usize) -> Vec<T> {
-            map_blocks(x, d, |x, o| {
-                for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                    let max = x
-                        .iter()
-                        .copied()
-                        .fold(T::neg_infinity(), num_traits::Float::max);
-                    let mut sum = T::zero();
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = (x - max).exp();
-                        sum += *o;
+            map_blocks(
+                x,
+                d,
+                #[inline(always)]
+                |x, o| {
+                    for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                        let max = x
+                            .iter()
+                            .copied()
+                            .fold(T::neg_infinity(), num_traits::Float::max);
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            *o = (x - max).exp_v();
+                        }
+                        let inv = sum(o).recip();
+                        for o in o.iter_mut() {
+                            *o *= inv;
+                        }
                     }
-                    let inv = sum.recip();
-                    for o in o.iter_mut() {
-                        *o *= inv;
-                    }
-                }
-            })
+                },
+            )
         }
         let d = l.shape().dims().last().copied().unwrap_or(1);
         let out = match s.dtype() {
@@ -208,15 +227,17 @@ impl CustomOp2 for SoftmaxGrad {
             out.par_chunks_mut(block)
                 .zip(y.par_chunks(block).zip(dy.par_chunks(block)))
                 .for_each(|(o, (y, dy))| {
-                    for ((o, y), dy) in o.chunks_mut(d).zip(y.chunks(d)).zip(dy.chunks(d)) {
-                        let dot = y
-                            .iter()
-                            .zip(dy)
-                            .fold(T::zero(), |acc, (&y, &g)| acc + y * g);
-                        for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {
-                            *o = y * (g - dot);
-                        }
-                    }
+                    vectorised(
+                        #[inline(always)]
+                        || {
+                            for ((o, y), dy) in o.chunks_mut(d).zip(y.chunks(d)).zip(dy.chunks(d)) {
+                                let dot = sum_map(y, dy, |y, g| y * g);
+                                for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {
+                                    *o = y * (g - dot);
+                                }
+                            }
+                        },
+                    )
                 });
             out
         }

@@ -57,6 +57,8 @@ pub(crate) trait Float:
     + Sync
 {
     fn storage(v: Vec<Self>) -> CpuStorage;
+    /// `eˣ` as a loop can vectorise it: [`exp_f32`] for f32, libm's for f64.
+    fn exp_v(self) -> Self;
     fn of_usize(n: usize) -> Self {
         Self::from(n).expect("invariant: row widths fit any float")
     }
@@ -66,11 +68,19 @@ impl Float for f32 {
     fn storage(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(v)
     }
+    #[inline(always)]
+    fn exp_v(self) -> Self {
+        exp_f32(self)
+    }
 }
 
 impl Float for f64 {
     fn storage(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F64(v)
+    }
+    #[inline(always)]
+    fn exp_v(self) -> Self {
+        self.exp()
     }
 }
 

@@ -230,14 +230,9 @@ impl Attention {
         if let Some(mask) = mask {
             att = att.broadcast_add(mask)?;
         }
-        // With nothing to differentiate (inference weights, inputs without a graph),
-        // candle's fused softmax; when a graph is recorded, ours, which has a backward
-        // (candle's has none). Both give the same values (tested).
-        let att = if att.track_op() {
-            rankalign_kernels::softmax_last_dim(&att)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&att)?
-        };
+        // Ours, with a backward (candle's fused softmax has none) and its exponentials
+        // in vector registers; the composed reference's values to f32 rounding (tested).
+        let att = rankalign_kernels::softmax_last_dim(&att)?;
         let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, w))?;
         self.out_proj.forward(&out)
     }

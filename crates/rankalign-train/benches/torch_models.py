@@ -85,14 +85,9 @@ def captions(b, ctx):
     return ids
 
 
-def tiny_step(b, warmup, runs):
-    layers = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-                  hidden_act="quick_gelu", projection_dim=64)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, max_position_embeddings=32, eos_token_id=49407, **layers),
-        vision_config=dict(image_size=48, patch_size=12, **layers),
-        projection_dim=64,
-    )
+def clip_step(cfg, b, ctx, size, warmup, runs):
+    """One training step of a random-init `CLIPModel`: InfoNCE, backward, AdamW with
+    the decay groups of ours."""
     model = CLIPModel(cfg).train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -101,8 +96,8 @@ def tiny_step(b, warmup, runs):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
-    pixels = torch.rand(b, 3, 48, 48) * 2 - 1
-    ids = captions(b, 32)
+    pixels = torch.rand(b, 3, size, size) * 2 - 1
+    ids = captions(b, ctx)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -110,6 +105,31 @@ def tiny_step(b, warmup, runs):
         opt.step()
 
     return measure(step, warmup, runs)
+
+
+def tiny_step(b, warmup, runs):
+    layers = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                  hidden_act="quick_gelu", projection_dim=64)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, max_position_embeddings=32, eos_token_id=49407, **layers),
+        vision_config=dict(image_size=48, patch_size=12, **layers),
+        projection_dim=64,
+    )
+    return clip_step(cfg, b, 32, 48, warmup, runs)
+
+
+def vit_b16_step(b, warmup, runs):
+    """OpenAI's ViT-B/16 CLIP shape: a 12-layer 768-wide vision tower on 16-px patches
+    of 224 px, a 12-layer 512-wide text tower on 77 tokens, 512-d embeddings."""
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=8, max_position_embeddings=77, eos_token_id=49407,
+                         hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                           num_attention_heads=12, image_size=224, patch_size=16, hidden_act="quick_gelu"),
+        projection_dim=512,
+    )
+    return clip_step(cfg, b, 77, 224, warmup, runs)
 
 
 def rankclip_loss_step(b, warmup, runs):
@@ -191,6 +211,7 @@ def main():
             emit("linear_probe_fit", "10000x512 k10", probe_fit(10000, 512, 1, 1 if args.quick else 3))
     except ImportError as e:
         print(f"torch_models: no scikit-learn ({e}); the probe row has no reference", file=sys.stderr)
+    emit("vit_b16_train_step", "b16 224px ctx77", vit_b16_step(16, 0 if args.quick else 1, 1 if args.quick else 3))
     emit("rankclip_loss", "B1024 d512", rankclip_loss_step(1024, warmup, runs))
     emit("tiny_clip_train_step", "b128 48px ctx32", tiny_step(128, warmup, runs))
 

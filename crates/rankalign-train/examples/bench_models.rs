@@ -1,6 +1,6 @@
 //! Model benchmarks for `cargo xtask bench`: the ViT-B/16 image tower's forward pass
 //! without gradients (evaluation throughput), one linear-probe fit on 10,000 × 512
-//! features (against scikit-learn), RankCLIP's whole loss at B = 1024 (forward and
+//! features (against scikit-learn), one ViT-B/16 CLIP training step at batch 16, RankCLIP's whole loss at B = 1024 (forward and
 //! backward), and one training step of the tiny CLIP preset (both towers,
 //! InfoNCE on scaled cosine logits, backward, AdamW). Median time of several runs after
 //! warm-up, and peak heap growth during one run (a counting allocator, as in the kernel
@@ -147,7 +147,8 @@ fn captions(b: usize, ctx: usize) -> anyhow::Result<(Tensor, Tensor)> {
 /// (`step::loss_and_grads` split by `plan`, then AdamW with decay 0.1 on matrices only):
 /// both towers, `exp(logit_scale)`-scaled cosine logits, symmetric InfoNCE, backward.
 /// It runs on a rayon pool of `threads` workers, as a variant trains.
-fn tiny_step(
+fn clip_step(
+    cfg: &ClipConfig,
     b: usize,
     plan: StepPlan,
     threads: usize,
@@ -155,9 +156,8 @@ fn tiny_step(
     runs: usize,
 ) -> anyhow::Result<(f64, usize)> {
     let dev = Device::Cpu;
-    let cfg = ClipConfig::tiny();
     let vm = SeededVarMap::new(0);
-    let model = ClipModel::new(&cfg, vm.var_builder(DType::F32, &dev))?;
+    let model = ClipModel::new(cfg, vm.var_builder(DType::F32, &dev))?;
     let vars = vm.named_vars();
     let params: Vec<_> = vars.iter().map(|(_, v)| v.clone()).collect();
     let logit_scale = vars
@@ -334,12 +334,20 @@ fn main() -> anyhow::Result<()> {
     } else {
         steps.push(("b128 48px ctx32", whole, threads));
     }
+    if wanted("vit_b16_train_step") {
+        let (warm, n) = if quick { (0, 1) } else { (1, 3) };
+        emit(
+            "vit_b16_train_step",
+            "b16 224px ctx77",
+            clip_step(&ClipConfig::vit_b16(), 16, whole, threads, warm, n)?,
+        );
+    }
     let steps_wanted = micro_only || only.as_deref().is_none_or(|o| o == "tiny_clip_train_step");
     for (size, plan, t) in steps.into_iter().filter(|_| steps_wanted) {
         emit(
             "tiny_clip_train_step",
             size,
-            tiny_step(128, plan, t, warmup, runs)?,
+            clip_step(&ClipConfig::tiny(), 128, plan, t, warmup, runs)?,
         );
     }
     Ok(())
