@@ -506,16 +506,23 @@ fn render_spread(runs: &[Vec<Row>], ours: &str, command: &str) -> String {
                 }
             }
         }
-        // Our threaded steps against our best one-thread step of the same batch.
-        let one: Option<f64> = rows
-            .iter()
-            .filter(|r| r.imp == "ours" && r.size.ends_with("; 1 thread"))
-            .map(|r| r.ms)
-            .reduce(f64::min);
+        // Our threaded steps against our best one-thread step of the same batch (the
+        // size before the first `; `).
+        let base = |size: &str| size.split("; ").next().unwrap_or(size).to_string();
         for r in rows
             .iter()
-            .filter(|r| r.imp == "ours" && r.op.contains("step") && !r.size.ends_with("; 1 thread"))
+            .filter(|r| r.imp == ours && r.op.contains("step") && !r.size.ends_with("; 1 thread"))
         {
+            let one = rows
+                .iter()
+                .filter(|o| {
+                    o.imp == ours
+                        && o.op == r.op
+                        && o.size.ends_with("; 1 thread")
+                        && base(&o.size) == base(&r.size)
+                })
+                .map(|o| o.ms)
+                .reduce(f64::min);
             if let Some(one) = one {
                 match scaling.iter_mut().find(|(k, _)| *k == r.size) {
                     Some((_, v)) => v.push(r.ms / one),
