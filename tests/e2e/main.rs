@@ -4,6 +4,7 @@
 
 mod agreement;
 mod config_errors;
+mod data_parallel;
 mod evaluation;
 mod export;
 mod gradients;

@@ -7,20 +7,22 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device};
 use rankalign_train::data::Batch;
-use rankalign_train::losses::{ClipObjective, Objective, RankClipConfig, RankClipObjective};
+use rankalign_train::losses::{
+    ClipObjective, Objective, RankClipConfig, RankClipObjective, StepContext,
+};
 use rankalign_train::models::{ClipConfig, ClipModel, SeededVarMap};
 use rankalign_train::optim::{AdamW, AdamWConfig};
-use rankalign_train::step::{StepPlan, loss_and_grads};
+use rankalign_train::step::{StepGrads, StepPlan, loss_and_grads};
 
 #[path = "../common/tiny_step.rs"]
-mod tiny_step;
+pub mod tiny_step;
 use tiny_step::{Tiny, ctx, scene_batches, tiny};
 
-const B: usize = 128;
+pub const B: usize = 128;
 const STEPS: usize = 5;
 
 /// Five batches of 128 digit scenes at the tiny preset's 48 px.
-fn batches() -> Vec<Batch> {
+pub fn batches() -> Vec<Batch> {
     scene_batches(9, STEPS, B)
 }
 
@@ -31,14 +33,34 @@ pub fn train(
     threads: usize,
     data: &[Batch],
 ) -> HashMap<String, Vec<f32>> {
-    let Tiny {
-        model,
-        vars,
-        params,
-        logit_scale,
-    } = tiny(4);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        train_with(data, |t, batch, ctx| {
+            loss_and_grads(
+                &t.model,
+                &t.params,
+                &t.logit_scale,
+                objective,
+                batch,
+                ctx,
+                plan,
+            )
+        })
+    })
+}
+
+/// The weights of the tiny preset (seed 4) after one AdamW step per batch of `data`,
+/// each step's gradients from `step`.
+pub fn train_with(
+    data: &[Batch],
+    mut step: impl FnMut(&Tiny, &Batch, &StepContext<'_>) -> rankalign_train::Result<StepGrads>,
+) -> HashMap<String, Vec<f32>> {
+    let t = tiny(4);
     let mut opt = AdamW::new(
-        vars.clone(),
+        t.vars.clone(),
         AdamWConfig {
             beta1: 0.9,
             beta2: 0.98,
@@ -47,19 +69,12 @@ pub fn train(
         },
     )
     .unwrap();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
-    pool.install(|| {
-        for (step, batch) in data.iter().enumerate() {
-            let ctx = ctx(step as u64);
-            let out = loss_and_grads(&model, &params, &logit_scale, objective, batch, &ctx, plan)
-                .unwrap();
-            opt.step(&out.grads, 1e-3).unwrap();
-        }
-    });
-    vars.iter()
+    for (i, batch) in data.iter().enumerate() {
+        let out = step(&t, batch, &ctx(i as u64)).unwrap();
+        opt.step(&out.grads, 1e-3).unwrap();
+    }
+    t.vars
+        .iter()
         .map(|(n, v)| {
             let w = v
                 .as_tensor()
@@ -76,7 +91,10 @@ pub fn train(
 /// are left out: softmax is unchanged by a constant added to every key, so their true
 /// gradient is exactly zero and what they get is rounding noise, which AdamW's
 /// normalisation turns into steps of ±lr in any two runs that round differently.
-fn worst_relative(a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Vec<f32>>) -> (f64, String) {
+pub fn worst_relative(
+    a: &HashMap<String, Vec<f32>>,
+    b: &HashMap<String, Vec<f32>>,
+) -> (f64, String) {
     let mut worst = (0.0, String::new());
     for (name, x) in a.iter().filter(|(n, _)| !n.contains("k_proj.bias")) {
         let y = &b[name];

@@ -7,6 +7,8 @@
 //! - [`checkpoint`]: atomic checkpoints (model, optimiser, step) and exact resume;
 //! - [`step`]: one step's loss and gradients, in one piece or over micro-batches
 //!   (exact, in parallel, optionally in bounded memory);
+//! - [`dist`]: data parallel across processes: the launch variables of torchrun, SLURM
+//!   and OpenMPI, and the collectives (gather rows, sum) behind a trait, over TCP on CPU;
 //! - [`trainer`]: the loop for one variant: prefetched batches, loss, step, clamp,
 //!   NaN guard, metrics JSONL, progress;
 //! - [`eval`]: zero-shot classification, retrieval, alignment and uniformity;
@@ -51,6 +53,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod embed;
 pub mod eval;
 pub mod experiment;

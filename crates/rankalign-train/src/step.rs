@@ -35,6 +35,7 @@ use rankalign_losses::{LossTerms, Objective, StepContext};
 use rankalign_models::ClipModel;
 use rayon::prelude::*;
 
+use crate::dist::Collective;
 use crate::{Result, TrainError};
 
 /// How a step splits its batch.
@@ -96,9 +97,70 @@ pub fn loss_and_grads(
     ctx: &StepContext<'_>,
     plan: StepPlan,
 ) -> Result<StepGrads> {
+    split_step(
+        model,
+        params,
+        logit_scale,
+        objective,
+        batch,
+        ctx,
+        plan,
+        None,
+    )
+}
+
+/// [`loss_and_grads`] on this rank's part of a global batch in a data-parallel run: the
+/// ranks' detached embeddings are gathered (in rank order) so that the loss is the
+/// global batch's, each rank back-propagates its own rows' embedding gradients, and the
+/// parameters' gradients are summed over the ranks in rank order; `logit_scale`'s (and
+/// any other gradient of the loss itself) is the same on every rank and counted once.
+/// With equal parts, R ranks of B/R rows give the bits of one process with
+/// `micro_batch = B/R` (tested), and the one-piece step to f32 rounding.
+#[allow(clippy::too_many_arguments)]
+pub fn loss_and_grads_across(
+    model: &ClipModel,
+    params: &[Var],
+    logit_scale: &Var,
+    objective: &dyn Objective,
+    local: &Batch,
+    ctx: &StepContext<'_>,
+    plan: StepPlan,
+    comm: &dyn Collective,
+) -> Result<StepGrads> {
+    if !model.buffer_names().is_empty() {
+        return Err(TrainError::Invalid(
+            "data parallel: the image tower has BatchNorm (a ResNet), whose statistics would \
+             be each rank's; it is not supported across ranks yet"
+                .into(),
+        ));
+    }
+    split_step(
+        model,
+        params,
+        logit_scale,
+        objective,
+        local,
+        ctx,
+        plan,
+        Some(comm),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn split_step(
+    model: &ClipModel,
+    params: &[Var],
+    logit_scale: &Var,
+    objective: &dyn Objective,
+    batch: &Batch,
+    ctx: &StepContext<'_>,
+    plan: StepPlan,
+    comm: Option<&dyn Collective>,
+) -> Result<StepGrads> {
     let rows = batch.len();
-    let micro = match plan.micro_batch {
-        Some(m) if m < rows => m,
+    let micro = match (plan.micro_batch, comm) {
+        (Some(m), _) if m < rows => m,
+        (_, Some(_)) => rows.max(1),
         _ => {
             let (image, text) = encode(model, batch)?;
             let terms = objective.loss(&image, &text, logit_scale.as_tensor(), ctx)?;
@@ -125,10 +187,20 @@ pub fn loss_and_grads(
         })
         .collect::<Result<_>>()?;
 
-    // 2. The objective once, on the whole batch's detached embeddings.
-    let gather = |side: fn(&(Tensor, Tensor)) -> &Tensor| -> Result<Var> {
+    // 2. The objective once, on the whole batch's detached embeddings (all ranks').
+    let mut offset = 0;
+    let mut gather = |side: fn(&(Tensor, Tensor)) -> &Tensor| -> Result<Var> {
         let parts: Vec<Tensor> = forward.iter().map(|p| side(p).detach()).collect();
-        Ok(Var::from_tensor(&Tensor::cat(&parts, 0)?)?)
+        let local = Tensor::cat(&parts, 0)?;
+        let all = match comm {
+            Some(comm) => {
+                let (all, counts) = comm.all_gather_rows(&local)?;
+                offset = counts[..comm.rank()].iter().sum();
+                all
+            }
+            None => local,
+        };
+        Ok(Var::from_tensor(&all)?)
     };
     let image = gather(|p| &p.0)?;
     let text = gather(|p| &p.1)?;
@@ -162,7 +234,7 @@ pub fn loss_and_grads(
                 let mut surrogate: Option<Tensor> = None;
                 for (emb, grad) in [(&img, &d_image), (&txt, &d_text)] {
                     if let Some(g) = grad {
-                        let term = (emb * g.narrow(0, *start, piece.len())?)?.sum_all()?;
+                        let term = (emb * g.narrow(0, offset + *start, piece.len())?)?.sum_all()?;
                         surrogate = Some(match surrogate {
                             Some(s) => (s + term)?,
                             None => term,
@@ -186,6 +258,9 @@ pub fn loss_and_grads(
             }
         }
     }
+    if let Some(comm) = comm {
+        sums = all_reduce(comm, sums)?;
+    }
     for (var, sum) in params.iter().zip(sums) {
         let Some(mut sum) = sum else { continue };
         let t = var.as_tensor();
@@ -196,6 +271,32 @@ pub fn loss_and_grads(
         grads.insert(t, sum);
     }
     Ok(StepGrads { terms, grads })
+}
+
+/// The gradient sums over all ranks, in one message: every rank has a gradient for the
+/// same parameters (the same model and code), so they are flattened in parameter order.
+fn all_reduce(comm: &dyn Collective, sums: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+    let flat: Vec<Tensor> = sums
+        .iter()
+        .flatten()
+        .map(|g| g.flatten_all())
+        .collect::<candle_core::Result<_>>()?;
+    if flat.is_empty() {
+        return Ok(sums);
+    }
+    let total = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+    let mut at = 0;
+    sums.into_iter()
+        .map(|g| {
+            g.map(|g| {
+                let n = g.elem_count();
+                let part = total.narrow(0, at, n)?.reshape(g.shape())?;
+                at += n;
+                Ok(part)
+            })
+            .transpose()
+        })
+        .collect()
 }
 
 /// `acc + g`, in place in `acc` for CPU f32 (the sums are parameter-sized, and the token

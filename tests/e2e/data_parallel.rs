@@ -1,0 +1,121 @@
+//! Data parallel across ranks (`step::loss_and_grads_across` over `dist::TcpCollective`,
+//! two ranks talking TCP on localhost): 2 ranks × 64 give the weights of one process
+//! with micro-batches of 64 bit for bit, and those of the one-piece 1 × 128 step to f32
+//! rounding, after 5 AdamW steps, for InfoNCE and RankCLIP; a rank that stops makes the
+//! other's next step fail with an error naming it.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+
+use rankalign_train::data::Batch;
+use rankalign_train::dist::{Collective, DistEnv, TcpCollective, Timeouts};
+use rankalign_train::losses::{ClipObjective, Objective, RankClipConfig, RankClipObjective};
+use rankalign_train::step::{StepPlan, loss_and_grads_across};
+
+use super::micro_batch::{B, batches, train, train_with, worst_relative};
+
+/// Two connected ranks of one run: rank 0's and rank 1's collectives.
+fn pair() -> (TcpCollective, TcpCollective) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let env = DistEnv {
+        rank: 1,
+        world_size: 2,
+        local_rank: 1,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    };
+    let peer = std::thread::spawn(move || TcpCollective::connect(&env, Timeouts::default()));
+    let root = TcpCollective::accept(&listener, 2, Timeouts::default()).unwrap();
+    (root, peer.join().unwrap().unwrap())
+}
+
+/// Rank `comm.rank()`'s half of every batch.
+fn half(data: &[Batch], rank: usize) -> Vec<Batch> {
+    data.iter()
+        .map(|b| b.narrow(rank * B / 2, B / 2).unwrap())
+        .collect()
+}
+
+/// Both ranks trained side by side, each on its half; their weights.
+fn train_two_ranks(objective: &dyn Objective, data: &[Batch]) -> [HashMap<String, Vec<f32>>; 2] {
+    let (root, peer) = pair();
+    std::thread::scope(|s| {
+        let run = |comm: TcpCollective| {
+            let local = half(data, comm.rank());
+            s.spawn(move || {
+                train_with(&local, |t, batch, ctx| {
+                    loss_and_grads_across(
+                        &t.model,
+                        &t.params,
+                        &t.logit_scale,
+                        objective,
+                        batch,
+                        ctx,
+                        StepPlan::default(),
+                        &comm,
+                    )
+                })
+            })
+        };
+        let (r0, r1) = (run(root), run(peer));
+        [r0.join().unwrap(), r1.join().unwrap()]
+    })
+}
+
+#[test]
+fn two_ranks_of_64_equal_one_process_of_128() {
+    let data = batches();
+    let rankclip = RankClipObjective(RankClipConfig::rankclip());
+    let objectives: [(&str, &dyn Objective); 2] =
+        [("clip", &ClipObjective), ("rankclip", &rankclip)];
+    for (name, objective) in objectives {
+        let [rank0, rank1] = train_two_ranks(objective, &data);
+        assert_eq!(rank0, rank1, "{name}: the ranks' weights differ");
+        let micro = StepPlan {
+            micro_batch: Some(B / 2),
+            recompute: false,
+        };
+        assert_eq!(
+            rank0,
+            train(objective, micro, 2, &data),
+            "{name}: 2 ranks × 64 differ from one process with micro-batches of 64"
+        );
+        let (rel, at) = worst_relative(&rank0, &train(objective, StepPlan::default(), 2, &data));
+        assert!(
+            rel < 1e-5,
+            "{name}: 2 × 64 differs from 1 × 128 by {rel:e} (relative) in {at}"
+        );
+    }
+}
+
+#[test]
+fn a_stopped_rank_stops_the_other_with_its_name() {
+    let (root, peer) = pair();
+    drop(peer); // rank 1 dies before the first collective
+    let t = rankalign_train::losses::StepContext {
+        epoch: 1,
+        epochs: 1,
+        tie_seed: 0,
+        labels: None,
+    };
+    let tiny = super::micro_batch::tiny_step::tiny(4);
+    let data = half(&batches()[..1], 0);
+    let err = loss_and_grads_across(
+        &tiny.model,
+        &tiny.params,
+        &tiny.logit_scale,
+        &ClipObjective,
+        &data[0],
+        &t,
+        StepPlan::default(),
+        &root,
+    )
+    .err()
+    .expect("the step must fail")
+    .to_string();
+    assert!(
+        err.contains("rank 1") && err.contains("closed the connection"),
+        "{err}"
+    );
+}
