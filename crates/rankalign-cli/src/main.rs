@@ -56,6 +56,21 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Run N ranks of a data-parallel command on this machine, as `torchrun
+    /// --nproc_per_node N`: each gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    /// MASTER_ADDR=127.0.0.1 and MASTER_PORT; the first rank to fail stops the others.
+    /// Example: `rankalign launch --nproc 2 -- train --config c.toml`.
+    Launch {
+        /// Ranks to start.
+        #[arg(long)]
+        nproc: usize,
+        /// Rank 0's port (default: a free one).
+        #[arg(long)]
+        master_port: Option<u16>,
+        /// The rankalign command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Table several runs of one experiment (e.g. `--seed` runs) as mean ± std of every
     /// evaluation metric per variant, with a plot: `study.md` and `study.png`.
     Study {
@@ -275,8 +290,14 @@ fn main() -> Result<()> {
                         "--stop-after applies to pre-training experiments; an ordinal experiment resumes run by run"
                     );
                 }
+                if rankalign_train::dist::DistEnv::from_env()?.is_some() {
+                    anyhow::bail!(
+                        "data parallel (WORLD_SIZE > 1) runs pre-training experiments; an ordinal experiment runs in one process"
+                    );
+                }
                 return train_ordinal(&cfg, &device, overwrite);
             }
+            let dist = rankalign_train::dist::DistEnv::from_env()?;
             let mut exp = ExperimentConfig::load(&config)?;
             if let Some(dir) = out_dir {
                 exp.out_dir = dir;
@@ -285,12 +306,22 @@ fn main() -> Result<()> {
                 exp.seed = s;
                 exp.name = format!("{}-seed{s}", exp.name);
             }
-            let concurrent = if exp.train.parallel_variants {
+            // Data-parallel ranks train the variants one after the other and share this
+            // node's cores with the other local ranks.
+            let concurrent = if exp.train.parallel_variants && dist.is_none() {
                 exp.variants.len().max(1)
             } else {
                 1
             };
-            let per_run = threads.unwrap_or((cores / concurrent).max(1));
+            let local_ranks = match &dist {
+                Some(_) => std::env::var("LOCAL_WORLD_SIZE")
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(1)
+                    .max(1),
+                None => 1,
+            };
+            let per_run = threads.unwrap_or((cores / (concurrent * local_ranks)).max(1));
             if std::env::var_os("RAYON_NUM_THREADS").is_none() || threads.is_some() {
                 let elementwise = if exp.train.micro_batch.is_some() {
                     1
@@ -299,8 +330,15 @@ fn main() -> Result<()> {
                 };
                 set_compute_threads(per_run, elementwise);
             }
-            train(&exp, &device, overwrite, stop_after, per_run, concurrent)
+            train(
+                &exp, &device, overwrite, stop_after, per_run, concurrent, dist,
+            )
         }
+        Command::Launch {
+            nproc,
+            master_port,
+            command,
+        } => launch(nproc, master_port, &command),
         Command::Embed {
             model,
             images,
@@ -452,7 +490,33 @@ fn train(
     stop_after: Option<usize>,
     per_run: usize,
     concurrent: usize,
+    dist: Option<rankalign_train::dist::DistEnv>,
 ) -> Result<()> {
+    let comm: Option<Arc<dyn rankalign_train::dist::Collective>> = match &dist {
+        Some(env) => {
+            if env.rank == 0 {
+                eprintln!(
+                    "rankalign: rank 0 of {}, waiting for the others at {}:{}",
+                    env.world_size, env.master_addr, env.master_port
+                );
+            }
+            let c = rankalign_train::dist::TcpCollective::connect(env, Default::default())?;
+            Some(Arc::new(c))
+        }
+        None => None,
+    };
+    if dist.as_ref().is_some_and(|e| e.rank != 0) {
+        // Rank 0 reports; the others only say what stops them (as an error).
+        let opts = RunOptions {
+            overwrite,
+            stop_after,
+            threads: per_run,
+            comm,
+            ..Default::default()
+        };
+        run_experiment(exp, device, &opts).with_context(|| format!("experiment {}", exp.name))?;
+        return Ok(());
+    }
     eprintln!(
         "rankalign: {} — {} variant(s), {} at a time with {} compute thread(s) each",
         exp.name,
@@ -501,6 +565,7 @@ fn train(
         on_log: Some(on_log),
         on_notice: Some(on_notice),
         threads: per_run,
+        comm,
     };
     let out =
         run_experiment(exp, device, &opts).with_context(|| format!("experiment {}", exp.name))?;
@@ -812,4 +877,87 @@ fn eval(a: EvalArgs) -> Result<()> {
         table.display()
     );
     Ok(())
+}
+
+/// `rankalign launch`: `nproc` ranks of `command` on this machine.
+fn launch(nproc: usize, master_port: Option<u16>, command: &[String]) -> Result<()> {
+    if nproc == 0 {
+        anyhow::bail!("launch: --nproc must be at least 1");
+    }
+    let port = match master_port {
+        Some(p) => p,
+        // A port the system just gave out and took back: free, barring a race.
+        None => std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("launch: finding a free port for rank 0")?
+            .port(),
+    };
+    let exe = std::env::current_exe().context("launch: finding the rankalign executable")?;
+    let mut ranks = Vec::with_capacity(nproc);
+    for rank in 0..nproc {
+        let child = std::process::Command::new(&exe)
+            .args(command)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", nproc.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("LOCAL_WORLD_SIZE", nproc.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .with_context(|| format!("launch: starting rank {rank}"))?;
+        ranks.push(child);
+    }
+    // Wait for all; once one fails, give the others a moment to stop on their own (their
+    // next collective fails), then stop the rest.
+    let mut failed_at: Option<std::time::Instant> = None;
+    loop {
+        let mut running = 0;
+        for child in ranks.iter_mut() {
+            match child.try_wait()? {
+                Some(status) if !status.success() => {
+                    failed_at.get_or_insert_with(std::time::Instant::now);
+                }
+                Some(_) => {}
+                None => running += 1,
+            }
+        }
+        if let Some(t) = failed_at
+            && (running == 0 || t.elapsed() > std::time::Duration::from_secs(5))
+        {
+            let mut stopped = vec![false; nproc];
+            for (child, stopped) in ranks.iter_mut().zip(stopped.iter_mut()) {
+                if child.try_wait()?.is_none() {
+                    *stopped = child.kill().is_ok();
+                }
+            }
+            let mut failures = Vec::new();
+            for (rank, (child, stopped)) in ranks.iter_mut().zip(stopped).enumerate() {
+                let status = child.wait()?;
+                if stopped {
+                    failures.push(format!("rank {rank} was stopped by launch"));
+                } else if !status.success() {
+                    failures.push(format!("rank {rank} {}", describe_exit(status)));
+                }
+            }
+            anyhow::bail!("launch: {}", failures.join("; "));
+        }
+        if running == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            return format!("was killed by signal {sig}");
+        }
+    }
+    match status.code() {
+        Some(c) => format!("exited with status {c}"),
+        None => "stopped".into(),
+    }
 }

@@ -262,11 +262,8 @@ fn data_export_then_check_reports_the_shards() {
     );
 }
 
-/// `kill -9` in the middle of a run loses nothing: the restarted run resumes from the
-/// last checkpoint and ends with the weights of a run that was never interrupted.
-#[test]
-fn a_run_killed_with_sigkill_resumes_to_the_same_weights() {
-    let dir = scratch("sigkill");
+/// 64 digit scenes at 24 px as a CSV source under `dir/csv`; the config's `[data]` lines.
+fn export_csv(dir: &std::path::Path) -> String {
     let (ok, err) = rankalign(&[
         "data",
         "export",
@@ -280,10 +277,18 @@ fn a_run_killed_with_sigkill_resumes_to_the_same_weights() {
         "24",
     ]);
     assert!(ok, "{err}");
-    let data = format!(
+    format!(
         "source = \"csv\"\nimage_size = 24\npath = \"{}/csv/images.csv\"\nconvention = \"cyclip\"",
         dir.display()
-    );
+    )
+}
+
+/// `kill -9` in the middle of a run loses nothing: the restarted run resumes from the
+/// last checkpoint and ends with the weights of a run that was never interrupted.
+#[test]
+fn a_run_killed_with_sigkill_resumes_to_the_same_weights() {
+    let dir = scratch("sigkill");
+    let data = export_csv(&dir);
     let epochs = 40; // 4 steps an epoch: 160 steps, several seconds.
     let straight = write(
         "straight.toml",
@@ -470,4 +475,118 @@ fn eval_runs_every_task_from_the_command_line_and_names_bad_data() {
     assert!(!ok && err.contains("unknown format"), "{err}");
     let (ok, err) = run(&["--task", "linear_probe", "--dataset", &ds]);
     assert!(!ok && err.contains("--train-dataset"), "{err}");
+}
+
+/// The CSV data of the data-parallel tests under `dir`, and two tiny configs `epochs`
+/// long: one for the ranks (writing under `dir/ranks`), and one for a single process
+/// with micro-batches of 8 (under `dir/micro`).
+fn data_parallel_setup(dir: &std::path::Path, epochs: usize) -> (String, String) {
+    let data = export_csv(&dir);
+    let ranks = write(
+        &format!("{}-ranks.toml", dir.file_name().unwrap().to_str().unwrap()),
+        &tiny_files_config(&dir.join("ranks"), &data, epochs),
+    );
+    let micro = tiny_files_config(&dir.join("micro"), &data, epochs)
+        .replace("log_every = 1\n", "log_every = 1\nmicro_batch = 8\n");
+    let micro = write(
+        &format!("{}-micro.toml", dir.file_name().unwrap().to_str().unwrap()),
+        &micro,
+    );
+    (
+        ranks.to_str().unwrap().to_string(),
+        micro.to_str().unwrap().to_string(),
+    )
+}
+
+/// The bytes of the model in `run`'s checkpoint at `step`.
+fn checkpoint_bytes(run: &std::path::Path, step: usize) -> Vec<u8> {
+    let path = run.join(format!(
+        "tiny/clip/checkpoints/step-{step:08}/model.safetensors"
+    ));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `rankalign launch --nproc 2` trains the batch of 16 as two ranks of 8 and writes the
+/// checkpoints of one process with `micro_batch = 8`, byte for byte; only rank 0 writes.
+#[test]
+fn two_launched_ranks_write_the_checkpoints_of_one_process() {
+    let dir = scratch("launch");
+    let (ranks, micro) = data_parallel_setup(&dir, 2);
+    let (ok, err) = rankalign(&["launch", "--nproc", "2", "--", "train", "--config", &ranks]);
+    assert!(ok, "{err}");
+    let (ok, err) = rankalign(&["train", "--config", &micro]);
+    assert!(ok, "{err}");
+    assert!(
+        checkpoint_bytes(&dir.join("ranks"), 8) == checkpoint_bytes(&dir.join("micro"), 8),
+        "2 ranks x 8 and micro-batches of 8 differ"
+    );
+    let metrics = std::fs::read_to_string(dir.join("ranks/tiny/clip/metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().count(),
+        8,
+        "one metrics line a step, from rank 0 alone"
+    );
+}
+
+/// The child processes of `pid` (Linux).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Killing one rank stops the run with that rank's name; launched again, the run
+/// resumes from rank 0's last checkpoint and ends with the weights of a run that was
+/// never interrupted.
+#[test]
+#[cfg(target_os = "linux")]
+fn a_killed_rank_stops_the_run_and_it_resumes_exactly() {
+    let dir = scratch("launch-kill");
+    let (ranks, micro) = data_parallel_setup(&dir, 40); // 4 steps an epoch: 160 steps
+    let launch = || {
+        Command::new(env!("CARGO_BIN_EXE_rankalign"))
+            .args(["launch", "--nproc", "2", "--", "train", "--config", &ranks])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let run = launch();
+    let latest = dir.join("ranks/tiny/clip/checkpoints/latest");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&latest).unwrap_or_default().trim() < "step-00000012" {
+        assert!(started.elapsed().as_secs() < 300, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let rank1 = children(run.id())
+        .into_iter()
+        .find(|&c| {
+            std::fs::read(format!("/proc/{c}/environ"))
+                .unwrap_or_default()
+                .split(|&b| b == 0)
+                .any(|kv| kv == b"RANK=1")
+        })
+        .expect("rank 1's process");
+    let killed = Command::new("kill")
+        .args(["-9", &rank1.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = run.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("rank 1 was killed by signal 9"), "{err}");
+    let at = std::fs::read_to_string(&latest).unwrap();
+    assert!(
+        at.trim() < "step-00000160",
+        "the run finished before the kill: {at}"
+    );
+    assert!(launch().wait().unwrap().success(), "the resumed run failed");
+    let (ok, err) = rankalign(&["train", "--config", &micro, "--threads", "1"]);
+    assert!(ok, "{err}");
+    assert!(
+        checkpoint_bytes(&dir.join("ranks"), 160) == checkpoint_bytes(&dir.join("micro"), 160),
+        "weights differ after the kill (at {at})"
+    );
 }

@@ -54,7 +54,9 @@ impl DistEnv {
     /// The first launcher whose world-size variable is set, in the order torchrun,
     /// SLURM, OpenMPI (as open_clip reads them); `None` when none is, or the world has
     /// one rank. `MASTER_ADDR` defaults to 127.0.0.1 and `MASTER_PORT` to 29500 (torchrun's
-    /// defaults). A malformed value is an error naming the variable.
+    /// defaults); under torchrun, whose agent serves its store on `MASTER_PORT`
+    /// (`TORCHELASTIC_USE_AGENT_STORE=True`), rank 0 listens on `MASTER_PORT + 1`. A
+    /// malformed value is an error naming the variable.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
         let Some((launcher, [rank_key, world_key, local_key])) =
             LAUNCHERS.iter().find(|(_, keys)| get(keys[1]).is_some())
@@ -87,11 +89,24 @@ impl DistEnv {
             return Ok(None);
         }
         let master_addr = get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
-        let master_port = match get("MASTER_PORT") {
+        let master_port: u16 = match get("MASTER_PORT") {
             Some(v) => v.trim().parse().map_err(|_| {
                 TrainError::Invalid(format!("MASTER_PORT={v:?} is not a port number"))
             })?,
             None => 29500,
+        };
+        // torchrun's agent already serves its own store on MASTER_PORT (and says so in
+        // this variable); rank 0 then listens on the port after it.
+        let agent_store = get("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let master_port = if agent_store {
+            master_port.checked_add(1).ok_or_else(|| {
+                TrainError::Invalid(format!(
+                    "MASTER_PORT={master_port}: torchrun holds it, and no port follows it"
+                ))
+            })?
+        } else {
+            master_port
         };
         Ok(Some(Self {
             rank,
@@ -532,6 +547,15 @@ mod tests {
             (s.rank, s.world_size, s.local_rank, s.master_port),
             (5, 8, 1, 29500)
         );
+        let under_torchrun = env(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "0"),
+            ("MASTER_PORT", "29400"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(under_torchrun.master_port, 29401);
         let m = env(&[("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_COMM_WORLD_RANK", "1")])
             .unwrap()
             .unwrap();

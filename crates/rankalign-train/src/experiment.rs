@@ -2,14 +2,16 @@
 //! budget, evaluated the same way, and reported side by side.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::config::ExperimentConfig;
+use crate::dist::Collective;
 use crate::report::{plot_evals, plot_losses, write_report};
-use crate::trainer::{LogFn, NoticeFn, VariantOptions, VariantOutcome, prepare, train_variant};
+use crate::trainer::{LogFn, NoticeFn, VariantOptions, VariantOutcome, prepare_for, train_variant};
 use crate::{Result, TrainError, io_err};
 
 /// Options of a whole experiment run.
@@ -26,6 +28,9 @@ pub struct RunOptions {
     /// this size, so that variants side by side never queue on one pool; 0: the
     /// caller's pool.
     pub threads: usize,
+    /// This rank's collective in a data-parallel run (variants then train one after
+    /// the other, and only rank 0 writes).
+    pub comm: Option<Arc<dyn Collective>>,
 }
 
 /// `f` on a new rayon pool of `threads` workers (the caller waits); 0: on the current
@@ -60,12 +65,15 @@ pub fn run_experiment(
 ) -> Result<ExperimentOutcome> {
     let started = Instant::now();
     let run_dir = exp.run_dir();
-    std::fs::create_dir_all(&run_dir).map_err(io_err(&run_dir))?;
-    let cfg_path = run_dir.join("config.toml");
-    let text = toml::to_string_pretty(exp)
-        .map_err(|e| TrainError::Invalid(format!("serialising the config: {e}")))?;
-    std::fs::write(&cfg_path, text).map_err(io_err(&cfg_path))?;
-    let shared = prepare(exp, device)?;
+    let writes = opts.comm.as_ref().is_none_or(|c| c.rank() == 0);
+    if writes {
+        std::fs::create_dir_all(&run_dir).map_err(io_err(&run_dir))?;
+        let cfg_path = run_dir.join("config.toml");
+        let text = toml::to_string_pretty(exp)
+            .map_err(|e| TrainError::Invalid(format!("serialising the config: {e}")))?;
+        std::fs::write(&cfg_path, text).map_err(io_err(&cfg_path))?;
+    }
+    let shared = prepare_for(exp, device, writes)?;
     let sched = exp.schedule_for(shared.train.len());
     if let Some(cb) = &opts.on_notice {
         cb(
@@ -104,8 +112,10 @@ pub fn run_experiment(
         progress: bars[i].clone(),
         on_log: opts.on_log.clone(),
         on_notice: opts.on_notice.clone(),
+        comm: opts.comm.clone(),
     };
-    let outcomes: Vec<VariantOutcome> = if exp.train.parallel_variants && exp.variants.len() > 1 {
+    let side_by_side = exp.train.parallel_variants && exp.variants.len() > 1 && opts.comm.is_none();
+    let outcomes: Vec<VariantOutcome> = if side_by_side {
         std::thread::scope(|s| {
             let handles: Vec<_> = exp
                 .variants
@@ -139,9 +149,18 @@ pub fn run_experiment(
     };
     let wall_secs = started.elapsed().as_secs_f64();
     let plot = run_dir.join("loss.png");
+    let report = run_dir.join("report.md");
+    if !writes {
+        return Ok(ExperimentOutcome {
+            run_dir,
+            report,
+            plot,
+            variants: outcomes,
+            wall_secs,
+        });
+    }
     plot_losses(&plot, &outcomes)?;
     plot_evals(&run_dir.join("evals.png"), &outcomes)?;
-    let report = run_dir.join("report.md");
     write_report(
         &report,
         exp,

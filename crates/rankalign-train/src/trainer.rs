@@ -37,10 +37,11 @@ use std::collections::BTreeMap;
 
 use crate::checkpoint::{self, CheckpointState};
 use crate::config::{ExperimentConfig, VariantConfig};
+use crate::dist::Collective;
 use crate::eval::{EvalReport, Evaluation, Evaluator, evaluate};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::cosine_with_warmup;
-use crate::step::{StepGrads, loss_and_grads};
+use crate::step::{StepGrads, loss_and_grads, loss_and_grads_across};
 use crate::{Result, TrainError, io_err};
 
 /// The upper clamp of `logit_scale`: ln 100.
@@ -125,6 +126,23 @@ pub struct VariantOptions {
     /// Called with each logged record (e.g. to print lines when there is no terminal).
     pub on_log: Option<LogFn>,
     pub on_notice: Option<NoticeFn>,
+    /// In a data-parallel run, this rank's collective: each global batch is split by
+    /// rank, and only rank 0 writes (metrics, checkpoints, evaluations).
+    pub comm: Option<Arc<dyn Collective>>,
+}
+
+impl VariantOptions {
+    /// Whether this process writes the run's files: always, except on ranks other than
+    /// 0 of a data-parallel run.
+    pub fn writes(&self) -> bool {
+        self.comm.as_ref().is_none_or(|c| c.rank() == 0)
+    }
+}
+
+/// Waits until every rank has called it (a one-element sum).
+pub fn barrier(comm: &dyn Collective) -> Result<()> {
+    comm.all_reduce_sum(&Tensor::zeros(1, DType::F32, &Device::Cpu)?)?;
+    Ok(())
 }
 
 /// A stable digest of what determines a run, so that a checkpoint is only resumed by
@@ -275,10 +293,13 @@ pub fn build(
     let dir = exp.run_dir().join(&variant.name);
     let ckpt_dir = dir.join("checkpoints");
     let metrics_path = dir.join("metrics.jsonl");
-    if overwrite && dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+    let writes = opts.writes();
+    if writes {
+        if overwrite && dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     }
-    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let clip_cfg = exp.model.resolve().map_err(TrainError::Invalid)?;
     let vm = SeededVarMap::new(mix_seed(&[exp.seed, 0x30DE1]));
     if let Some(spec) = &exp.model.init_from {
@@ -365,8 +386,10 @@ pub fn build(
         }
     }
     let (history, evals, lines) = read_history(&metrics_path, start)?;
-    // Rewrite the metrics so they end where the checkpoint does.
-    std::fs::write(&metrics_path, lines).map_err(io_err(&metrics_path))?;
+    if writes {
+        // Rewrite the metrics so they end where the checkpoint does.
+        std::fs::write(&metrics_path, lines).map_err(io_err(&metrics_path))?;
+    }
     Ok(Run {
         name: variant.name.clone(),
         dir,
@@ -398,10 +421,33 @@ pub fn fit(
     let device = &shared.device;
     let metrics_path = run.dir.join("metrics.jsonl");
     let ckpt_dir = run.dir.join("checkpoints");
-    let mut metrics = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .map_err(io_err(&metrics_path))?;
+    let writes = opts.writes();
+    let comm = opts.comm.as_deref();
+    let mut metrics = if writes {
+        Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&metrics_path)
+                .map_err(io_err(&metrics_path))?,
+        )
+    } else {
+        None
+    };
+    let mut log_line = |line: &str| -> Result<()> {
+        match metrics.as_mut() {
+            Some(m) => writeln!(m, "{line}").map_err(io_err(&metrics_path)),
+            None => Ok(()),
+        }
+    };
+    if let Some(c) = comm
+        && !exp.train.batch_size.is_multiple_of(c.world_size())
+    {
+        return Err(TrainError::Invalid(format!(
+            "train.batch_size {} is not divisible by the {} ranks of this data-parallel run",
+            exp.train.batch_size,
+            c.world_size()
+        )));
+    }
     let sched = exp.schedule_for(shared.train.len());
     let total = sched.total_steps;
     let start = run.start;
@@ -477,15 +523,32 @@ pub fn fit(
             tie_seed: mix_seed(&[exp.seed, 0x9E53, step as u64]),
             labels: None,
         };
-        let StepGrads { terms, grads } = loss_and_grads(
-            &run.model,
-            &run.params,
-            &run.logit_scale,
-            run.objective.as_ref(),
-            &batch,
-            &ctx,
-            exp.train.step_plan(),
-        )?;
+        let StepGrads { terms, grads } = match comm {
+            // Every rank reads the same global batch (so the data position, and exact
+            // resume, are the single-process ones) and steps on its own rows.
+            Some(c) => {
+                let part = batch.len() / c.world_size();
+                loss_and_grads_across(
+                    &run.model,
+                    &run.params,
+                    &run.logit_scale,
+                    run.objective.as_ref(),
+                    &batch.narrow(c.rank() * part, part)?,
+                    &ctx,
+                    exp.train.step_plan(),
+                    c,
+                )?
+            }
+            None => loss_and_grads(
+                &run.model,
+                &run.params,
+                &run.logit_scale,
+                run.objective.as_ref(),
+                &batch,
+                &ctx,
+                exp.train.step_plan(),
+            )?,
+        };
         let loss_value = scalar(&terms.total)?;
         if !loss_value.is_finite() {
             return Err(TrainError::Diverged {
@@ -522,7 +585,7 @@ pub fn fit(
             };
             let line =
                 serde_json::to_string(&rec).map_err(|e| TrainError::Invalid(e.to_string()))?;
-            writeln!(metrics, "{line}").map_err(io_err(&metrics_path))?;
+            log_line(&line)?;
             if let Some(cb) = &opts.on_log {
                 cb(&run.name, &rec, total);
             }
@@ -530,7 +593,7 @@ pub fn fit(
         }
         let epoch_end = done % sched.steps_per_epoch == 0;
         let mut records = Vec::new();
-        if epoch_end && !val_batches.is_empty() {
+        if epoch_end && writes && !val_batches.is_empty() {
             opts.progress.set_message("validation loss");
             let metrics = validation_loss(
                 &run.model,
@@ -549,7 +612,7 @@ pub fn fit(
         }
         let due: Vec<_> = periodic
             .iter()
-            .filter(|t| t.due(done, sched.steps_per_epoch))
+            .filter(|t| writes && t.due(done, sched.steps_per_epoch))
             .collect();
         if !due.is_empty() {
             // A new evaluator per round: its feature cache belongs to these weights.
@@ -573,12 +636,12 @@ pub fn fit(
         for rec in records {
             let line =
                 serde_json::to_string(&rec).map_err(|e| TrainError::Invalid(e.to_string()))?;
-            writeln!(metrics, "{line}").map_err(io_err(&metrics_path))?;
+            log_line(&line)?;
             run.evals.push(rec);
         }
         opts.progress.set_position(done as u64);
         opts.progress.set_message(format!("loss {loss_value:.3}"));
-        if done % exp.train.checkpoint_every == 0 || done == end {
+        if writes && (done % exp.train.checkpoint_every == 0 || done == end) {
             let state = CheckpointState {
                 step: done,
                 optimizer_steps: run.opt.steps(),
@@ -624,6 +687,10 @@ pub fn finish(
     shared: &Shared,
     opts: &VariantOptions,
 ) -> Result<VariantOutcome> {
+    if !opts.writes() {
+        opts.progress.finish_with_message("done (rank 0 evaluates)");
+        return Ok(outcome(run, fitted, EvalReport::default()));
+    }
     opts.progress.set_message("evaluating");
     let eval_dir = run.dir.join("eval");
     let eval = evaluate(
@@ -653,7 +720,11 @@ pub fn finish(
         .map(|(k, v)| format!(", {k} {v:.1}"))
         .unwrap_or_default();
     opts.progress.finish_with_message(format!("done{headline}"));
-    Ok(VariantOutcome {
+    Ok(outcome(run, fitted, eval))
+}
+
+fn outcome(run: Run, fitted: Fitted, eval: EvalReport) -> VariantOutcome {
+    VariantOutcome {
         name: run.name,
         steps: fitted.steps,
         resumed_from: (run.start > 0).then_some(run.start),
@@ -666,7 +737,7 @@ pub fn finish(
         evals: run.evals,
         skipped: fitted.skipped,
         warnings: run.warnings,
-    })
+    }
 }
 
 /// Train one variant to the end (or `stop_after`) and evaluate it.
@@ -676,13 +747,28 @@ pub fn train_variant(
     shared: &Shared,
     opts: &VariantOptions,
 ) -> Result<VariantOutcome> {
+    // In a data-parallel run rank 0 prepares the directory (starting over or resuming)
+    // before the other ranks read the checkpoint it resumes from.
+    let comm = opts.comm.as_deref();
+    if let Some(c) = comm.filter(|c| c.rank() != 0) {
+        barrier(c)?;
+    }
     let mut run = build(exp, variant, &shared.device, opts)?;
+    if let Some(c) = comm.filter(|c| c.rank() == 0) {
+        barrier(c)?;
+    }
     let fitted = fit(exp, &mut run, shared, opts)?;
     finish(exp, run, fitted, shared, opts)
 }
 
 /// Open the training source and the evaluation data of an experiment.
 pub fn prepare(exp: &ExperimentConfig, device: &Device) -> Result<Shared> {
+    prepare_for(exp, device, true)
+}
+
+/// [`prepare`]; without `with_eval` (a data-parallel rank other than 0) only the
+/// training data: nothing is written and no test data is opened.
+pub fn prepare_for(exp: &ExperimentConfig, device: &Device, with_eval: bool) -> Result<Shared> {
     let clip_cfg = exp.model.resolve().map_err(TrainError::Invalid)?;
     let (train, val, mut eval): (Arc<dyn PairSource>, Option<Arc<dyn PairSource>>, Evaluation) =
         match &exp.data {
@@ -696,12 +782,16 @@ pub fn prepare(exp: &ExperimentConfig, device: &Device) -> Result<Shared> {
                     ))),
                     _ => None,
                 };
-                let tasks = crate::eval::digits::write_eval_data(
-                    &train,
-                    &test,
-                    &exp.eval,
-                    &exp.run_dir().join("eval-data"),
-                )?;
+                let tasks = if with_eval {
+                    crate::eval::digits::write_eval_data(
+                        &train,
+                        &test,
+                        &exp.eval,
+                        &exp.run_dir().join("eval-data"),
+                    )?
+                } else {
+                    Vec::new()
+                };
                 (
                     Arc::new(rankalign_data::source::DigitsSource::new(train)),
                     val,
@@ -715,13 +805,15 @@ pub fn prepare(exp: &ExperimentConfig, device: &Device) -> Result<Shared> {
                 other.open_train(exp.seed)?,
                 None,
                 Evaluation {
-                    held_out: other.open_test()?,
+                    held_out: if with_eval { other.open_test()? } else { None },
                     tasks: Vec::new(),
                 },
             ),
         };
-    eval.tasks
-        .extend(exp.eval.tasks.iter().map(|t| t.task.clone()));
+    if with_eval {
+        eval.tasks
+            .extend(exp.eval.tasks.iter().map(|t| t.task.clone()));
+    }
     if train.len() < exp.train.batch_size {
         return Err(TrainError::Invalid(format!(
             "{} holds fewer samples than train.batch_size {}",
