@@ -481,7 +481,7 @@ fn eval_runs_every_task_from_the_command_line_and_names_bad_data() {
 /// long: one for the ranks (writing under `dir/ranks`), and one for a single process
 /// with micro-batches of 8 (under `dir/micro`).
 fn data_parallel_setup(dir: &std::path::Path, epochs: usize) -> (String, String) {
-    let data = export_csv(&dir);
+    let data = export_csv(dir);
     let ranks = write(
         &format!("{}-ranks.toml", dir.file_name().unwrap().to_str().unwrap()),
         &tiny_files_config(&dir.join("ranks"), &data, epochs),
