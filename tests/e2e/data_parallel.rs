@@ -119,3 +119,40 @@ fn a_stopped_rank_stops_the_other_with_its_name() {
         "{err}"
     );
 }
+
+/// A rank that does not see rank 0's run directory (here: another `out_dir`) would start
+/// over while rank 0 resumes; the run stops at once, saying so.
+#[test]
+fn ranks_that_start_from_different_checkpoints_are_refused() {
+    let (shared, alone) = (crate::scratch("dp-shared"), crate::scratch("dp-alone"));
+    // Rank 0's directory holds a checkpoint at step 4; rank 1's is empty.
+    let variant = "[[variant]]\nname = \"clip\"\nloss = { kind = \"clip\" }\n";
+    crate::train_tiny(&shared, "dp", variant, 4);
+    let cfg = |dir: &std::path::Path| {
+        rankalign_train::ExperimentConfig::parse(
+            &crate::tiny_config("dp", dir, variant),
+            std::path::Path::new("tiny.toml"),
+        )
+        .unwrap()
+    };
+    let (root, peer) = pair();
+    let run = |dir: std::path::PathBuf, comm: TcpCollective| {
+        std::thread::spawn(move || {
+            let opts = rankalign_train::RunOptions {
+                comm: Some(std::sync::Arc::new(comm)),
+                ..Default::default()
+            };
+            rankalign_train::run_experiment(&cfg(&dir), &candle_core::Device::Cpu, &opts)
+                .err()
+                .map(|e| e.to_string())
+        })
+    };
+    let (r0, r1) = (run(shared, root), run(alone, peer));
+    let err = r1.join().unwrap().expect("rank 1 must fail");
+    assert!(
+        err.contains("rank 1 does not start where rank 0 does")
+            && err.contains("another step: step 0 against rank 0's 4"),
+        "{err}"
+    );
+    assert!(r0.join().unwrap().is_some(), "rank 0 must fail too");
+}

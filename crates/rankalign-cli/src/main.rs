@@ -268,7 +268,13 @@ fn main() -> Result<()> {
             device,
             seed,
         } => {
-            let device = parse_device(&device)?;
+            let dist = rankalign_train::dist::DistEnv::from_env()?;
+            // A data-parallel rank on a bare `cuda` takes the GPU of its local rank.
+            let local_gpu = match (device.as_str(), &dist) {
+                ("cuda", Some(env)) => format!("cuda:{}", env.local_rank),
+                _ => device.clone(),
+            };
+            let device = parse_device(&local_gpu)?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             if is_ordinal(&config)? {
                 let mut cfg = OrdinalConfig::load(&config)?;
@@ -290,14 +296,13 @@ fn main() -> Result<()> {
                         "--stop-after applies to pre-training experiments; an ordinal experiment resumes run by run"
                     );
                 }
-                if rankalign_train::dist::DistEnv::from_env()?.is_some() {
+                if dist.is_some() {
                     anyhow::bail!(
                         "data parallel (WORLD_SIZE > 1) runs pre-training experiments; an ordinal experiment runs in one process"
                     );
                 }
                 return train_ordinal(&cfg, &device, overwrite);
             }
-            let dist = rankalign_train::dist::DistEnv::from_env()?;
             let mut exp = ExperimentConfig::load(&config)?;
             if let Some(dir) = out_dir {
                 exp.out_dir = dir;
@@ -500,7 +505,8 @@ fn train(
                     env.world_size, env.master_addr, env.master_port
                 );
             }
-            let c = rankalign_train::dist::TcpCollective::connect(env, Default::default())?;
+            let timeouts = rankalign_train::dist::Timeouts::from_env()?;
+            let c = rankalign_train::dist::TcpCollective::connect(env, timeouts)?;
             Some(Arc::new(c))
         }
         None => None,
@@ -893,7 +899,7 @@ fn launch(nproc: usize, master_port: Option<u16>, command: &[String]) -> Result<
             .port(),
     };
     let exe = std::env::current_exe().context("launch: finding the rankalign executable")?;
-    let mut ranks = Vec::with_capacity(nproc);
+    let mut ranks = Ranks(Vec::with_capacity(nproc));
     for rank in 0..nproc {
         let child = std::process::Command::new(&exe)
             .args(command)
@@ -905,46 +911,56 @@ fn launch(nproc: usize, master_port: Option<u16>, command: &[String]) -> Result<
             .env("MASTER_PORT", port.to_string())
             .spawn()
             .with_context(|| format!("launch: starting rank {rank}"))?;
-        ranks.push(child);
+        ranks.0.push(child);
     }
     // Wait for all; once one fails, give the others a moment to stop on their own (their
-    // next collective fails), then stop the rest.
-    let mut failed_at: Option<std::time::Instant> = None;
+    // next collective fails), then stop the rest. The first failure is reported first.
+    let mut first: Option<(usize, std::process::ExitStatus, std::time::Instant)> = None;
     loop {
         let mut running = 0;
-        for child in ranks.iter_mut() {
+        for (rank, child) in ranks.0.iter_mut().enumerate() {
             match child.try_wait()? {
-                Some(status) if !status.success() => {
-                    failed_at.get_or_insert_with(std::time::Instant::now);
+                Some(status) if !status.success() && first.is_none() => {
+                    first = Some((rank, status, std::time::Instant::now()));
                 }
                 Some(_) => {}
                 None => running += 1,
             }
         }
-        if let Some(t) = failed_at
-            && (running == 0 || t.elapsed() > std::time::Duration::from_secs(5))
+        if let Some((rank, status, at)) = first
+            && (running == 0 || at.elapsed() > std::time::Duration::from_secs(5))
         {
-            let mut stopped = vec![false; nproc];
-            for (child, stopped) in ranks.iter_mut().zip(stopped.iter_mut()) {
-                if child.try_wait()?.is_none() {
-                    *stopped = child.kill().is_ok();
-                }
-            }
-            let mut failures = Vec::new();
-            for (rank, (child, stopped)) in ranks.iter_mut().zip(stopped).enumerate() {
+            let mut lines = vec![format!("rank {rank} {}", describe_exit(status))];
+            for (r, child) in ranks.0.iter_mut().enumerate().filter(|(r, _)| *r != rank) {
+                let stopped = child.try_wait()?.is_none() && child.kill().is_ok();
                 let status = child.wait()?;
-                if stopped {
-                    failures.push(format!("rank {rank} was stopped by launch"));
+                if stopped && !status.success() {
+                    lines.push(format!("rank {r} was stopped by launch"));
                 } else if !status.success() {
-                    failures.push(format!("rank {rank} {}", describe_exit(status)));
+                    lines.push(format!("rank {r} {}", describe_exit(status)));
                 }
             }
-            anyhow::bail!("launch: {}", failures.join("; "));
+            anyhow::bail!("launch: {}", lines.join("; "));
         }
         if running == 0 {
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The launched ranks; any still running when this is dropped (`launch` returning
+/// early with an error) are killed, so that none outlives it.
+struct Ranks(Vec<std::process::Child>);
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
 }
 

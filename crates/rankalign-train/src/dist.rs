@@ -142,11 +142,30 @@ pub struct Timeouts {
 }
 
 impl Default for Timeouts {
+    /// 5 minutes to connect; 30 minutes for a message, PyTorch's default process-group
+    /// timeout (the other ranks wait this long while rank 0 alone evaluates).
     fn default() -> Self {
         Self {
             connect: Duration::from_secs(300),
             message: Duration::from_secs(1800),
         }
+    }
+}
+
+impl Timeouts {
+    /// The defaults, with the message timeout from `RANKALIGN_DIST_TIMEOUT` (seconds)
+    /// when it is set.
+    pub fn from_env() -> Result<Self> {
+        let mut t = Self::default();
+        if let Ok(v) = std::env::var("RANKALIGN_DIST_TIMEOUT") {
+            let secs: u64 = v.trim().parse().map_err(|_| {
+                TrainError::Invalid(format!(
+                    "RANKALIGN_DIST_TIMEOUT={v:?} is not a number of seconds"
+                ))
+            })?;
+            t.message = Duration::from_secs(secs.max(1));
+        }
+        Ok(t)
     }
 }
 
@@ -179,6 +198,7 @@ impl Link {
     fn new(peer: usize, stream: TcpStream, timeouts: Timeouts) -> std::io::Result<Self> {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(timeouts.message))?;
+        stream.set_write_timeout(Some(timeouts.message))?;
         Ok(Self {
             peer,
             reader: std::sync::Mutex::new(BufReader::new(stream.try_clone()?)),
@@ -207,9 +227,10 @@ impl Link {
             .map_err(|e| self.broken(me, e))
     }
 
-    fn recv(&self, me: usize) -> Result<Message> {
+    /// The next message, its header checked by `expect` before its values are read.
+    fn recv(&self, me: usize, expect: &Expect) -> Result<Message> {
         let mut r = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        Message::read(&mut *r).map_err(|e| self.broken(me, e))
+        Message::read(&mut *r, expect).map_err(|e| self.broken(me, e))
     }
 }
 
@@ -224,6 +245,33 @@ struct Message {
 /// Largest element count a message may announce (16 GiB of f32): a larger one is a
 /// corrupt or foreign stream, not a tensor.
 const MAX_VALUES: u64 = 1 << 32;
+
+/// What a receiver knows of the message it waits for, checked before any value is read.
+#[derive(Debug)]
+enum Expect {
+    /// Exactly these dims (a sum's parts and result).
+    Dims(Vec<usize>),
+    /// `(rows, tail..)` with this tail; for a gather's result also one row count per
+    /// rank, adding up to the rows.
+    Rows {
+        tail: Vec<usize>,
+        ranks: Option<usize>,
+    },
+}
+
+impl Expect {
+    fn admits(&self, dims: &[usize], rows: &[usize]) -> bool {
+        match self {
+            Expect::Dims(d) => dims == d.as_slice(),
+            Expect::Rows { tail, ranks } => {
+                !dims.is_empty()
+                    && dims[1..] == tail[..]
+                    && ranks
+                        .is_none_or(|n| rows.len() == n && rows.iter().sum::<usize>() == dims[0])
+            }
+        }
+    }
+}
 
 impl Message {
     fn of(t: &Tensor) -> Result<Self> {
@@ -254,7 +302,7 @@ impl Message {
         w.write_all(&bytes)
     }
 
-    fn read(r: &mut impl Read) -> std::io::Result<Self> {
+    fn read(r: &mut impl Read, expect: &Expect) -> std::io::Result<Self> {
         let bad = |msg: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_string());
         let u64_of = |r: &mut dyn Read| -> std::io::Result<u64> {
             let mut b = [0u8; 8];
@@ -272,6 +320,11 @@ impl Message {
             }
         }
         let [dims, rows] = lists;
+        if !expect.admits(&dims, &rows) {
+            return Err(bad(&format!(
+                "a message of shape {dims:?} (rows {rows:?}) where {expect:?} was expected"
+            )));
+        }
         let count = dims
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
@@ -353,6 +406,7 @@ impl TcpCollective {
             .set_nonblocking(true)
             .map_err(|e| dist_error(0, e))?;
         let mut peers: Vec<Option<Link>> = (1..world).map(|_| None).collect();
+        let mut refused: Vec<String> = Vec::new();
         while peers.iter().any(Option::is_none) {
             match listener.accept() {
                 Ok((stream, from)) => {
@@ -362,28 +416,26 @@ impl TcpCollective {
                     stream
                         .set_read_timeout(Some(Duration::from_secs(30)))
                         .map_err(|e| dist_error(0, e))?;
+                    // A connection that is not a new rank of this run is dropped and
+                    // noted; the ranks may still come.
                     let mut hello = [0u8; 20];
-                    (&stream).read_exact(&mut hello).map_err(|e| {
-                        dist_error(0, format!("a connection from {from} sent no greeting: {e}"))
-                    })?;
+                    if let Err(e) = (&stream).read_exact(&mut hello) {
+                        refused.push(format!("{from} sent no greeting ({e})"));
+                        continue;
+                    }
                     let word = |i: usize| {
                         u64::from_le_bytes(hello[i..i + 8].try_into().unwrap_or([0xff; 8]))
                     };
                     let (rank, size) = (word(4) as usize, word(12) as usize);
                     if &hello[..4] != HELLO || size != world || rank == 0 || rank >= world {
-                        return Err(dist_error(
-                            0,
-                            format!(
-                                "a connection from {from} is not a rank of this run of {world} \
-                                 (it says rank {rank} of {size})"
-                            ),
+                        refused.push(format!(
+                            "{from} is not a rank of this run of {world} (it says rank {rank} of {size})"
                         ));
+                        continue;
                     }
                     if peers[rank - 1].is_some() {
-                        return Err(dist_error(
-                            0,
-                            format!("rank {rank} connected twice (from {from})"),
-                        ));
+                        refused.push(format!("{from} says it is rank {rank}, which is connected"));
+                        continue;
                     }
                     peers[rank - 1] =
                         Some(Link::new(rank, stream, timeouts).map_err(|e| dist_error(0, e))?);
@@ -396,10 +448,15 @@ impl TcpCollective {
                             .filter(|(_, p)| p.is_none())
                             .map(|(i, _)| (i + 1).to_string())
                             .collect();
+                        let refused = if refused.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; connections refused: {}", refused.join("; "))
+                        };
                         return Err(dist_error(
                             0,
                             format!(
-                                "ranks {} did not connect within {:?}",
+                                "ranks {} did not connect within {:?}{refused}",
                                 missing.join(", "),
                                 timeouts.connect
                             ),
@@ -417,28 +474,29 @@ impl TcpCollective {
         })
     }
 
-    /// Rank 0 receives every other rank's part (in rank order), combines them with its
-    /// own by `combine`, and sends the result to all; the others send theirs and receive
-    /// the result.
-    fn gather_combine(
+    /// Rank 0 folds every other rank's part (in rank order, each checked by `part`)
+    /// into its own with `fold`, and sends the result to all; the others send theirs
+    /// and receive the result (checked by `result`).
+    fn gather_fold(
         &self,
         mine: Message,
-        combine: impl FnOnce(Vec<Message>) -> Result<Message>,
+        part: &Expect,
+        result: &Expect,
+        mut fold: impl FnMut(Message, Message) -> Message,
     ) -> Result<Message> {
         if self.rank != 0 {
             let link = &self.links[0];
             link.send(self.rank, &mine)?;
-            return link.recv(self.rank);
+            return link.recv(self.rank, result);
         }
-        let mut parts = vec![mine];
+        let mut acc = mine;
         for link in &self.links {
-            parts.push(link.recv(0)?);
+            acc = fold(acc, link.recv(0, part)?);
         }
-        let out = combine(parts)?;
         for link in &self.links {
-            link.send(0, &out)?;
+            link.send(0, &acc)?;
         }
-        Ok(out)
+        Ok(acc)
     }
 }
 
@@ -452,57 +510,40 @@ impl Collective for TcpCollective {
     }
 
     fn all_gather_rows(&self, t: &Tensor) -> Result<(Tensor, Vec<usize>)> {
-        let out = self.gather_combine(Message::of(t)?, |parts| {
-            let tail = parts[0].dims.get(1..).unwrap_or(&[]).to_vec();
-            let mut rows = Vec::with_capacity(parts.len());
-            let mut values = Vec::new();
-            for (rank, p) in parts.into_iter().enumerate() {
-                if p.dims.is_empty() || p.dims[1..] != tail[..] {
-                    return Err(dist_error(
-                        0,
-                        format!(
-                            "rank {rank} gathers a {:?} tensor, rank 0 a (rows, {tail:?}) one",
-                            p.dims
-                        ),
-                    ));
-                }
-                rows.push(p.dims[0]);
-                values.extend(p.values);
-            }
-            let mut dims = vec![rows.iter().sum()];
-            dims.extend(tail);
-            Ok(Message { dims, rows, values })
+        let mut mine = Message::of(t)?;
+        let Some((&rows, tail)) = mine.dims.split_first() else {
+            return Err(dist_error(self.rank, "a gather needs a tensor with rows"));
+        };
+        let tail = tail.to_vec();
+        mine.rows = vec![rows];
+        let part = Expect::Rows {
+            tail: tail.clone(),
+            ranks: None,
+        };
+        let result = Expect::Rows {
+            tail,
+            ranks: Some(self.world),
+        };
+        // Parts are appended as they arrive: rank 0 holds one copy of the result.
+        let out = self.gather_fold(mine, &part, &result, |mut acc, p| {
+            acc.rows.push(p.dims[0]);
+            acc.dims[0] += p.dims[0];
+            acc.values.extend(p.values);
+            acc
         })?;
         let rows = out.rows.clone();
-        if rows.len() != self.world {
-            return Err(dist_error(
-                self.rank,
-                "a gather's result lists the wrong number of ranks",
-            ));
-        }
         Ok((out.tensor(t.device())?, rows))
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let out = self.gather_combine(Message::of(t)?, |mut parts| {
-            let mut acc = parts.remove(0);
-            for (i, p) in parts.into_iter().enumerate() {
-                if p.dims != acc.dims {
-                    return Err(dist_error(
-                        0,
-                        format!(
-                            "rank {} sums a {:?} tensor, rank 0 a {:?} one",
-                            i + 1,
-                            p.dims,
-                            acc.dims
-                        ),
-                    ));
-                }
-                for (a, v) in acc.values.iter_mut().zip(&p.values) {
-                    *a += v;
-                }
+        let mine = Message::of(t)?;
+        let same = Expect::Dims(mine.dims.clone());
+        // Each part is added as it arrives, in rank order: ((r0 + r1) + r2) + …
+        let out = self.gather_fold(mine, &same, &same, |mut acc, p| {
+            for (a, v) in acc.values.iter_mut().zip(&p.values) {
+                *a += v;
             }
-            Ok(acc)
+            acc
         })?;
         out.tensor(t.device())
     }
@@ -592,16 +633,36 @@ mod tests {
         };
         let mut buf = Vec::new();
         m.write(&mut buf).unwrap();
-        assert_eq!(Message::read(&mut buf.as_slice()).unwrap(), m);
+        let expect = Expect::Rows {
+            tail: vec![3],
+            ranks: Some(2),
+        };
+        assert_eq!(Message::read(&mut buf.as_slice(), &expect).unwrap(), m);
         // Every truncation fails cleanly.
         for cut in 0..buf.len() {
-            assert!(Message::read(&mut &buf[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                Message::read(&mut &buf[..cut], &expect).is_err(),
+                "cut at {cut}"
+            );
         }
+        // A shape the receiver does not expect is refused before its values are read.
+        let err = Message::read(&mut buf.as_slice(), &Expect::Dims(vec![3, 2])).unwrap_err();
+        assert!(err.to_string().contains("[2, 3]"), "{err}");
+        let uneven = Expect::Rows {
+            tail: vec![3],
+            ranks: Some(3),
+        };
+        assert!(Message::read(&mut buf.as_slice(), &uneven).is_err());
         // An absurd header is refused before any allocation.
         let mut bad = Vec::new();
         bad.extend_from_slice(&2u64.to_le_bytes());
         bad.extend_from_slice(&u64::MAX.to_le_bytes());
         bad.extend_from_slice(&u64::MAX.to_le_bytes());
-        assert!(Message::read(&mut bad.as_slice()).is_err());
+        bad.extend_from_slice(&0u64.to_le_bytes());
+        let any = Expect::Rows {
+            tail: vec![usize::MAX],
+            ranks: None,
+        };
+        assert!(Message::read(&mut bad.as_slice(), &any).is_err());
     }
 }

@@ -259,7 +259,32 @@ fn split_step(
         }
     }
     if let Some(comm) = comm {
-        sums = all_reduce(comm, sums)?;
+        // The loss-side gradients (`logit_scale`'s) are every rank's own copy of one
+        // number; rank 0's is sent to all with the sums (the others add zeros), so that
+        // no rank's rounding can make the replicas drift apart.
+        let loss_side: Vec<Option<Tensor>> = params
+            .iter()
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .map(|g| {
+                        if comm.rank() == 0 {
+                            Ok(g.clone())
+                        } else {
+                            g.zeros_like()
+                        }
+                    })
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let n = params.len();
+        let mut reduced = all_reduce(comm, sums.into_iter().chain(loss_side).collect())?;
+        for (var, g) in params.iter().zip(reduced.split_off(n)) {
+            if let Some(g) = g {
+                grads.insert(var.as_tensor(), g);
+            }
+        }
+        sums = reduced;
     }
     for (var, sum) in params.iter().zip(sums) {
         let Some(mut sum) = sum else { continue };

@@ -139,6 +139,51 @@ impl VariantOptions {
     }
 }
 
+/// An error unless every rank starts at rank 0's step with rank 0's weights (a rank
+/// that cannot see rank 0's run directory would start over, or resume elsewhere).
+fn same_start(comm: &dyn Collective, run: &Run) -> Result<()> {
+    // The step, and a checksum of the weights, as f32 values that compare exactly.
+    let mut sum = 0f64;
+    for v in &run.params {
+        sum += v
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    let bits = sum.to_bits();
+    let row: Vec<f32> = [
+        run.start as u64,
+        bits >> 48,
+        (bits >> 32) & 0xFFFF,
+        (bits >> 16) & 0xFFFF,
+        bits & 0xFFFF,
+    ]
+    .iter()
+    .map(|&w| w as f32)
+    .collect();
+    let n = row.len();
+    let (all, _) = comm.all_gather_rows(&Tensor::from_vec(row, (1, n), &Device::Cpu)?)?;
+    let rows = all.to_vec2::<f32>()?;
+    for (rank, r) in rows.iter().enumerate().skip(1) {
+        if *r != rows[0] {
+            return Err(TrainError::Invalid(format!(
+                "data parallel: rank {rank} does not start where rank 0 does ({}: step {} \
+                 against rank 0's {}); every rank must see rank 0's run directory (a shared \
+                 filesystem)",
+                if r[0] == rows[0][0] {
+                    "other weights"
+                } else {
+                    "another step"
+                },
+                r[0],
+                rows[0][0]
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Waits until every rank has called it (a one-element sum).
 pub fn barrier(comm: &dyn Collective) -> Result<()> {
     comm.all_reduce_sum(&Tensor::zeros(1, DType::F32, &Device::Cpu)?)?;
@@ -756,6 +801,9 @@ pub fn train_variant(
     let mut run = build(exp, variant, &shared.device, opts)?;
     if let Some(c) = comm.filter(|c| c.rank() == 0) {
         barrier(c)?;
+    }
+    if let Some(c) = comm {
+        same_start(c, &run)?;
     }
     let fitted = fit(exp, &mut run, shared, opts)?;
     finish(exp, run, fitted, shared, opts)
