@@ -92,6 +92,83 @@ const MALLOC: [(&str, &str); 2] = [
     ("MALLOC_TRIM_THRESHOLD_", "4294967296"),
 ];
 
+/// A table of docs/BENCHMARKS.md that `flag` reruns in place: the text from `start`
+/// (`None`: the top) up to `end` is replaced.
+struct Section {
+    flag: &'static str,
+    suite: &'static Suite,
+    /// Our column's implementation name in the rows.
+    ours: &'static str,
+    what: &'static str,
+    start: Option<&'static str>,
+    end: &'static str,
+    render: fn(&[Row], usize, &str, bool) -> String,
+}
+
+const SECTIONS: [Section; 2] = [
+    Section {
+        flag: "--kernels-only",
+        suite: &KERNELS,
+        ours: "fused",
+        what: "kernel",
+        start: None,
+        end: "## Models",
+        render,
+    },
+    Section {
+        flag: "--models-only",
+        suite: &MODELS,
+        ours: "ours",
+        what: "model",
+        start: Some("## Models"),
+        end: "## Data loading",
+        render: render_models,
+    },
+];
+
+/// Runs `section`'s suite `repeat` times and rewrites its table (the last run), with
+/// each ratio's spread over the runs when there are several.
+fn rerun_section(
+    section: &Section,
+    path: &Path,
+    threads: usize,
+    quick: bool,
+    python: &Path,
+    repeat: usize,
+) -> Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let mut runs = Vec::with_capacity(repeat);
+    let mut note = String::new();
+    for r in 0..repeat {
+        eprintln!(
+            "xtask: {} benchmarks, run {} of {repeat}",
+            section.what,
+            r + 1
+        );
+        let (rows, n) = run_suite(section.suite, threads, quick, python)?;
+        runs.push(rows);
+        note = n;
+    }
+    let last = runs.last().cloned().unwrap_or_default();
+    let mut table = (section.render)(&last, threads, &note, quick);
+    if repeat > 1 {
+        table.push_str(&render_spread(
+            &runs,
+            section.ours,
+            &format!("cargo xtask bench {} --repeat {repeat}", section.flag),
+        ));
+    }
+    let start = section
+        .start
+        .map_or(0, |m| old.find(m).unwrap_or(old.len()));
+    let end = old.find(section.end).unwrap_or(old.len()).max(start);
+    let doc = format!("{}{table}\n{}", &old[..start], &old[end..]);
+    eprintln!("{table}");
+    std::fs::write(path, doc).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("xtask: wrote {}", path.display());
+    Ok(())
+}
+
 /// Builds a release example of `package` and returns its path.
 fn build_example(package: &str, example: &str) -> Result<PathBuf> {
     let mut build = cargo();
@@ -235,60 +312,10 @@ pub fn run(args: &[String]) -> Result<()> {
             .context("--repeat takes a number of runs, at least 1")?,
         None => 1,
     };
-    if args.iter().any(|a| a == "--kernels-only") {
-        // Replace the kernels section (before the models) in place.
-        let old = std::fs::read_to_string(&path).unwrap_or_default();
-        let mut runs = Vec::with_capacity(repeat);
-        let mut note = String::new();
-        for r in 0..repeat {
-            eprintln!("xtask: kernel benchmarks, run {} of {repeat}", r + 1);
-            let (rows, n) = run_suite(&KERNELS, threads, quick, &python)?;
-            runs.push(rows);
-            note = n;
+    for section in &SECTIONS {
+        if args.iter().any(|a| a == section.flag) {
+            return rerun_section(section, &path, threads, quick, &python, repeat);
         }
-        let last = runs.last().cloned().unwrap_or_default();
-        let mut table = render(&last, threads, &note, quick);
-        if repeat > 1 {
-            table.push_str(&render_spread(
-                &runs,
-                "fused",
-                &format!("cargo xtask bench --kernels-only --repeat {repeat}"),
-            ));
-        }
-        let end = old.find("## Models").unwrap_or(old.len());
-        let doc = format!("{table}\n{}", &old[end..]);
-        eprintln!("{table}");
-        std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("xtask: wrote {}", path.display());
-        return Ok(());
-    }
-    if args.iter().any(|a| a == "--models-only") {
-        // Replace the models section (between the kernels and the data) in place.
-        let old = std::fs::read_to_string(&path).unwrap_or_default();
-        let mut runs = Vec::with_capacity(repeat);
-        let mut model_note = String::new();
-        for r in 0..repeat {
-            eprintln!("xtask: model benchmarks, run {} of {repeat}", r + 1);
-            let (rows, note) = run_suite(&MODELS, threads, quick, &python)?;
-            runs.push(rows);
-            model_note = note;
-        }
-        let last = runs.last().cloned().unwrap_or_default();
-        let mut table = render_models(&last, threads, &model_note, quick);
-        if repeat > 1 {
-            table.push_str(&render_spread(
-                &runs,
-                "ours",
-                &format!("cargo xtask bench --models-only --repeat {repeat}"),
-            ));
-        }
-        let start = old.find("## Models").unwrap_or(old.len());
-        let end = old.find("## Data loading").unwrap_or(old.len()).max(start);
-        let doc = format!("{}{table}\n{}", &old[..start], &old[end..]);
-        eprintln!("{table}");
-        std::fs::write(&path, doc).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("xtask: wrote {}", path.display());
-        return Ok(());
     }
     let (kernel_rows, kernel_note) = run_suite(&KERNELS, threads, quick, &python)?;
     let (model_rows, model_note) = run_suite(&MODELS, threads, quick, &python)?;

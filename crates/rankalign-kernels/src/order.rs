@@ -94,6 +94,8 @@ impl RadixKey for u64 {
 struct RadixScratch<K> {
     items: Vec<(K, u32)>,
     swap: Vec<(K, u32)>,
+    /// One histogram per key byte.
+    counts: Vec<[usize; 256]>,
 }
 
 impl<K> Default for RadixScratch<K> {
@@ -101,6 +103,7 @@ impl<K> Default for RadixScratch<K> {
         Self {
             items: Vec::new(),
             swap: Vec::new(),
+            counts: Vec::new(),
         }
     }
 }
@@ -119,14 +122,15 @@ fn radix_order<K: RadixKey>(
     sc.items.extend(perm.iter().map(|&c| (key(c), c)));
     sc.swap.clear();
     sc.swap.resize(len, (K::default(), 0));
-    let mut counts = vec![[0usize; 256]; K::BYTES];
+    sc.counts.clear();
+    sc.counts.resize(K::BYTES, [0; 256]);
     for &(k, _) in &sc.items {
         let k: u64 = k.into();
-        for (pass, hist) in counts.iter_mut().enumerate() {
+        for (pass, hist) in sc.counts.iter_mut().enumerate() {
             hist[((k >> (8 * pass)) & 0xFF) as usize] += 1;
         }
     }
-    for (pass, hist) in counts.iter_mut().enumerate() {
+    for (pass, hist) in sc.counts.iter_mut().enumerate() {
         if hist.contains(&len) {
             continue; // every key has the same byte here
         }

@@ -134,6 +134,16 @@ pub fn weighted_pairwise(a: &Tensor, b: &Tensor, w: &Tensor, form: PairwiseForm)
     rows.sum_all()? / (n * m) as f64
 }
 
+/// The three storages and layouts of a [`CustomOp3`]'s CPU forward.
+type Args<'a> = (
+    &'a CpuStorage,
+    &'a Layout,
+    &'a CpuStorage,
+    &'a Layout,
+    &'a CpuStorage,
+    &'a Layout,
+);
+
 /// `(a (n, d), b (m, d), w (n, m)) →` the weighted mean, on the CPU.
 struct PairwiseLoss {
     form: PairwiseForm,
@@ -277,29 +287,26 @@ impl CustomOp3 for PairwiseLoss {
         let bt = Layout::contiguous_with_offset((m, d), l2.start_offset()).transpose(0, 1)?;
         let a_l = Layout::contiguous_with_offset((n, d), l1.start_offset());
         let ab = s1.matmul(s2, (1, n, m, d), &a_l, &bt)?;
+        fn run<T: Float>(
+            form: PairwiseForm,
+            n: usize,
+            ab: Vec<T>,
+            (s1, l1, s2, l2, s3, l3): Args,
+        ) -> Result<(CpuStorage, [Tensor; 3])> {
+            let (loss, kept) = pairwise_forward(
+                form,
+                n,
+                ab,
+                slice::<T>(s1, l1, "weighted_pairwise", "a")?,
+                slice(s2, l2, "weighted_pairwise", "b")?,
+                slice(s3, l3, "weighted_pairwise", "weights")?,
+            )?;
+            Ok((T::storage(vec![loss]), kept))
+        }
+        let args = (s1, l1, s2, l2, s3, l3);
         let (out, kept) = match ab {
-            CpuStorage::F32(ab) => {
-                let (loss, kept) = pairwise_forward(
-                    self.form,
-                    n,
-                    ab,
-                    slice::<f32>(s1, l1, "weighted_pairwise", "a")?,
-                    slice(s2, l2, "weighted_pairwise", "b")?,
-                    slice(s3, l3, "weighted_pairwise", "weights")?,
-                )?;
-                (f32::storage(vec![loss]), kept)
-            }
-            CpuStorage::F64(ab) => {
-                let (loss, kept) = pairwise_forward(
-                    self.form,
-                    n,
-                    ab,
-                    slice::<f64>(s1, l1, "weighted_pairwise", "a")?,
-                    slice(s2, l2, "weighted_pairwise", "b")?,
-                    slice(s3, l3, "weighted_pairwise", "weights")?,
-                )?;
-                (f64::storage(vec![loss]), kept)
-            }
+            CpuStorage::F32(ab) => run(self.form, n, ab, args)?,
+            CpuStorage::F64(ab) => run(self.form, n, ab, args)?,
             other => candle_core::bail!(
                 "weighted_pairwise: fused kernel runs on f32 or f64, got {:?}",
                 other.dtype()

@@ -131,6 +131,11 @@ pub trait Collective: Send + Sync {
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
 }
 
+/// Whether this process writes a run's files: without a collective, or as rank 0.
+pub fn writes(comm: Option<&dyn Collective>) -> bool {
+    comm.is_none_or(|c| c.rank() == 0)
+}
+
 /// Magic bytes that open a rank's greeting.
 const HELLO: &[u8; 4] = b"RKAL";
 
@@ -330,12 +335,20 @@ impl Message {
             .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
             .filter(|&c| c <= MAX_VALUES)
             .ok_or_else(|| bad("a message announces an impossible tensor size"))?;
-        let mut bytes = vec![0u8; 4 * count as usize];
-        r.read_exact(&mut bytes)?;
-        let values = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        // Read in pieces, so that a stream that ends early fails before a header's
+        // count is ever allocated in full.
+        let count = count as usize;
+        let mut values = Vec::with_capacity(count.min(1 << 20));
+        let mut piece = vec![0u8; 4 * count.min(1 << 20)];
+        while values.len() < count {
+            let n = (count - values.len()).min(1 << 20);
+            r.read_exact(&mut piece[..4 * n])?;
+            values.extend(
+                piece[..4 * n]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+        }
         Ok(Self { dims, rows, values })
     }
 }
@@ -622,6 +635,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("MASTER_PORT"), "{e}");
+    }
+
+    /// Random bytes, and a valid message with bits flipped, never panic the reader and
+    /// never yield a message of a shape the receiver did not expect.
+    #[test]
+    fn random_and_bit_flipped_streams_are_errors_or_expected_messages() {
+        let m = Message {
+            dims: vec![2, 3],
+            rows: vec![1, 1],
+            values: vec![1.0, -2.5, 3.0, 0.0, 7.0, -0.0],
+        };
+        let mut good = Vec::new();
+        m.write(&mut good).unwrap();
+        let expect = Expect::Rows {
+            tail: vec![3],
+            ranks: Some(2),
+        };
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..2000 {
+            let len = (next() % 200) as usize;
+            let noise: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let mut flipped = good.clone();
+            for _ in 0..1 + next() % 4 {
+                let bit = (next() % (8 * flipped.len() as u64)) as usize;
+                flipped[bit / 8] ^= 1 << (bit % 8);
+            }
+            for bytes in [&noise, &flipped] {
+                if let Ok(got) = Message::read(&mut bytes.as_slice(), &expect) {
+                    assert!(expect.admits(&got.dims, &got.rows), "{got:?}");
+                    assert_eq!(got.values.len(), got.dims.iter().product::<usize>());
+                }
+            }
+        }
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub fn run_experiment(
 ) -> Result<ExperimentOutcome> {
     let started = Instant::now();
     let run_dir = exp.run_dir();
-    let writes = opts.comm.as_ref().is_none_or(|c| c.rank() == 0);
+    let writes = crate::dist::writes(opts.comm.as_deref());
     if writes {
         std::fs::create_dir_all(&run_dir).map_err(io_err(&run_dir))?;
         let cfg_path = run_dir.join("config.toml");

@@ -1,5 +1,7 @@
-//! The loss and the gradients of one training step, over the batch in one piece or over
-//! micro-batches.
+//! The loss and the gradients of one training step, over the batch in one piece, over
+//! micro-batches, or over this rank's part of a data-parallel batch
+//! ([`loss_and_grads_across`]: the same construction, with the embeddings gathered and
+//! the gradients summed across ranks through a [`Collective`]).
 //!
 //! With micro-batches ([`StepPlan::micro_batch`]) the step is the GradCache
 //! construction, exact for losses over the whole batch:

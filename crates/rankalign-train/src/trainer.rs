@@ -16,6 +16,10 @@
 //! validation pairs (`data.val_size` digit scenes), and each `[[eval.task]]` runs when
 //! its `every_steps` / `every_epochs` falls due; both are [`EvalRecord`] lines of
 //! `metrics.jsonl`. Neither chooses a checkpoint: the run keeps its last one.
+//!
+//! In a data-parallel run ([`VariantOptions::comm`]) every rank runs this loop on the
+//! same global batches and steps on its own rows; rank 0 alone writes and evaluates,
+//! and the others build from rank 0's checkpoint after a barrier.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -135,7 +139,7 @@ impl VariantOptions {
     /// Whether this process writes the run's files: always, except on ranks other than
     /// 0 of a data-parallel run.
     pub fn writes(&self) -> bool {
-        self.comm.as_ref().is_none_or(|c| c.rank() == 0)
+        crate::dist::writes(self.comm.as_deref())
     }
 }
 
