@@ -156,3 +156,36 @@ fn ranks_that_start_from_different_checkpoints_are_refused() {
     );
     assert!(r0.join().unwrap().is_some(), "rank 0 must fail too");
 }
+
+/// A global batch that the ranks cannot share evenly is refused on every rank, naming
+/// the key, before any step.
+#[test]
+fn a_batch_the_ranks_cannot_split_is_refused() {
+    let variant = "[[variant]]\nname = \"clip\"\nloss = { kind = \"clip\" }\n";
+    let (root, peer) = pair();
+    let run = |comm: TcpCollective| {
+        let dir = crate::scratch(&format!("dp-odd-{}", comm.rank()));
+        let text =
+            crate::tiny_config("odd", &dir, variant).replace("batch_size = 16", "batch_size = 15");
+        std::thread::spawn(move || {
+            let cfg =
+                rankalign_train::ExperimentConfig::parse(&text, std::path::Path::new("odd.toml"))
+                    .unwrap();
+            let opts = rankalign_train::RunOptions {
+                comm: Some(std::sync::Arc::new(comm)),
+                ..Default::default()
+            };
+            rankalign_train::run_experiment(&cfg, &candle_core::Device::Cpu, &opts)
+                .err()
+                .map(|e| e.to_string())
+        })
+    };
+    let (r0, r1) = (run(root), run(peer));
+    for err in [r0.join().unwrap(), r1.join().unwrap()] {
+        let err = err.expect("every rank must refuse the batch");
+        assert!(
+            err.contains("train.batch_size 15") && err.contains("2 ranks"),
+            "{err}"
+        );
+    }
+}
