@@ -482,10 +482,32 @@ fn parse_device(name: &str) -> Result<candle_core::Device> {
     };
     if !candle_core::utils::cuda_is_available() {
         anyhow::bail!(
-            "--device {name}: this binary was built without CUDA; rebuild with `--features cuda` on a machine with the CUDA toolkit (README, CUDA)"
+            "--device {name}: this binary was built without CUDA; rebuild with `--features cuda` on a machine with the CUDA toolkit (README, GPUs)"
         );
     }
     candle_core::Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+}
+
+/// The engine for a data-parallel run: NCCL on a GPU in a build with the `nccl`
+/// feature, else the TCP engine (on a GPU without `nccl`, it moves every collective
+/// through the host).
+fn collective(
+    tcp: rankalign_train::dist::TcpCollective,
+    device: &candle_core::Device,
+) -> Result<Arc<dyn rankalign_train::dist::Collective>> {
+    use rankalign_train::dist::Collective as _;
+    #[cfg(feature = "nccl")]
+    if device.is_cuda() {
+        return Ok(Arc::new(rankalign_train::dist::NcclCollective::new(
+            tcp, device,
+        )?));
+    }
+    if device.is_cuda() && tcp.rank() == 0 {
+        eprintln!(
+            "rankalign: this build has no `nccl` feature; the ranks exchange tensors through the host over TCP"
+        );
+    }
+    Ok(Arc::new(tcp))
 }
 
 fn train(
@@ -507,7 +529,7 @@ fn train(
             }
             let timeouts = rankalign_train::dist::Timeouts::from_env()?;
             let c = rankalign_train::dist::TcpCollective::connect(env, timeouts)?;
-            Some(Arc::new(c))
+            Some(collective(c, device)?)
         }
         None => None,
     };

@@ -6,7 +6,9 @@
 //! [`TcpCollective`] is the CPU engine, over TCP between local or remote processes: rank
 //! 0 listens at `MASTER_ADDR:MASTER_PORT`, every other rank connects to it, and each
 //! collective is a gather to rank 0, which combines the parts **in rank order** and sends
-//! the result back. The combination order is fixed, so a run's numbers do not depend on
+//! the result back. `NcclCollective` (the `nccl` feature) is the GPU engine: NCCL on
+//! each rank's GPU, set up over the same TCP connection. In the TCP engine the
+//! combination order is fixed, so a run's numbers do not depend on
 //! which rank arrives first, and a sum over ranks rounds exactly as the same sum over
 //! micro-batches in one process ([`crate::step`]). A rank that stops (an error, a kill)
 //! closes its connection; the others' next collective fails with an error naming it.
@@ -18,6 +20,11 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 use crate::{Result, TrainError};
+
+#[cfg(feature = "nccl")]
+mod nccl;
+#[cfg(feature = "nccl")]
+pub use nccl::NcclCollective;
 
 /// This process's place in a data-parallel run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -195,7 +202,7 @@ struct Link {
     writer: std::sync::Mutex<BufWriter<TcpStream>>,
 }
 
-fn dist_error(rank: usize, msg: impl std::fmt::Display) -> TrainError {
+pub(crate) fn dist_error(rank: usize, msg: impl std::fmt::Display) -> TrainError {
     TrainError::Invalid(format!("data parallel, rank {rank}: {msg}"))
 }
 
