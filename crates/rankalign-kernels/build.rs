@@ -33,7 +33,7 @@ mod ptx {
                 .arg(&dst)
                 .arg(&src)
                 .status()
-                .unwrap_or_else(|e| panic!("cannot run {nvcc} to compile {src} (set NVCC or put nvcc on the PATH; see README, CUDA): {e}"));
+                .unwrap_or_else(|e| panic!("cannot run {nvcc} to compile {src} (set NVCC or put nvcc on the PATH; see README, GPUs): {e}"));
             assert!(status.success(), "{nvcc} failed on {src} with {status}");
         }
     }

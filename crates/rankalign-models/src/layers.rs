@@ -228,7 +228,8 @@ impl Attention {
         let v = split(self.v_proj.forward(xs)?)?;
         let mut att = q.matmul(&k.t()?)?;
         if let Some(mask) = mask {
-            att = att.broadcast_add(mask)?;
+            // Masks are made in f32; a bf16 or f16 model adds them in its own dtype.
+            att = att.broadcast_add(&mask.to_dtype(att.dtype())?)?;
         }
         // Ours, with a backward (candle's fused softmax has none) and its exponentials
         // in vector registers; the composed reference's values to f32 rounding (tested).

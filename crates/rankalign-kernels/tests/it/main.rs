@@ -2,6 +2,8 @@
 //! against central finite differences.
 
 mod block_ops;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod layer_norm;
 mod pairwise;
 mod plackett_luce;

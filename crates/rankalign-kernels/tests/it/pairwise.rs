@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rankalign_kernels::{PairwiseForm, weighted_pairwise, weighted_pairwise_reference};
 
-fn data(n: usize, m: usize, d: usize, seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub(crate) fn data(n: usize, m: usize, d: usize, seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut draw =
         |k: usize| -> Vec<f64> { (0..k).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect() };

@@ -7,15 +7,15 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rankalign_kernels::{PlMode, pl_nll, pl_nll_reference};
 
-struct Case {
-    name: &'static str,
-    scores: Vec<f64>,
-    n: usize,
-    m: usize,
-    order: Vec<u32>,
+pub(crate) struct Case {
+    pub(crate) name: &'static str,
+    pub(crate) scores: Vec<f64>,
+    pub(crate) n: usize,
+    pub(crate) m: usize,
+    pub(crate) order: Vec<u32>,
 }
 
-fn random_case(name: &'static str, n: usize, m: usize, scale: f64, seed: u64) -> Case {
+pub(crate) fn random_case(name: &'static str, n: usize, m: usize, scale: f64, seed: u64) -> Case {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let scores = (0..n * m)
         .map(|_| scale * (rng.random::<f64>() * 2.0 - 1.0))
@@ -38,7 +38,7 @@ fn random_case(name: &'static str, n: usize, m: usize, scale: f64, seed: u64) ->
     }
 }
 
-fn cases() -> Vec<Case> {
+pub(crate) fn cases() -> Vec<Case> {
     let mut out = vec![
         random_case("small", 3, 5, 2.0, 1),
         random_case("scale 100", 4, 16, 100.0, 2),
