@@ -80,7 +80,7 @@ def emit(op, size, secs, peak):
 
 
 def list_mle(y_pred, y_true, eps=1e-10):
-    perm = torch.randperm(y_pred.shape[-1])
+    perm = torch.randperm(y_pred.shape[-1], device=y_pred.device)
     y_pred_s, y_true_s = y_pred[:, perm], y_true[:, perm]
     _, idx = y_true_s.sort(descending=True, dim=-1)
     x = torch.gather(y_pred_s, dim=1, index=idx)

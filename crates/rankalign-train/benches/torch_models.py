@@ -16,6 +16,11 @@ during one run).
 Attention is whatever `transformers` picks by default (SDPA in 4.57). Run:
 `python torch_models.py --threads N [--quick]` (needs torch and transformers; `cargo
 xtask bench --setup-torch` makes a venv with both).
+
+On a GPU (the GPU bundle's `run.sh`): `--device cuda --only vit_b16_train_step|rankclip_loss
+--batch B [--dtype bf16]` times that one row, as `bench_models` does: the model and
+inputs in that dtype (not autocast: ours holds its weights in the dtype too), the device
+synchronised after each run, and the peak from `torch.cuda.max_memory_allocated`.
 """
 import argparse
 import json
@@ -26,6 +31,10 @@ from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+
+DEVICE = torch.device("cpu")
+DTYPE = torch.float32
 
 
 def profiled_peak(fn):
@@ -43,15 +52,25 @@ def profiled_peak(fn):
 
 
 def measure(fn, warmup, runs):
-    for _ in range(warmup):
+    def run():
         fn()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+
+    for _ in range(warmup):
+        run()
     times = []
     for _ in range(runs):
         t = time.perf_counter()
-        fn()
+        run()
         times.append(time.perf_counter() - t)
     times.sort()
-    return times[len(times) // 2], profiled_peak(fn)
+    if DEVICE.type != "cuda":
+        return times[len(times) // 2], profiled_peak(fn)
+    base = torch.cuda.memory_allocated(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    run()
+    return times[len(times) // 2], torch.cuda.max_memory_allocated(DEVICE) - base
 
 
 def emit(op, size, result):
@@ -88,7 +107,7 @@ def captions(b, ctx):
 def clip_step(cfg, b, ctx, size, warmup, runs):
     """One training step of a random-init `CLIPModel`: InfoNCE, backward, AdamW with
     the decay groups of ours."""
-    model = CLIPModel(cfg).train()
+    model = CLIPModel(cfg).to(device=DEVICE, dtype=DTYPE).train()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         exempt = p.ndim < 2 or any(k in name for k in ("bias", "norm", "layrnorm", "logit_scale"))
@@ -96,8 +115,8 @@ def clip_step(cfg, b, ctx, size, warmup, runs):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
-    pixels = torch.rand(b, 3, size, size) * 2 - 1
-    ids = captions(b, ctx)
+    pixels = (torch.rand(b, 3, size, size) * 2 - 1).to(device=DEVICE, dtype=DTYPE)
+    ids = captions(b, ctx).to(DEVICE)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -136,13 +155,15 @@ def rankclip_loss_step(b, warmup, runs):
     """RankCLIP's loss as the authors' code computes it: InfoNCE on the scaled cosine
     logits plus λ/2 times both directions of allRank's ListMLE, cross-modal (S, Sᵀ) and
     in-modal (S_II, S_TT), λ = 1/16, divided by B; forward and backward."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rankalign-kernels" / "benches"))
+    here = Path(__file__).resolve()
+    sys.path.insert(0, str(here.parent))  # the GPU bundle keeps both scripts side by side
+    sys.path.insert(0, str(here.parents[2] / "rankalign-kernels" / "benches"))
     from torch_reference import list_mle
     import torch.nn.functional as F
-    image = (torch.rand(b, 512) * 2 - 1).requires_grad_()
-    text = (torch.rand(b, 512) * 2 - 1).requires_grad_()
-    logit_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
-    labels = torch.arange(b)
+    image = (torch.rand(b, 512) * 2 - 1).to(device=DEVICE, dtype=DTYPE).requires_grad_()
+    text = (torch.rand(b, 512) * 2 - 1).to(device=DEVICE, dtype=DTYPE).requires_grad_()
+    logit_scale = torch.tensor(math.log(1 / 0.07), device=DEVICE, dtype=DTYPE, requires_grad=True)
+    labels = torch.arange(b, device=DEVICE)
     lam = 1 / 16
 
     def step():
@@ -199,9 +220,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
+    ap.add_argument("--only")
+    ap.add_argument("--batch", type=int)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    global DEVICE, DTYPE
+    DEVICE = torch.device(args.device)
+    DTYPE = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    if DEVICE.type != "cpu" or DTYPE != torch.float32:
+        gpu_row(args)
+        return
     warmup, runs = (1, 3) if args.quick else (2, 10)
     for b in [1] if args.quick else [1, 8]:
         emit("vit_b16_image_forward", f"b{b} 224px", vit_b16_forward(b, warmup, runs))
@@ -214,6 +245,22 @@ def main():
     emit("vit_b16_train_step", "b16 224px ctx77", vit_b16_step(16, 0 if args.quick else 1, 1 if args.quick else 3))
     emit("rankclip_loss", "B1024 d512", rankclip_loss_step(1024, warmup, runs))
     emit("tiny_clip_train_step", "b128 48px ctx32", tiny_step(128, warmup, runs))
+
+
+def gpu_row(args):
+    """One row on a device or in a dtype, labelled as `bench_models` labels it."""
+    suffix = ("" if args.dtype == "f32" else f" {args.dtype}") + ("" if DEVICE.type == "cpu" else " cuda")
+    if args.only == "vit_b16_train_step":
+        b = args.batch or 16
+        emit(args.only, f"b{b} 224px ctx77{suffix}", vit_b16_step(b, 1, 3))
+    elif args.only == "tiny_clip_train_step":
+        b = args.batch or 128
+        emit(args.only, f"b{b} 48px ctx32{suffix}", tiny_step(b, 2, 10))
+    elif args.only == "rankclip_loss":
+        b = args.batch or 1024
+        emit(args.only, f"B{b} d512{suffix}", rankclip_loss_step(b, 1, 5))
+    else:
+        sys.exit("--device/--dtype need --only vit_b16_train_step, tiny_clip_train_step or rankclip_loss")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@
 //! `--micro-steps`: only the micro-batched training steps, which want
 //! `CANDLE_NUM_THREADS=1`; `--one-thread-steps`: only the steps on one thread, to be run
 //! with `RAYON_NUM_THREADS=1`; `--only OP`: one op's rows, for profiling).
+//!
+//! On a GPU (`--device cuda`, a build with the `cuda` feature; the GPU bundle's
+//! `run.sh`): `--only vit_b16_train_step|rankclip_loss --batch B [--dtype bf16]` times
+//! that row at batch `B`, synchronising the device after each run; the peak is the
+//! high-water mark of the device's memory pool, which candle allocates from.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -30,26 +35,74 @@ use rankalign_train::step::{StepPlan, loss_and_grads};
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// Median seconds and peak extra heap bytes of `f` over `runs` runs after `warmup`.
+/// Median seconds and peak extra bytes of `f` over `runs` runs after `warmup`: heap
+/// bytes on the CPU, the memory pool's high-water mark on a GPU. The device is
+/// synchronised after each run, so that its time is the work's, not the launches'.
 fn measure(
+    dev: &Device,
     mut f: impl FnMut() -> anyhow::Result<()>,
     warmup: usize,
     runs: usize,
 ) -> anyhow::Result<(f64, usize)> {
-    for _ in 0..warmup {
+    let mut run = || -> anyhow::Result<()> {
         f()?;
+        dev.synchronize()?;
+        Ok(())
+    };
+    for _ in 0..warmup {
+        run()?;
     }
     let mut times = Vec::with_capacity(runs);
     let mut peak = 0;
     for _ in 0..runs {
         let t = Instant::now();
-        let (done, bytes) = peak_during(&mut f);
+        let (done, bytes) = if dev.is_cpu() {
+            peak_during(&mut run)
+        } else {
+            gpu_memory::peak_during(dev, &mut run)?
+        };
         done?;
         times.push(t.elapsed().as_secs_f64());
         peak = peak.max(bytes);
     }
     times.sort_by(f64::total_cmp);
     Ok((times[times.len() / 2], peak))
+}
+
+/// The high-water mark of the default memory pool, where cudarc's stream-ordered
+/// allocations (candle's) come from.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)] // two driver calls on the pool, each with a SAFETY note.
+mod gpu_memory {
+    use candle_core::Device;
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+
+    pub fn peak_during<R>(dev: &Device, f: impl FnOnce() -> R) -> anyhow::Result<(R, usize)> {
+        let stream = dev.as_cuda_device()?.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread()?;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        // SAFETY: `cu_device` is the context's own device, as `get_default_mem_pool` needs.
+        let pool = unsafe { result::device::get_default_mem_pool(ctx.cu_device()) }?;
+        let mut zero: u64 = 0;
+        // SAFETY: USED_MEM_HIGH takes a `cuuint64_t`; setting it to 0 resets the mark.
+        unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&raw mut zero).cast()) }.result()?;
+        let out = f();
+        let mut high: u64 = 0;
+        // SAFETY: as above; the driver writes one `cuuint64_t`.
+        unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&raw mut high).cast()) }.result()?;
+        Ok((out, usize::try_from(high)?))
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gpu_memory {
+    pub fn peak_during<R>(
+        dev: &candle_core::Device,
+        _: impl FnOnce() -> R,
+    ) -> anyhow::Result<(R, usize)> {
+        anyhow::bail!("{dev:?} is not the CPU, and this build has no cuda feature")
+    }
 }
 
 fn emit(op: &str, size: &str, (secs, peak): (f64, usize)) {
@@ -109,6 +162,7 @@ fn vit_b16_forward(batch: usize, warmup: usize, runs: usize) -> anyhow::Result<(
     let size = cfg.vision.image_size();
     let pixels = pseudo_random(&[batch, 3, size, size], 1)?;
     measure(
+        &dev,
         || {
             let emb = proj.forward(&vision.forward(&pixels)?)?;
             debug_assert!(!emb.track_op());
@@ -143,11 +197,42 @@ fn captions(b: usize, ctx: usize) -> anyhow::Result<(Tensor, Tensor)> {
     ))
 }
 
+/// Where a row runs: the device and the dtype of weights and inputs.
+struct Target {
+    dev: Device,
+    dtype: DType,
+}
+
+impl Target {
+    /// `t` (made on the CPU) on this device, floats in this dtype.
+    fn put(&self, t: Tensor) -> anyhow::Result<Tensor> {
+        let t = t.to_device(&self.dev)?;
+        Ok(if t.dtype().is_float() {
+            t.to_dtype(self.dtype)?
+        } else {
+            t
+        })
+    }
+
+    /// The row's size label: `size`, then the dtype and device unless f32 on the CPU.
+    fn label(&self, size: &str) -> String {
+        let mut out = size.to_string();
+        if self.dtype != DType::F32 {
+            out.push_str(&format!(" {}", self.dtype.as_str()));
+        }
+        if !self.dev.is_cpu() {
+            out.push_str(" cuda");
+        }
+        out
+    }
+}
+
 /// One optimiser step of the tiny preset at batch `b`, as the trainer runs it
 /// (`step::loss_and_grads` split by `plan`, then AdamW with decay 0.1 on matrices only):
 /// both towers, `exp(logit_scale)`-scaled cosine logits, symmetric InfoNCE, backward.
 /// It runs on a rayon pool of `threads` workers, as a variant trains.
 fn clip_step(
+    on: &Target,
     cfg: &ClipConfig,
     b: usize,
     plan: StepPlan,
@@ -155,9 +240,8 @@ fn clip_step(
     warmup: usize,
     runs: usize,
 ) -> anyhow::Result<(f64, usize)> {
-    let dev = Device::Cpu;
     let vm = SeededVarMap::new(0);
-    let model = ClipModel::new(cfg, vm.var_builder(DType::F32, &dev))?;
+    let model = ClipModel::new(cfg, vm.var_builder(on.dtype, &on.dev))?;
     let vars = vm.named_vars();
     let params: Vec<_> = vars.iter().map(|(_, v)| v.clone()).collect();
     let logit_scale = vars
@@ -177,9 +261,9 @@ fn clip_step(
     let size = cfg.vision.image_size();
     let (ids, eot) = captions(b, cfg.text.context_length)?;
     let batch = Batch {
-        pixels: pseudo_random(&[b, 3, size, size], 2)?,
-        ids,
-        eot,
+        pixels: on.put(pseudo_random(&[b, 3, size, size], 2)?)?,
+        ids: on.put(ids)?,
+        eot: on.put(eot)?,
     };
     let ctx = StepContext {
         epoch: 1,
@@ -192,6 +276,7 @@ fn clip_step(
         .build()?;
     pool.install(|| {
         measure(
+            &on.dev,
             || {
                 let out = loss_and_grads(
                     &model,
@@ -244,6 +329,7 @@ fn probe_fit(n: usize, d: usize, warmup: usize, runs: usize) -> anyhow::Result<(
     };
     let mut iters = 0;
     let r = measure(
+        &Device::Cpu,
         || {
             iters = rankalign_train::eval::probe::fit(&x, &y, 10, opts)?.iterations;
             Ok(())
@@ -257,14 +343,21 @@ fn probe_fit(n: usize, d: usize, warmup: usize, runs: usize) -> anyhow::Result<(
 
 /// RankCLIP's whole loss (InfoNCE and the four ListMLE terms, the authors' parity form
 /// and λ = 1/16) on `b × 512` image and text embeddings, forward and backward.
-fn rankclip_loss_step(b: usize, warmup: usize, runs: usize) -> anyhow::Result<(f64, usize)> {
+fn rankclip_loss_step(
+    on: &Target,
+    b: usize,
+    warmup: usize,
+    runs: usize,
+) -> anyhow::Result<(f64, usize)> {
     use rankalign_train::losses::{ListPerms, RankClipConfig, rankclip_loss};
-    let image = candle_core::Var::from_tensor(&pseudo_random(&[b, 512], 11)?)?;
-    let text = candle_core::Var::from_tensor(&pseudo_random(&[b, 512], 12)?)?;
-    let scale = candle_core::Var::new((1.0f32 / 0.07).ln(), &Device::Cpu)?;
+    let image = candle_core::Var::from_tensor(&on.put(pseudo_random(&[b, 512], 11)?)?)?;
+    let text = candle_core::Var::from_tensor(&on.put(pseudo_random(&[b, 512], 12)?)?)?;
+    let scale =
+        candle_core::Var::from_tensor(&on.put(Tensor::new((1.0f32 / 0.07).ln(), &Device::Cpu)?)?)?;
     let cfg = RankClipConfig::rankclip();
     let perms = ListPerms::from_seed(b, 5);
     measure(
+        &on.dev,
         || {
             let terms = rankclip_loss(&cfg, &image, &text, &scale, 1.0, &perms)?;
             terms.total.backward()?;
@@ -281,10 +374,70 @@ fn main() -> anyhow::Result<()> {
     let batches: &[usize] = if quick { &[1] } else { &[1, 8] };
     let micro_only = std::env::args().any(|a| a == "--micro-steps" || a == "--one-thread-steps");
     let args: Vec<String> = std::env::args().collect();
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1).cloned());
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let only = value("--only");
+    let on = Target {
+        dev: match value("--device").as_deref() {
+            None | Some("cpu") => Device::Cpu,
+            Some(d) => {
+                let ordinal = d.strip_prefix("cuda").map(|n| n.trim_start_matches(':'));
+                match ordinal {
+                    Some("") => Device::new_cuda(0)?,
+                    Some(n) => Device::new_cuda(n.parse()?)?,
+                    None => anyhow::bail!("--device {d}: expected cpu, cuda or cuda:N"),
+                }
+            }
+        },
+        dtype: match value("--dtype").as_deref() {
+            None | Some("f32") => DType::F32,
+            Some("bf16") => DType::BF16,
+            Some("f16") => DType::F16,
+            Some(d) => anyhow::bail!("--dtype {d}: expected f32, bf16 or f16"),
+        },
+    };
+    let batch: Option<usize> = value("--batch").map(|b| b.parse()).transpose()?;
+    if !on.dev.is_cpu() || on.dtype != DType::F32 {
+        // One row on a device or in a dtype: the GPU bundle's rows.
+        let b = batch.unwrap_or(if only.as_deref() == Some("rankclip_loss") {
+            1024
+        } else {
+            16
+        });
+        let (op, size, result) = match only.as_deref() {
+            Some("vit_b16_train_step") => (
+                "vit_b16_train_step",
+                format!("b{b} 224px ctx77"),
+                clip_step(&on, &ClipConfig::vit_b16(), b, StepPlan::default(), 1, 1, 3)?,
+            ),
+            Some("tiny_clip_train_step") => (
+                "tiny_clip_train_step",
+                format!("b{b} 48px ctx32"),
+                clip_step(
+                    &on,
+                    &ClipConfig::tiny(),
+                    b,
+                    StepPlan::default(),
+                    1,
+                    warmup,
+                    runs,
+                )?,
+            ),
+            Some("rankclip_loss") => (
+                "rankclip_loss",
+                format!("B{b} d512"),
+                rankclip_loss_step(&on, b, 1, 5)?,
+            ),
+            _ => anyhow::bail!(
+                "--device/--dtype need --only vit_b16_train_step, tiny_clip_train_step or rankclip_loss"
+            ),
+        };
+        emit(op, &on.label(&size), result);
+        return Ok(());
+    }
     let wanted = |op: &str| !micro_only && only.as_deref().is_none_or(|o| o == op);
     for &b in batches.iter().filter(|_| wanted("vit_b16_image_forward")) {
         emit(
@@ -304,7 +457,7 @@ fn main() -> anyhow::Result<()> {
         emit(
             "rankclip_loss",
             "B1024 d512",
-            rankclip_loss_step(1024, warmup, runs)?,
+            rankclip_loss_step(&on, batch.unwrap_or(1024), warmup, runs)?,
         );
     }
     let threads = std::env::var("RAYON_NUM_THREADS")
@@ -339,7 +492,7 @@ fn main() -> anyhow::Result<()> {
         emit(
             "vit_b16_train_step",
             "b16 224px ctx77",
-            clip_step(&ClipConfig::vit_b16(), 16, whole, threads, warm, n)?,
+            clip_step(&on, &ClipConfig::vit_b16(), 16, whole, threads, warm, n)?,
         );
     }
     let steps_wanted = micro_only || only.as_deref().is_none_or(|o| o == "tiny_clip_train_step");
@@ -347,7 +500,7 @@ fn main() -> anyhow::Result<()> {
         emit(
             "tiny_clip_train_step",
             size,
-            clip_step(&ClipConfig::tiny(), 128, plan, t, warmup, runs)?,
+            clip_step(&on, &ClipConfig::tiny(), 128, plan, t, warmup, runs)?,
         );
     }
     Ok(())
