@@ -15,7 +15,7 @@ use rankalign_train::step::{StepPlan, loss_and_grads_across};
 use super::micro_batch::{B, batches, train, train_with, worst_relative};
 
 /// Two connected ranks of one run: rank 0's and rank 1's collectives.
-fn pair() -> (TcpCollective, TcpCollective) {
+pub fn pair() -> (TcpCollective, TcpCollective) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let env = DistEnv {

@@ -270,3 +270,66 @@ fn the_config_loader_survives_random_edits() {
         let _ = ExperimentConfig::parse(&text, Path::new("fuzz.toml"));
     }
 }
+
+/// `train.shard_by_rank`: two ranks each read their own share of the webdataset shards
+/// (with the corrupt one among them). A run stopped at step 7 and resumed ends with the
+/// checkpoints and losses of one that never stopped; the checkpoint holds both ranks'
+/// positions, which differ; one process may not resume it.
+#[test]
+fn ranks_reading_their_own_shards_resume_bit_exact() {
+    let dir = scratch("wds-sharded");
+    // The rank that holds the corrupt shard meets its six bad samples in fewer reads.
+    let data = shards(&dir).replace("max_skipped = 0.1", "max_skipped = 0.2");
+    let cfg = |name: &str| {
+        let mut c = file_config(name, &dir, &data, 2);
+        c.train.shard_by_rank = true;
+        c
+    };
+    let two_ranks = |exp: ExperimentConfig, stop_after: Option<usize>| {
+        let (root, peer) = crate::data_parallel::pair();
+        let exp = std::sync::Arc::new(exp);
+        let handles: Vec<_> = [root, peer]
+            .into_iter()
+            .map(|comm| {
+                let exp = exp.clone();
+                std::thread::spawn(move || {
+                    let opts = RunOptions {
+                        stop_after,
+                        comm: Some(std::sync::Arc::new(comm)),
+                        ..Default::default()
+                    };
+                    run_experiment(&exp, &Device::Cpu, &opts).map(|_| ())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
+    };
+    two_ranks(cfg("straight"), None);
+    two_ranks(cfg("split"), Some(7));
+    two_ranks(cfg("split"), None);
+    let ck = |n: &str| dir.join(n).join("rankclip/checkpoints/step-00000012");
+    for f in ["model.safetensors", "optim.safetensors"] {
+        assert!(
+            tensors(&ck("straight").join(f)) == tensors(&ck("split").join(f)),
+            "{f} differs"
+        );
+    }
+    assert_eq!(losses(&dir.join("straight")), losses(&dir.join("split")));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck("straight").join("state.json")).unwrap())
+            .unwrap();
+    let ranks = state["data_ranks"].as_array().expect("per-rank positions");
+    assert_eq!(ranks.len(), 2);
+    assert_ne!(ranks[0], ranks[1], "the ranks read the same data");
+    // One process cannot take up a sharded run stopped midway: its ranks read
+    // different data.
+    let mid = cfg("mid");
+    two_ranks(cfg("mid"), Some(5));
+    let Err(err) = run_experiment(&mid, &Device::Cpu, &RunOptions::default()) else {
+        panic!("one process must refuse a sharded checkpoint");
+    };
+    let err = err.to_string();
+    assert!(err.contains("sharded over 2 ranks"), "{err}");
+}

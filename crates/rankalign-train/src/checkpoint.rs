@@ -41,6 +41,10 @@ pub struct CheckpointState {
     /// runs before streaming sources: then the step alone is the position).
     #[serde(default)]
     pub data: Option<rankalign_data::DataPosition>,
+    /// In a run with `train.shard_by_rank`: every rank's data position, in rank order
+    /// (each rank reads its own shards); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_ranks: Option<Vec<rankalign_data::DataPosition>>,
     /// CRC-32 (hex) of each tensor file, and of this state itself (`state.json`: the
     /// JSON of the state without that entry).
     #[serde(default)]

@@ -142,6 +142,13 @@ pub struct TrainConfig {
     /// one micro-batch per thread.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub recompute: bool,
+    /// In a data-parallel run: each rank reads its own share of the data (every
+    /// `world`-th webdataset shard, or CSV / digits index, of a pass) and decodes only
+    /// its rows, as open_clip does, instead of every rank reading the whole global batch.
+    /// The global batch then depends on the number of ranks, and a checkpoint resumes
+    /// only with the number of ranks that wrote it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shard_by_rank: bool,
 }
 
 impl TrainConfig {

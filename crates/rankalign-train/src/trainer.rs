@@ -188,6 +188,64 @@ fn same_start(comm: &dyn Collective, run: &Run) -> Result<()> {
     Ok(())
 }
 
+/// This rank's data position in a run with `train.shard_by_rank`: the start, or its
+/// entry in the checkpoint, which must come from a sharded run of as many ranks.
+fn rank_position(run: &Run, comm: &dyn Collective, start: usize) -> Result<DataPosition> {
+    if start == 0 {
+        return Ok(DataPosition::default());
+    }
+    let from = run
+        .last_ckpt
+        .as_ref()
+        .map_or_else(String::new, |p| p.display().to_string());
+    match &run.data_ranks {
+        Some(all) if all.len() == comm.world_size() => Ok(all[comm.rank()].clone()),
+        Some(all) => Err(TrainError::Checkpoint {
+            path: from.into(),
+            msg: format!(
+                "was written by a run sharded over {} ranks (train.shard_by_rank); resume it with {} ranks, not {}",
+                all.len(),
+                all.len(),
+                comm.world_size()
+            ),
+        }),
+        None => Err(TrainError::Checkpoint {
+            path: from.into(),
+            msg: "was written by a run without train.shard_by_rank, which holds one data position, not one per rank".into(),
+        }),
+    }
+}
+
+/// Every rank's data position, in rank order (JSON bytes gathered as rows).
+fn gather_positions(comm: &dyn Collective, mine: &DataPosition) -> Result<Vec<DataPosition>> {
+    let bytes = serde_json::to_vec(mine).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let n = bytes.len();
+    let rows = Tensor::from_vec(
+        bytes.into_iter().map(f32::from).collect::<Vec<_>>(),
+        (n, 1),
+        &Device::Cpu,
+    )?;
+    let (all, counts) = comm.all_gather_rows(&rows)?;
+    let all: Vec<u8> = all
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| v as u8)
+        .collect();
+    let mut at = 0;
+    counts
+        .iter()
+        .enumerate()
+        .map(|(rank, &c)| {
+            let part = &all[at..at + c];
+            at += c;
+            serde_json::from_slice(part).map_err(|e| {
+                TrainError::Invalid(format!("data parallel: rank {rank}'s data position: {e}"))
+            })
+        })
+        .collect()
+}
+
 /// Waits until every rank has called it (a one-element sum).
 pub fn barrier(comm: &dyn Collective) -> Result<()> {
     comm.all_reduce_sum(&Tensor::zeros(1, DType::F32, &Device::Cpu)?)?;
@@ -314,6 +372,8 @@ pub struct Run {
     pub start: usize,
     /// The checkpoint's data position (or the start).
     data_position: DataPosition,
+    /// The checkpoint's per-rank positions, from a run with `train.shard_by_rank`.
+    data_ranks: Option<Vec<DataPosition>>,
     last_ckpt: Option<PathBuf>,
     pub history: Vec<StepRecord>,
     pub evals: Vec<EvalRecord>,
@@ -404,6 +464,7 @@ pub fn build(
     let mut start = 0;
     let mut last_ckpt = None;
     let mut data_position = DataPosition::default();
+    let mut data_ranks = None;
     let (resume, warnings) = checkpoint::resume_point(&ckpt_dir)?;
     if resume.is_none() && !warnings.is_empty() {
         return Err(TrainError::Checkpoint {
@@ -427,6 +488,7 @@ pub fn build(
             path: path.clone(),
             msg: "was written before checkpoints recorded the data position, so it cannot be resumed exactly; use --overwrite".into(),
         })?;
+        data_ranks = state.data_ranks;
         last_ckpt = Some(path);
     }
     if let Some(cb) = &opts.on_notice {
@@ -451,6 +513,7 @@ pub fn build(
         digest,
         start,
         data_position,
+        data_ranks,
         last_ckpt,
         history,
         evals,
@@ -502,18 +565,41 @@ pub fn fit(
     let start = run.start;
     let end = opts.stop_after.map_or(total, |s| s.min(total));
     let policy = exp.data.corrupt();
+    // With `shard_by_rank` each rank streams its own share, `B / world` rows a step.
+    let sharded = comm.filter(|_| exp.train.shard_by_rank);
+    let (sharding, position) = match sharded {
+        Some(c) => (
+            Sharding {
+                rank: c.rank(),
+                world: c.world_size(),
+            },
+            rank_position(run, c, start)?,
+        ),
+        None => match &run.data_ranks {
+            Some(all) => {
+                return Err(TrainError::Checkpoint {
+                    path: run.last_ckpt.clone().unwrap_or_default(),
+                    msg: format!(
+                        "was written by a run sharded over {} ranks (train.shard_by_rank), whose ranks read different data; resume it that way",
+                        all.len()
+                    ),
+                });
+            }
+            None => (Sharding::default(), run.data_position.clone()),
+        },
+    };
     let mut stream = PairStream::new(
         shared.train.clone(),
         mix_seed(&[exp.seed, 0xBA7C4]),
-        Sharding::default(),
+        sharding,
         SkipPolicy::from(&policy),
-        run.data_position.clone(),
+        position,
     )?;
     let mut skipped = stream.position().stats.clone();
     let (tokenizer, image_size, batch_size) = (
         shared.tokenizer.clone(),
         exp.data.image_size(),
-        exp.train.batch_size,
+        exp.train.batch_size / sharding.world,
     );
     let dev = device.clone();
     let mut prefetch = Prefetcher::new(
@@ -577,12 +663,17 @@ pub fn fit(
             // resume, are the single-process ones) and steps on its own rows.
             Some(c) => {
                 let part = batch.len() / c.world_size();
+                let mine = if sharded.is_some() {
+                    batch.clone()
+                } else {
+                    batch.narrow(c.rank() * part, part)?
+                };
                 loss_and_grads_across(
                     &run.model,
                     &run.params,
                     &run.logit_scale,
                     run.objective.as_ref(),
-                    &batch.narrow(c.rank() * part, part)?,
+                    &mine,
                     &ctx,
                     exp.train.step_plan(),
                     c,
@@ -690,7 +781,13 @@ pub fn fit(
         }
         opts.progress.set_position(done as u64);
         opts.progress.set_message(format!("loss {loss_value:.3}"));
-        if writes && (done % exp.train.checkpoint_every == 0 || done == end) {
+        let checkpoint_due = done % exp.train.checkpoint_every == 0 || done == end;
+        // Every rank sends its position at a checkpoint, whichever rank writes it.
+        let data_ranks = match sharded {
+            Some(c) if checkpoint_due => Some(gather_positions(c, &position)?),
+            _ => None,
+        };
+        if writes && checkpoint_due {
             let state = CheckpointState {
                 step: done,
                 optimizer_steps: run.opt.steps(),
@@ -701,6 +798,7 @@ pub fn fit(
                     exp.seed
                 ),
                 data: Some(position),
+                data_ranks,
                 checksums: BTreeMap::new(),
             };
             run.last_ckpt = Some(checkpoint::save(
