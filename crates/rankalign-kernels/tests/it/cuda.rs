@@ -9,8 +9,6 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use rankalign_kernels::{PairwiseForm, PlMode, layer_norm, pl_nll, weighted_pairwise};
 
 /// f32 on both sides; sums of up to 4096 terms in different orders differ by a few ulp
@@ -126,25 +124,16 @@ fn layer_norm_matches_cpu() -> Result<()> {
     ];
     for (seed, shape) in shapes.iter().enumerate() {
         let d = *shape.last().expect("a shape has a last dimension");
-        let n: usize = shape.iter().product();
-        let mut rng = ChaCha8Rng::seed_from_u64(seed as u64);
-        let mut draw = |k: usize, scale: f32, shift: f32| -> Vec<f32> {
-            (0..k)
-                .map(|_| shift + scale * (rng.random::<f32>() * 2.0 - 1.0))
-                .collect()
+        let (xv, wv, bv, gv) = crate::layer_norm::inputs(shape, seed as u64);
+        let f32s = |v: &[f64], shape: &[usize], dev: &Device| {
+            Tensor::from_vec(v.to_vec(), shape, dev)?.to_dtype(DType::F32)
         };
-        let (xv, wv, bv, gv) = (
-            draw(n, 3.0, 0.5),
-            draw(d, 1.0, 1.0),
-            draw(d, 0.5, 0.0),
-            draw(n, 1.0, 0.0),
-        );
         compare("layer_norm", &format!("{shape:?}"), |dev| {
-            let x = Var::from_tensor(&Tensor::from_vec(xv.clone(), *shape, dev)?)?;
-            let w = Var::from_tensor(&Tensor::from_vec(wv.clone(), d, dev)?)?;
-            let b = Var::from_tensor(&Tensor::from_vec(bv.clone(), d, dev)?)?;
+            let x = Var::from_tensor(&f32s(&xv, shape, dev)?)?;
+            let w = Var::from_tensor(&f32s(&wv, &[d], dev)?)?;
+            let b = Var::from_tensor(&f32s(&bv, &[d], dev)?)?;
             let y = layer_norm(&x, &w, &b, 1e-5)?;
-            let loss = (&y * Tensor::from_vec(gv.clone(), *shape, dev)?)?.sum_all()?;
+            let loss = (&y * f32s(&gv, shape, dev)?)?.sum_all()?;
             let g = loss.backward()?;
             let grad = |v: &Var| flat(g.get(v).expect("every input has a gradient"));
             Ok(vec![

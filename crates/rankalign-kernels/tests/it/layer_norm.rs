@@ -6,8 +6,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rankalign_kernels::{layer_norm, layer_norm_reference};
 
-fn check(shape: &[usize], dtype: DType, tol: f64, seed: u64) -> Result<()> {
-    let dev = Device::Cpu;
+/// Seeded inputs of a LayerNorm of `shape`: x, weight, bias and the upstream gradient.
+pub(crate) fn inputs(shape: &[usize], seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
     let d = *shape.last().unwrap();
     let n: usize = shape.iter().product();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -16,12 +16,19 @@ fn check(shape: &[usize], dtype: DType, tol: f64, seed: u64) -> Result<()> {
             .map(|_| shift + scale * (rng.random::<f64>() * 2.0 - 1.0))
             .collect()
     };
-    let (xv, wv, bv, gv) = (
+    (
         draw(n, 3.0, 0.5),
         draw(d, 1.0, 1.0),
         draw(d, 0.5, 0.0),
         draw(n, 1.0, 0.0),
-    );
+    )
+}
+
+fn check(shape: &[usize], dtype: DType, tol: f64, seed: u64) -> Result<()> {
+    let dev = Device::Cpu;
+    let d = *shape.last().unwrap();
+    let n: usize = shape.iter().product();
+    let (xv, wv, bv, gv) = inputs(shape, seed);
     let run = |fused: bool| -> Result<Vec<Vec<f64>>> {
         let x = Var::from_tensor(&Tensor::from_vec(xv.clone(), shape, &dev)?.to_dtype(dtype)?)?;
         let w = Var::from_tensor(&Tensor::from_vec(wv.clone(), d, &dev)?.to_dtype(dtype)?)?;
