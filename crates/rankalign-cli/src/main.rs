@@ -907,6 +907,39 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// On Linux, a rank gets SIGTERM when the launcher dies, however it dies (`kill -9`
+/// included, which runs no destructor): no rank outlives its launch.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_launcher(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    unsafe extern "C" {
+        fn prctl(option: std::ffi::c_int, ...) -> std::ffi::c_int;
+        fn getppid() -> std::ffi::c_int;
+    }
+    const PR_SET_PDEATHSIG: std::ffi::c_int = 1;
+    const SIGTERM: std::ffi::c_ulong = 15;
+    let launcher = std::process::id() as std::ffi::c_int;
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed; `prctl` and `getppid` are plain system calls
+    // and nothing is allocated. A launcher that died before `prctl` is caught by the
+    // parent check.
+    unsafe {
+        cmd.pre_exec(move || {
+            if prctl(PR_SET_PDEATHSIG, SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if getppid() != launcher {
+                return Err(std::io::Error::other("the launcher has already exited"));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_launcher(_: &mut std::process::Command) {}
+
 /// `rankalign launch`: `nproc` ranks of `command` on this machine.
 fn launch(nproc: usize, master_port: Option<u16>, command: &[String]) -> Result<()> {
     if nproc == 0 {
@@ -923,7 +956,9 @@ fn launch(nproc: usize, master_port: Option<u16>, command: &[String]) -> Result<
     let exe = std::env::current_exe().context("launch: finding the rankalign executable")?;
     let mut ranks = Ranks(Vec::with_capacity(nproc));
     for rank in 0..nproc {
-        let child = std::process::Command::new(&exe)
+        let mut cmd = std::process::Command::new(&exe);
+        die_with_launcher(&mut cmd);
+        let child = cmd
             .args(command)
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", nproc.to_string())

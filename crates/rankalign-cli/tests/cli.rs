@@ -537,6 +537,45 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// A launcher killed with SIGKILL (no destructor runs) takes its ranks with it.
+#[test]
+#[cfg(target_os = "linux")]
+fn ranks_do_not_outlive_a_killed_launcher() {
+    let dir = scratch("launch-orphans");
+    // 4,000 steps: minutes of training, were the ranks to go on alone.
+    let (ranks, _) = data_parallel_setup(&dir, 1000);
+    let mut run = Command::new(env!("CARGO_BIN_EXE_rankalign"))
+        .args(["launch", "--nproc", "2", "--", "train", "--config", &ranks])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut kids = Vec::new();
+    while kids.len() < 2 {
+        assert!(started.elapsed().as_secs() < 60, "the ranks did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        kids = children(run.id());
+    }
+    run.kill().unwrap(); // SIGKILL
+    run.wait().unwrap();
+    // A rank is gone when its /proc entry is, or it is a zombie waiting for a reaper.
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(')').next().map(|r| r.trim_start().chars().next()))
+            .flatten()
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    };
+    let started = std::time::Instant::now();
+    while kids.iter().any(|&k| alive(k)) {
+        assert!(
+            started.elapsed().as_secs() < 10,
+            "ranks {kids:?} outlived their launcher"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Killing one rank stops the run with that rank's name; launched again, the run
 /// resumes from rank 0's last checkpoint and ends with the weights of a run that was
 /// never interrupted.
