@@ -15,8 +15,13 @@ use rankalign_kernels::{PairwiseForm, PlMode, layer_norm, pl_nll, weighted_pairw
 /// of the largest partial sum, so each output is compared relative to its largest entry.
 const TOL: f64 = 2e-4;
 
+/// GPU 0, opened once: each new device would load (and JIT-compile) the kernels again.
 fn gpu() -> Device {
-    Device::new_cuda(0).unwrap_or_else(|e| panic!("no CUDA device 0 for the GPU checks: {e}"))
+    static GPU: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    GPU.get_or_init(|| {
+        Device::new_cuda(0).unwrap_or_else(|e| panic!("no CUDA device 0 for the GPU checks: {e}"))
+    })
+    .clone()
 }
 
 type Outputs = Vec<(&'static str, Vec<f64>)>;
