@@ -5,7 +5,8 @@ same format and at the same sizes as `examples/bench.rs`.
 - pl_nll: allRank's ListMLE as RankCLIP's code runs it (shuffle, sort, gather, max shift,
   flipped cumsum of exp, log(. + 1e-10)), on scores scaled like logits;
 - pairwise_dist: L2RCLIP's weighted mean of `torch.cdist` distances;
-- layer_norm: `torch.nn.functional.layer_norm`.
+- layer_norm: `torch.nn.functional.layer_norm`;
+- matmul: `F.linear` without bias or grad (the floor under every tower).
 
 Run: `python torch_reference.py --threads N [--quick]` (needs torch; `cargo xtask bench
 --setup-torch` makes a venv with it).
@@ -125,6 +126,16 @@ def main():
             y.backward(torch.ones_like(y))
 
         emit("layer_norm", f"{rows}x{d}", *measure(ln, warmup, runs))
+    mm = [(197, 768, 2304)] if args.quick else [(197, 768, 2304), (1576, 768, 3072), (3152, 3072, 768)]
+    for rows, k, n in mm:
+        x = torch.rand(rows, k)
+        w = torch.rand(n, k)
+
+        def matmul():
+            with torch.no_grad():
+                torch.nn.functional.linear(x, w)
+
+        emit("matmul", f"{rows}x{k}x{n}", *measure(matmul, warmup, runs))
 
 
 if __name__ == "__main__":

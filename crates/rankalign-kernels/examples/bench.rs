@@ -17,8 +17,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Result, Tensor, Var};
 use rankalign_kernels::{
-    PairwiseForm, PlMode, layer_norm, layer_norm_reference, pl_nll, pl_nll_reference, pl_order,
-    weighted_pairwise, weighted_pairwise_reference,
+    PairwiseForm, PlMode, layer_norm, layer_norm_reference, linear, linear_reference, pl_nll,
+    pl_nll_reference, pl_order, weighted_pairwise, weighted_pairwise_reference,
 };
 
 /// The system allocator, counting live bytes and their high-water mark.
@@ -197,6 +197,32 @@ fn main() -> Result<()> {
                 runs,
             )?;
             emit("layer_norm", &format!("{rows}x{d}"), imp, t, p);
+        }
+    }
+    // The matmul floor: `x Wᵀ` forward at ViT-B/16 shapes (rows = tokens), the product
+    // every tower's time is bounded by.
+    let mm_shapes: &[(usize, usize, usize)] = if quick {
+        &[(197, 768, 2304)]
+    } else {
+        &[(197, 768, 2304), (1576, 768, 3072), (3152, 3072, 768)]
+    };
+    for &(rows, k, n) in mm_shapes {
+        let x = random((rows, k), 8)?;
+        let w = random((n, k), 9)?;
+        for &(imp, fused) in impls.iter().filter(|_| wanted("matmul")) {
+            let (t, p) = measure(
+                || {
+                    let _y = if fused {
+                        linear(&x, &w, None)?
+                    } else {
+                        linear_reference(&x, &w, None)?
+                    };
+                    Ok(())
+                },
+                warmup,
+                runs,
+            )?;
+            emit("matmul", &format!("{rows}x{k}x{n}"), imp, t, p);
         }
     }
     Ok(())

@@ -9,8 +9,8 @@
 //!   O(m) per row forward and backward;
 //! - [`layer_norm`]: LayerNorm with a backward pass (candle 0.11.1's fused LayerNorm has
 //!   none on contiguous input, which silently froze most of a CLIP's parameters);
-//! - [`linear`], [`activation`]: a transformer block's linear layers, QuickGELU and
-//!   softmax as one node each with a hand-written backward (candle's composed versions
+//! - [`linear`], [`activation`], [`attention`]: a transformer block's linear layers,
+//!   QuickGELU, softmax and multi-head attention as one node each with a hand-written backward (candle's composed versions
 //!   cost a zero tensor plus an add per node in the backward, and a strided reduction
 //!   for the bias gradient);
 //! - [`pairwise`]: L2RCLIP's weighted pairwise-distance diversity term, in the code's
@@ -35,6 +35,7 @@
 //! ```
 
 pub mod activation;
+pub mod attention;
 mod cpu;
 pub mod layer_norm;
 pub mod linear;
@@ -48,6 +49,7 @@ mod cuda;
 pub use activation::{
     quick_gelu, quick_gelu_reference, softmax_last_dim, softmax_last_dim_reference,
 };
+pub use attention::{attention, attention_reference};
 pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{linear, linear_reference};
 pub use order::pl_order;

@@ -178,8 +178,6 @@ pub struct Attention {
     v_proj: Linear,
     out_proj: Linear,
     heads: usize,
-    head_dim: usize,
-    scale: f64,
 }
 
 impl Attention {
@@ -203,38 +201,27 @@ impl Attention {
         };
         // PyTorch's MultiheadAttention zeroes its in-projection and out-projection biases.
         let bias = Some(BiasInit::Zero);
-        let head_dim = width / heads;
         Ok(Self {
             q_proj: linear(width, width, qkv, bias, vb.pp("q_proj"))?,
             k_proj: linear(width, width, qkv, bias, vb.pp("k_proj"))?,
             v_proj: linear(width, width, qkv, bias, vb.pp("v_proj"))?,
             out_proj: linear(width, width, out, bias, vb.pp("out_proj"))?,
             heads,
-            head_dim,
-            scale: (head_dim as f64).powf(-0.5),
         })
     }
 
     /// `xs` is `(b, s, width)`; `mask`, if any, is an additive `(s, s)` mask.
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, s, w) = xs.dims3()?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, s, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split((self.q_proj.forward(xs)? * self.scale)?)?;
-        let k = split(self.k_proj.forward(xs)?)?;
-        let v = split(self.v_proj.forward(xs)?)?;
-        let mut att = q.matmul(&k.t()?)?;
-        if let Some(mask) = mask {
-            // Masks are made in f32; a bf16 or f16 model adds them in its own dtype.
-            att = att.broadcast_add(&mask.to_dtype(att.dtype())?)?;
-        }
-        // Ours, with a backward (candle's fused softmax has none) and its exponentials
-        // in vector registers; the composed reference's values to f32 rounding (tested).
-        let att = rankalign_kernels::softmax_last_dim(&att)?;
-        let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, w))?;
+        // One node (ours): the heads read through strides of the projections' layout, in
+        // parallel, with a backward; the composed reference's values to f32 rounding
+        // (tested in rankalign-kernels).
+        let out = rankalign_kernels::attention(
+            &self.q_proj.forward(xs)?,
+            &self.k_proj.forward(xs)?,
+            &self.v_proj.forward(xs)?,
+            self.heads,
+            mask,
+        )?;
         self.out_proj.forward(&out)
     }
 }

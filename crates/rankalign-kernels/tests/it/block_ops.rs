@@ -1,4 +1,4 @@
-//! The fused linear layer, QuickGELU and softmax against their composed references
+//! The fused linear layer, QuickGELU, softmax and attention against their composed references
 //! (values and the gradient of every input, f32 and f64) and against central finite
 //! differences in f64.
 
@@ -6,8 +6,8 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rankalign_kernels::{
-    linear, linear_reference, quick_gelu, quick_gelu_reference, softmax_last_dim,
-    softmax_last_dim_reference,
+    attention, attention_reference, linear, linear_reference, quick_gelu, quick_gelu_reference,
+    softmax_last_dim, softmax_last_dim_reference,
 };
 
 /// An op under test: its inputs' shapes and how to apply it (fused or composed).
@@ -40,7 +40,56 @@ fn cases() -> Vec<Case> {
             softmax_last_dim_reference(&t[0])
         }
     }
+    /// Heads by width: 1 for width 2, else 2 (or 4 from width 96).
+    fn heads(t: &[Tensor]) -> Result<usize> {
+        let w = t[0].dim(2)?;
+        Ok(if w >= 96 {
+            4
+        } else if w > 2 {
+            2
+        } else {
+            1
+        })
+    }
+    fn att(t: &[Tensor], fused: bool) -> Result<Tensor> {
+        let h = heads(t)?;
+        if fused {
+            attention(&t[0], &t[1], &t[2], h, None)
+        } else {
+            attention_reference(&t[0], &t[1], &t[2], h, None)
+        }
+    }
+    fn causal(t: &[Tensor], fused: bool) -> Result<Tensor> {
+        let (h, s) = (heads(t)?, t[0].dim(1)?);
+        let m: Vec<f32> = (0..s * s)
+            .map(|i| {
+                if i % s > i / s {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(m, (s, s), t[0].device())?;
+        if fused {
+            attention(&t[0], &t[1], &t[2], h, Some(&mask))
+        } else {
+            attention_reference(&t[0], &t[1], &t[2], h, Some(&mask))
+        }
+    }
     let mut out = Vec::new();
+    for shape in [vec![1, 1, 2], vec![1, 3, 4], vec![2, 5, 6], vec![3, 17, 96]] {
+        out.push(Case {
+            name: "attention",
+            shapes: vec![shape.clone(); 3],
+            apply: att,
+        });
+        out.push(Case {
+            name: "attention+causal mask",
+            shapes: vec![shape; 3],
+            apply: causal,
+        });
+    }
     for (x, w) in [
         (vec![1, 1], vec![1, 1]),
         (vec![3, 5], vec![4, 5]),
