@@ -26,8 +26,8 @@ use std::sync::OnceLock;
 
 use crate::cpu::{Float, slice, sum, sum_map, vectorised};
 
-fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<()> {
-    let (_, s, w) = q.dims3()?;
+fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<()> {
+    let (_, _, w) = q.dims3()?;
     if k.dims() != q.dims() || v.dims() != q.dims() {
         candle_core::bail!(
             "attention: queries {:?}, keys {:?} and values {:?} must have one shape (b, s, width)",
@@ -39,20 +39,12 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>
     if heads == 0 || !w.is_multiple_of(heads) {
         candle_core::bail!("attention: width {w} is not divisible by {heads} heads")
     }
-    if let Some(m) = mask
-        && m.dims() != [s, s]
-    {
-        candle_core::bail!(
-            "attention: the mask must be ({s}, {s}) for {s} positions, got {:?}",
-            m.dims()
-        )
-    }
     Ok(())
 }
 
 /// `softmax(c Q Kᵀ + M) V` per head over `(b, s, width)` queries, keys and values, the
 /// heads' outputs concatenated back to `(b, s, width)`; `c = (width / heads)^-½`, `M` an
-/// optional additive `(s, s)` mask. Plain candle ops: the reference of [`attention`].
+/// optional additive mask that broadcasts to `(b, heads, s, s)`. Plain candle ops: the reference of [`attention`].
 pub fn attention_reference(
     q: &Tensor,
     k: &Tensor,
@@ -60,7 +52,7 @@ pub fn attention_reference(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    check(q, k, v, heads, mask)?;
+    check(q, k, v, heads)?;
     composed(q, k, v, heads, mask, crate::softmax_last_dim_reference)
 }
 
@@ -98,7 +90,7 @@ pub fn attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    check(q, k, v, heads, mask)?;
+    check(q, k, v, heads)?;
     let dtype = q.dtype();
     let fused = q.device().is_cpu()
         && matches!(dtype, DType::F32 | DType::F64)
@@ -108,9 +100,19 @@ pub fn attention(
     if !fused {
         return composed(q, k, v, heads, mask, crate::softmax_last_dim);
     }
-    let mask = mask
-        .map(|m| m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>())
-        .transpose()?;
+    // A mask the same for every batch row and head (`(s, s)`, or e.g. a `(1, 1, 1, s)`
+    // padding mask) is read as `(s, s)`; one that varies by batch row runs composed.
+    let s = q.dim(1)?;
+    let mask = match mask.map(|m| m.broadcast_as((1, 1, s, s))) {
+        None => None,
+        Some(Ok(m)) => Some(
+            m.to_dtype(DType::F64)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f64>()?,
+        ),
+        Some(Err(_)) => return composed(q, k, v, heads, mask, crate::softmax_last_dim),
+    };
     let op = AttentionOp {
         heads,
         mask,

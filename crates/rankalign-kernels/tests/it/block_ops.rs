@@ -77,7 +77,33 @@ fn cases() -> Vec<Case> {
             attention_reference(&t[0], &t[1], &t[2], h, Some(&mask))
         }
     }
+    /// A `(1, 1, 1, s)` padding mask (the last position masked), as RankFormer passes.
+    fn padded(t: &[Tensor], fused: bool) -> Result<Tensor> {
+        let (h, s) = (heads(t)?, t[0].dim(1)?);
+        let m: Vec<f32> = (0..s)
+            .map(|j| {
+                if j + 1 == s && s > 1 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(m, (1, 1, 1, s), t[0].device())?;
+        if fused {
+            attention(&t[0], &t[1], &t[2], h, Some(&mask))
+        } else {
+            attention_reference(&t[0], &t[1], &t[2], h, Some(&mask))
+        }
+    }
     let mut out = Vec::new();
+    for shape in [vec![1, 3, 4], vec![2, 17, 96]] {
+        out.push(Case {
+            name: "attention+padding mask",
+            shapes: vec![shape; 3],
+            apply: padded,
+        });
+    }
     for shape in [vec![1, 1, 2], vec![1, 3, 4], vec![2, 5, 6], vec![3, 17, 96]] {
         out.push(Case {
             name: "attention",
