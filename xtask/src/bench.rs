@@ -86,10 +86,13 @@ const MODELS: Suite = Suite {
 
 /// The same glibc malloc settings for both programs: keep freed memory instead of
 /// returning it to the kernel, so that neither pays page faults on every large
-/// temporary (measured: 247k faults and 1.25 s of system time in a 1.2 s quick run).
-const MALLOC: [(&str, &str); 2] = [
+/// temporary (measured: 247k faults and 1.25 s of system time in a 1.2 s quick run),
+/// and one arena for all threads, whose own arenas would unmap their large blocks
+/// anyway (`rankalign_train::memory::keep_freed_memory` says what it measured).
+const MALLOC: [(&str, &str); 3] = [
     ("MALLOC_MMAP_THRESHOLD_", "1073741824"),
     ("MALLOC_TRIM_THRESHOLD_", "4294967296"),
+    ("MALLOC_ARENA_MAX", "1"),
 ];
 
 /// A table of docs/BENCHMARKS.md that `flag` reruns in place: the text from `start`
@@ -459,7 +462,7 @@ fn render(rows: &[Row], threads: usize, torch_note: &str, quick: bool) -> String
         "Forward + backward, median of {} runs after {} warm-up runs, {threads} thread(s) for every column, on {} ({}). \
 Peak memory is the growth of live heap bytes during one run over those live before it: \
          exact on the Rust side (a counting allocator), from the profiler's per-op allocation events on the PyTorch side \
-         (`profile_memory=True`). Both programs run with `MALLOC_MMAP_THRESHOLD_=1GiB MALLOC_TRIM_THRESHOLD_=4GiB`, so \
+         (`profile_memory=True`). Both programs run with `MALLOC_MMAP_THRESHOLD_=1GiB MALLOC_TRIM_THRESHOLD_=4GiB MALLOC_ARENA_MAX=1`, so \
          that neither pays page faults for every large temporary. Ratios are the other column's time divided by the fused time (above 1× = fused is faster).\n\n",
         if quick { 3 } else { 15 },
         if quick { 1 } else { 3 },

@@ -369,6 +369,8 @@ fn rankclip_loss_step(
 }
 
 fn main() -> anyhow::Result<()> {
+    // The allocator settings `rankalign train` runs with.
+    rankalign_train::memory::keep_freed_memory();
     let quick = std::env::args().any(|a| a == "--quick");
     let (warmup, runs) = if quick { (1, 3) } else { (2, 10) };
     let batches: &[usize] = if quick { &[1] } else { &[1, 8] };
@@ -487,15 +489,28 @@ fn main() -> anyhow::Result<()> {
     } else {
         steps.push(("b128 48px ctx32", whole, threads));
     }
-    if wanted("vit_b16_train_step") {
+    let vit_wanted = only.as_deref().is_none_or(|o| o == "vit_b16_train_step");
+    let vit_micro = std::env::args().any(|a| a == "--micro-steps");
+    if vit_wanted && (!micro_only || vit_micro) {
+        // The whole batch in the main pass; in the micro-steps pass, 2 x 8 micro-batches
+        // (one per thread of a 2-thread pool), the objective once over all 16.
         let (warm, n) = if quick { (0, 1) } else { (1, 3) };
+        let (size, plan) = if vit_micro {
+            let plan = StepPlan {
+                micro_batch: Some(8),
+                recompute: false,
+            };
+            ("b16 224px ctx77; 2x8 micro", plan)
+        } else {
+            ("b16 224px ctx77", whole)
+        };
         emit(
             "vit_b16_train_step",
-            "b16 224px ctx77",
-            clip_step(&on, &ClipConfig::vit_b16(), 16, whole, threads, warm, n)?,
+            size,
+            clip_step(&on, &ClipConfig::vit_b16(), 16, plan, threads, warm, n)?,
         );
     }
-    let steps_wanted = micro_only || only.as_deref().is_none_or(|o| o == "tiny_clip_train_step");
+    let steps_wanted = only.as_deref().is_none_or(|o| o == "tiny_clip_train_step");
     for (size, plan, t) in steps.into_iter().filter(|_| steps_wanted) {
         emit(
             "tiny_clip_train_step",
