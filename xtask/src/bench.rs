@@ -603,7 +603,8 @@ fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) ->
          against scikit-learn's `LogisticRegression(C=1, tol=1e-6)` (lbfgs; the same objective) on the same features, BLAS limited to the same threads \
          (its peak is tracemalloc's). `img/s` = images per second of the ViT rows (evaluation throughput). \
          `vit_b16_train_step`: one training step of `ClipConfig::vit_b16()` (OpenAI's ViT-B/16 shape, `CLIPModel` of the same shape) at batch 16, 224 px and 77-token captions, \
-         InfoNCE, backward and AdamW on the whole batch (1 warm-up run and 3 runs). \
+         InfoNCE, backward and AdamW on the whole batch (1 warm-up run and 3 runs; `; 2x8 micro`: `train.micro_batch = 8`, the two halves' towers in parallel \
+         and the loss once over all 16, against PyTorch's plain step). \
          `rankclip_loss`: RankCLIP's whole loss (InfoNCE plus the four ListMLE terms in the authors' parity form, λ = 1/16, over B) on 1024 × 512 image and text embeddings, forward and backward \
          (PyTorch: the authors' form, allRank's `listMLE` as in the kernel table, `F.cross_entropy` both ways). \
          `tiny_clip_train_step`: one step of `ClipConfig::tiny()` (`CLIPModel` of the same shape) at batch 128 with 32-token captions: \

@@ -394,29 +394,28 @@ impl CustomOp3 for AttentionOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, dims) = self.dims(l1)?;
         let mask = self.mask.as_deref();
+        fn run<T: Float>(
+            (s1, l1): (&CpuStorage, &Layout),
+            (s2, l2): (&CpuStorage, &Layout),
+            (s3, l3): (&CpuStorage, &Layout),
+            mask: Option<&[f64]>,
+            b: usize,
+            dims: Dims,
+        ) -> Result<(CpuStorage, CpuStorage)> {
+            let (o, p) = forward(
+                slice::<T>(s1, l1, "attention", "queries")?,
+                slice(s2, l2, "attention", "keys")?,
+                slice(s3, l3, "attention", "values")?,
+                mask,
+                b,
+                dims,
+            );
+            Ok((T::storage(o), T::storage(p)))
+        }
+        let inputs = ((s1, l1), (s2, l2), (s3, l3));
         let (out, probs) = match s1.dtype() {
-            DType::F32 => {
-                let (o, p) = forward(
-                    slice::<f32>(s1, l1, "attention", "queries")?,
-                    slice(s2, l2, "attention", "keys")?,
-                    slice(s3, l3, "attention", "values")?,
-                    mask,
-                    b,
-                    dims,
-                );
-                (f32::storage(o), f32::storage(p))
-            }
-            DType::F64 => {
-                let (o, p) = forward(
-                    slice::<f64>(s1, l1, "attention", "queries")?,
-                    slice(s2, l2, "attention", "keys")?,
-                    slice(s3, l3, "attention", "values")?,
-                    mask,
-                    b,
-                    dims,
-                );
-                (f64::storage(o), f64::storage(p))
-            }
+            DType::F32 => run::<f32>(inputs.0, inputs.1, inputs.2, mask, b, dims)?,
+            DType::F64 => run::<f64>(inputs.0, inputs.1, inputs.2, mask, b, dims)?,
             dt => candle_core::bail!("attention: fused kernel runs on f32 or f64, got {dt:?}"),
         };
         if self.keep {
