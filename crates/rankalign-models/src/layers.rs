@@ -7,43 +7,34 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-/// `y = x Wᵀ + b` over the last dimension, with `W` `(out, in)`.
+/// `y = x Wᵀ + b` over the last dimension, with `W` `(out, in)`: one fused node
+/// (`rankalign_kernels::linear`), which flattens input of any rank to one matmul and adds
+/// the bias in place. (`candle_nn::Linear` broadcasts `W` over the batch instead, and
+/// the backward of that broadcast materialises one weight-sized gradient per batch row
+/// before summing: measured here, it made the backward pass of the tiny CLIP 4× slower
+/// than its forward.)
 ///
-/// Input of any rank is flattened to 2-D for one matmul. (`candle_nn::Linear` broadcasts
-/// `W` over the batch instead, and the backward of that broadcast materialises one
-/// weight-sized gradient per batch row before summing: measured here, it made the
-/// backward pass of the tiny CLIP 4× slower than its forward.)
-///
-/// A weight that is not a `Var` (inference: weights from a file) is frozen, so it is
-/// stored once as a contiguous `Wᵀ` `(in, out)`: gemm then packs its right-hand side from
-/// rows instead of gathering a transposed view on every call (measured on one thread:
-/// the ViT-B/16 forward at batch 1 from 360 to 300 ms; at batch 8 no change, as each
-/// packed block serves more rows). `Var` weights change in place during training and
-/// keep the `(out, in)` view.
+/// A weight that is not a `Var` (inference: weights from a file) is frozen, so its
+/// storage is made `Wᵀ` `(in, out)`, contiguous, and `W` is kept as a transposed view of
+/// it: gemm then packs its right-hand side from rows instead of gathering a transposed
+/// view on every call (measured on one thread: the ViT-B/16 forward at batch 1 from 360
+/// to 300 ms; at batch 8 no change, as each packed block serves more rows). `Var`
+/// weights change in place during training and keep their `(out, in)` storage.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    /// `W` `(out, in)`; for a frozen weight, a transposed view of `weight_t`.
+    /// `W` `(out, in)`; for a frozen weight, a transposed view of a contiguous `Wᵀ`.
     weight: Tensor,
-    /// `Wᵀ` `(in, out)`, contiguous, for a frozen weight.
-    weight_t: Option<Tensor>,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        if weight.is_variable() {
-            return Ok(Self {
-                weight,
-                weight_t: None,
-                bias,
-            });
-        }
-        let weight_t = weight.t()?.contiguous()?;
-        Ok(Self {
-            weight: weight_t.t()?,
-            weight_t: Some(weight_t),
-            bias,
-        })
+        let weight = if weight.is_variable() {
+            weight
+        } else {
+            weight.t()?.contiguous()?.t()?
+        };
+        Ok(Self { weight, bias })
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -53,25 +44,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let Some(weight_t) = &self.weight_t else {
-            // Trained weights: one fused node with its own backward (rankalign_kernels).
-            return rankalign_kernels::linear(xs, &self.weight, self.bias.as_ref());
-        };
-        let dims = xs.dims().to_vec();
-        let in_dim = *dims
-            .last()
-            .ok_or_else(|| candle_core::Error::Msg("linear: scalar input".into()))?;
-        let rows = xs.elem_count() / in_dim.max(1);
-        let ys = xs.reshape((rows, in_dim))?.matmul(weight_t)?;
-        let ys = match &self.bias {
-            Some(b) => ys.broadcast_add(b)?,
-            None => ys,
-        };
-        let mut out_dims = dims;
-        *out_dims
-            .last_mut()
-            .expect("invariant: checked non-empty above") = self.weight.dim(0)?;
-        ys.reshape(out_dims)
+        rankalign_kernels::linear(xs, &self.weight, self.bias.as_ref())
     }
 }
 
