@@ -412,10 +412,9 @@ impl CustomOp3 for AttentionOp {
             );
             Ok((T::storage(o), T::storage(p)))
         }
-        let inputs = ((s1, l1), (s2, l2), (s3, l3));
         let (out, probs) = match s1.dtype() {
-            DType::F32 => run::<f32>(inputs.0, inputs.1, inputs.2, mask, b, dims)?,
-            DType::F64 => run::<f64>(inputs.0, inputs.1, inputs.2, mask, b, dims)?,
+            DType::F32 => run::<f32>((s1, l1), (s2, l2), (s3, l3), mask, b, dims)?,
+            DType::F64 => run::<f64>((s1, l1), (s2, l2), (s3, l3), mask, b, dims)?,
             dt => candle_core::bail!("attention: fused kernel runs on f32 or f64, got {dt:?}"),
         };
         if self.keep {

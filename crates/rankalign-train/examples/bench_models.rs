@@ -10,7 +10,7 @@
 //! Hugging Face `CLIPModel` in PyTorch, and `cargo xtask bench` runs both with the same
 //! thread count and joins them into a table. Usage: `bench_models [--quick]
 //! [--micro-steps | --one-thread-steps]` (`--quick`: fewer runs, ViT at batch 1 only;
-//! `--micro-steps`: only the micro-batched training steps, which want
+//! `--micro-steps`: only the micro-batched training steps (tiny and ViT-B/16), which want
 //! `CANDLE_NUM_THREADS=1`; `--one-thread-steps`: only the steps on one thread, to be run
 //! with `RAYON_NUM_THREADS=1`; `--only OP`: one op's rows, for profiling).
 //!
@@ -374,7 +374,9 @@ fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let (warmup, runs) = if quick { (1, 3) } else { (2, 10) };
     let batches: &[usize] = if quick { &[1] } else { &[1, 8] };
-    let micro_only = std::env::args().any(|a| a == "--micro-steps" || a == "--one-thread-steps");
+    let micro_steps = std::env::args().any(|a| a == "--micro-steps");
+    let one_thread_steps = std::env::args().any(|a| a == "--one-thread-steps");
+    let micro_only = micro_steps || one_thread_steps;
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str| {
         args.iter()
@@ -476,10 +478,10 @@ fn main() -> anyhow::Result<()> {
     // `--one-thread-steps`: both steps on one thread, in a process started with one
     // thread (so that gemm is not told of threads the pool does not have).
     let mut steps = Vec::new();
-    if std::env::args().any(|a| a == "--one-thread-steps") {
+    if one_thread_steps {
         steps.push(("b128 48px ctx32; 1 thread", whole, 1));
         steps.push(("b128 48px ctx32; 4x32 micro; 1 thread", micro(false), 1));
-    } else if std::env::args().any(|a| a == "--micro-steps") {
+    } else if micro_steps {
         steps.push(("b128 48px ctx32; 4x32 micro", micro(false), threads));
         steps.push((
             "b128 48px ctx32; 4x32 micro recompute",
@@ -490,12 +492,11 @@ fn main() -> anyhow::Result<()> {
         steps.push(("b128 48px ctx32", whole, threads));
     }
     let vit_wanted = only.as_deref().is_none_or(|o| o == "vit_b16_train_step");
-    let vit_micro = std::env::args().any(|a| a == "--micro-steps");
-    if vit_wanted && (!micro_only || vit_micro) {
+    if vit_wanted && !one_thread_steps {
         // The whole batch in the main pass; in the micro-steps pass, 2 x 8 micro-batches
         // (one per thread of a 2-thread pool), the objective once over all 16.
         let (warm, n) = if quick { (0, 1) } else { (1, 3) };
-        let (size, plan) = if vit_micro {
+        let (size, plan) = if micro_steps {
             let plan = StepPlan {
                 micro_batch: Some(8),
                 recompute: false,
