@@ -276,8 +276,10 @@ impl CustomOp3 for LayerNormOp {
             },
         )?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n, d)?;
-        let db = packed.narrow(0, n + d, d)?;
+        // Copies of their own, as candle keeps a gradient as it is given: views would
+        // hold the whole `∂x`-sized buffer until the optimiser has run.
+        let dw = packed.narrow(0, n, d)?.copy()?;
+        let db = packed.narrow(0, n + d, d)?.copy()?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
