@@ -276,10 +276,11 @@ impl CustomOp3 for LayerNormOp {
             },
         )?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        // Copies of their own, as candle keeps a gradient as it is given: views would
-        // hold the whole `∂x`-sized buffer until the optimiser has run.
-        let dw = packed.narrow(0, n, d)?.copy()?;
-        let db = packed.narrow(0, n + d, d)?.copy()?;
+        // Buffers of their own, as candle keeps a gradient as it is given: views would
+        // hold the whole `∂x`-sized buffer until the optimiser has run. (`copy` would
+        // clone the whole buffer too.)
+        let dw = packed.narrow(0, n, d)?.force_contiguous()?;
+        let db = packed.narrow(0, n + d, d)?.force_contiguous()?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }

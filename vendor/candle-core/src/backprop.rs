@@ -705,7 +705,13 @@ fn first_grad(tensor: &Tensor, grad: Tensor) -> Result<Tensor> {
         }
         .bt())?
     }
-    grad.contiguous()
+    // A view that starts inside a larger buffer (a piece of a `cat`'s gradient) gets a
+    // buffer of its own, so that it does not keep the rest alive.
+    if grad.layout().start_offset() != 0 {
+        grad.force_contiguous()
+    } else {
+        grad.contiguous()
+    }
 }
 
 impl GradStore {
