@@ -763,27 +763,28 @@ impl GradStore {
     /// saves one zero-filled allocation and one addition pass per edge of the graph.
     /// (rankalign patch; the values are unchanged, as `0 + g = g`.)
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
-        match self.0.entry(tensor.id()) {
-            Entry::Occupied(mut entry) => {
-                let sum = entry.get().add(grad)?;
-                *entry.get_mut() = sum;
-            }
-            Entry::Vacant(entry) => {
-                entry.insert(first_grad(tensor, grad.clone())?);
-            }
-        }
-        Ok(())
+        self.accumulate_signed(tensor, grad, false)
     }
 
     /// Subtracts `grad` from the gradient of `tensor` (see [`Self::accumulate`]).
     fn accumulate_neg(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        self.accumulate_signed(tensor, grad, true)
+    }
+
+    /// The one body of [`Self::accumulate`] and [`Self::accumulate_neg`].
+    fn accumulate_signed(&mut self, tensor: &Tensor, grad: &Tensor, negate: bool) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = entry.get().sub(grad)?;
+                let sum = if negate {
+                    entry.get().sub(grad)?
+                } else {
+                    entry.get().add(grad)?
+                };
                 *entry.get_mut() = sum;
             }
             Entry::Vacant(entry) => {
-                entry.insert(first_grad(tensor, grad.neg()?)?);
+                let first = if negate { grad.neg()? } else { grad.clone() };
+                entry.insert(first_grad(tensor, first)?);
             }
         }
         Ok(())
