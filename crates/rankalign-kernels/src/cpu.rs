@@ -1,11 +1,14 @@
 //! Helpers shared by the CPU kernels: reading a contiguous f32/f64 argument (as it is, or
 //! widened to f64), building an output of the input's dtype, the float element types
 //! the generic kernels run on, sums in independent lanes (a fixed order), branch-free
-//! f32 `exp`/`ln` that vectorise, and [`vectorised`], which runs a block loop as AVX2
+//! f32 `exp`/`ln` that vectorise, outputs written without a zero fill ([`written_vec`]),
+//! and [`vectorised`], which runs a block loop as AVX2
 //! code when the CPU has it.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result};
+
+use std::mem::MaybeUninit;
 
 /// The contiguous f32 or f64 data of a kernel argument, widened to f64; errors name the
 /// op and the argument.
@@ -121,6 +124,26 @@ pub(crate) fn sum_map<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
 #[inline(always)]
 pub(crate) fn sum<T: Float>(a: &[T]) -> T {
     sum_map(a, a, |x, _| x)
+}
+
+/// A vector of `len` values (room for `spare` more) that `fill` writes, without filling
+/// it with zeros first: a kernel that writes its whole output would otherwise pay one
+/// more pass over memory the size of that output.
+///
+/// # Safety
+/// `fill` must write every element of the slice it is given before it returns.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn written_vec<T, R>(
+    len: usize,
+    spare: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<T>]) -> R,
+) -> (Vec<T>, R) {
+    let mut v = Vec::with_capacity(len + spare);
+    let r = fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the first `len` elements are initialised (the caller's promise), and
+    // `len` is within the capacity.
+    unsafe { v.set_len(len) };
+    (v, r)
 }
 
 /// Runs `f` as code compiled for AVX2 and FMA when this CPU has them (detected at run

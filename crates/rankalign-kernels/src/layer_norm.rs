@@ -13,9 +13,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
-use crate::cpu::{Float, slice, sum, sum_map, vectorised};
+use crate::cpu::{Float, slice, sum, sum_map, vectorised, written_vec};
 
 /// Rows per parallel task (and per partial sum of `∂w`, `∂b`).
 const BLOCK: usize = 64;
@@ -95,54 +96,82 @@ fn moments<T: Float>(row: &[T], eps: f64) -> (T, T) {
 }
 
 /// `y` and the rows' `[mean, rstd]` pairs.
+#[allow(unsafe_code)] // `written_vec`
 fn forward<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> (Vec<T>, Vec<f64>) {
     let d = w.len();
-    let mut out = vec![T::zero(); x.len()];
+    // The whole rows that `written_vec`'s promise rests on (`check` guarantees them).
+    assert!(
+        d > 0 && x.len().is_multiple_of(d),
+        "layer_norm: {} values in rows of {d}",
+        x.len()
+    );
     let mut stats = vec![0f64; 2 * (x.len() / d)];
-    out.par_chunks_mut(d * BLOCK)
-        .zip(x.par_chunks(d * BLOCK))
-        .zip(stats.par_chunks_mut(2 * BLOCK))
-        .for_each(|((o, xb), st)| {
-            vectorised(
-                #[inline(always)]
-                || forward_rows(xb, w, b, eps, o, st),
-            )
-        });
+    // SAFETY: the blocks cover `out`, and `forward_rows` writes every element of a block.
+    let (out, ()) = unsafe {
+        written_vec(x.len(), 0, |out| {
+            out.par_chunks_mut(d * BLOCK)
+                .zip(x.par_chunks(d * BLOCK))
+                .zip(stats.par_chunks_mut(2 * BLOCK))
+                .for_each(|((o, xb), st)| {
+                    vectorised(
+                        #[inline(always)]
+                        || forward_rows(xb, w, b, eps, o, st),
+                    )
+                })
+        })
+    };
     (out, stats)
 }
 
-/// The forward of a block of rows into `out`, their `[mean, rstd]` into `stats`.
+/// The forward of a block of rows into `out` (every element written), their
+/// `[mean, rstd]` into `stats`.
 #[inline(always)]
-fn forward_rows<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64, out: &mut [T], stats: &mut [f64]) {
+fn forward_rows<T: Float>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    eps: f64,
+    out: &mut [MaybeUninit<T>],
+    stats: &mut [f64],
+) {
     let d = w.len();
     for ((orow, row), st) in out.chunks_mut(d).zip(x.chunks(d)).zip(stats.chunks_mut(2)) {
         let (mean, r) = moments(row, eps);
         st[0] = mean.to_f64();
         st[1] = r.to_f64();
         for (((o, &xv), &wv), &bv) in orow.iter_mut().zip(row).zip(w).zip(b) {
-            *o = (xv - mean) * r * wv + bv;
+            o.write((xv - mean) * r * wv + bv);
         }
     }
 }
 
 /// `(∂x, ∂w, ∂b)` packed as one vector of `rows·d + 2d`; `stats` are the forward's
 /// `[mean, rstd]` pairs (recomputed from `x` when absent).
+#[allow(unsafe_code)] // `written_vec`
 fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], stats: Option<&[f64]>, eps: f64) -> Vec<T> {
     let d = w.len();
-    let mut dx = Vec::with_capacity(x.len() + 2 * d);
-    dx.resize(x.len(), T::zero());
-    let partials: Vec<Vec<T>> = dx
-        .par_chunks_mut(d * BLOCK)
-        .zip(x.par_chunks(d * BLOCK).zip(dy.par_chunks(d * BLOCK)))
-        .enumerate()
-        .map(|(blk, (dxb, (xb, dyb)))| {
-            let stats = stats.map(|st| &st[2 * blk * BLOCK..(2 * (blk + 1) * BLOCK).min(st.len())]);
-            vectorised(
-                #[inline(always)]
-                || backward_rows(xb, w, dyb, stats, eps, dxb),
-            )
+    // The whole rows that `written_vec`'s promise rests on (`LayerNormGrad` checks them).
+    assert!(
+        d > 0 && x.len().is_multiple_of(d) && dy.len() == x.len(),
+        "layer_norm: shapes of x and ∂y"
+    );
+    // SAFETY: the blocks cover `dx`, and `backward_rows` writes every element of a block.
+    let (mut dx, partials): (Vec<T>, Vec<Vec<T>>) = unsafe {
+        written_vec(x.len(), 2 * d, |dx| {
+            dx.par_chunks_mut(d * BLOCK)
+                .zip(x.par_chunks(d * BLOCK).zip(dy.par_chunks(d * BLOCK)))
+                .enumerate()
+                .map(|(blk, (dxb, (xb, dyb)))| {
+                    let stats =
+                        stats.map(|st| &st[2 * blk * BLOCK..(2 * (blk + 1) * BLOCK).min(st.len())]);
+                    vectorised(
+                        #[inline(always)]
+                        || backward_rows(xb, w, dyb, stats, eps, dxb),
+                    )
+                })
+                .collect()
         })
-        .collect();
+    };
 
     // Block partials added in block order, in f64.
     let mut sums = vec![0f64; 2 * d];
@@ -155,7 +184,8 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], stats: Option<&[f64]>, eps: f6
     dx
 }
 
-/// The backward of a block of rows: `∂x` into `dx`; returns the block's `[∂w, ∂b]`.
+/// The backward of a block of rows: `∂x` into `dx` (every element written); returns the
+/// block's `[∂w, ∂b]`.
 #[inline(always)]
 fn backward_rows<T: Float>(
     x: &[T],
@@ -163,7 +193,7 @@ fn backward_rows<T: Float>(
     dy: &[T],
     stats: Option<&[f64]>,
     eps: f64,
-    dx: &mut [T],
+    dx: &mut [MaybeUninit<T>],
 ) -> Vec<T> {
     let d = w.len();
     let dt = T::of_usize(d);
@@ -197,7 +227,7 @@ fn backward_rows<T: Float>(
         let mg = sum(g) / dt;
         let mgx = sum_map(g, xh, |g, x| g * x) / dt;
         for ((o, &gv), &xhv) in dxr.iter_mut().zip(g.iter()).zip(xh.iter()) {
-            *o = r * (gv - mg - xhv * mgx);
+            o.write(r * (gv - mg - xhv * mgx));
         }
     }
     part.truncate(2 * d);
@@ -307,6 +337,14 @@ impl CustomOp3 for LayerNormGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let d = l2.shape().elem_count();
         let n = l1.shape().elem_count();
+        if d == 0 || !n.is_multiple_of(d) || l3.shape().elem_count() != n {
+            candle_core::bail!(
+                "layer_norm backward: x {:?}, weight {:?} and gradient {:?} do not match",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
         let out = match s1.dtype() {
             DType::F32 => f32::storage(backward(
                 slice::<f32>(s1, l1, "layer_norm", "x")?,
