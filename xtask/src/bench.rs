@@ -423,13 +423,26 @@ fn run_data(python: &Path, quick: bool) -> Result<String> {
     Ok(s)
 }
 
+/// The CPU's model name and its widest vector extension: the ratios against PyTorch
+/// depend on it (gemm's AVX-512 kernels against PyTorch's on one machine, AVX2 on both
+/// on another), so a table names it.
 fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map_or_else(|| "unknown CPU".into(), |s| s.trim().to_string())
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split(':').nth(1))
+            .map(str::trim)
+    };
+    let model = field("model name").unwrap_or("unknown CPU");
+    let flags: Vec<&str> = field("flags").unwrap_or("").split_whitespace().collect();
+    let widest = [("avx512f", "AVX-512"), ("avx2", "AVX2")]
+        .into_iter()
+        .find(|(flag, _)| flags.contains(flag));
+    match widest {
+        Some((_, name)) => format!("{model}, {name}"),
+        None => model.to_string(),
+    }
 }
 
 fn render(rows: &[Row], threads: usize, torch_note: &str, quick: bool) -> String {
@@ -456,7 +469,10 @@ fn render(rows: &[Row], threads: usize, torch_note: &str, quick: bool) -> String
     let mut s = String::new();
     s.push_str(
         "# Benchmarks\n\nReproduce: `cargo xtask bench` (add `--setup-torch` once to create the PyTorch venv \
-         with torch and transformers; `--quick` for a smoke test with fewer runs and sizes).\n\n## Kernels\n\n",
+         with torch and transformers; `--quick` for a smoke test with fewer runs and sizes).\n\n\
+         The ratios depend on the machine, above all on its vector width: candle's gemm has AVX-512 kernels, \
+         and the `matmul` rows show how it fares against PyTorch's on the machine that made these tables \
+         (the CPU is named with its widest vector extension).\n\n## Kernels\n\n",
     );
     s.push_str(&format!(
         "Forward + backward, median of {} runs after {} warm-up runs, {threads} thread(s) for every column, on {} ({}). \
