@@ -14,7 +14,10 @@
 //!   cost a zero tensor plus an add per node in the backward, and a strided reduction
 //!   for the bias gradient);
 //! - [`pairwise`]: L2RCLIP's weighted pairwise-distance diversity term, in the code's
-//!   Euclidean form and the paper's meanNN (log) form.
+//!   Euclidean form and the paper's meanNN (log) form;
+//! - [`similarity`]: the ops of a contrastive loss over a batch's similarity matrices:
+//!   row L2 normalisation, the Gram matrix `X Xᵀ`, a tiled transpose and CLIP's
+//!   symmetric InfoNCE.
 //!
 //! Architecture invariant: this crate depends on no other workspace crate; every op has
 //! a CPU path and a reference; the CUDA code only adds a device.
@@ -42,6 +45,7 @@ pub mod linear;
 pub mod order;
 pub mod pairwise;
 pub mod plackett_luce;
+pub mod similarity;
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -55,8 +59,7 @@ pub use linear::{linear, linear_reference};
 pub use order::pl_order;
 pub use pairwise::{PairwiseForm, weighted_pairwise, weighted_pairwise_reference};
 pub use plackett_luce::{PlMode, pl_nll, pl_nll_reference};
-
-/// Rows of `xs` `(.., d)` divided by their L2 norm.
-pub fn l2_normalize(xs: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-    xs.broadcast_div(&xs.sqr()?.sum_keepdim(candle_core::D::Minus1)?.sqrt()?)
-}
+pub use similarity::{
+    gram, gram_reference, info_nce, info_nce_reference, l2_normalize, l2_normalize_reference,
+    transpose, transpose_reference,
+};

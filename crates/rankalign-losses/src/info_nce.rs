@@ -1,22 +1,13 @@
 //! CLIP's symmetric InfoNCE: `½ [CE(S, diag) + CE(Sᵀ, diag)]` over a square matrix of
 //! scaled similarities `S` (row `i`: image `i` against every text), averaged over rows.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 /// Symmetric cross-entropy with the diagonal as targets. `logits_per_image` is `(b, b)`.
+/// One fused op on CPU ([`rankalign_kernels::info_nce`]: the row and column
+/// log-sum-exps in one read each, the gradient in one pass).
 pub fn clip_loss(logits_per_image: &Tensor) -> Result<Tensor> {
-    let (b, b2) = logits_per_image.dims2()?;
-    if b != b2 {
-        candle_core::bail!(
-            "clip_loss: logits must be square, got {:?}",
-            logits_per_image.dims()
-        )
-    }
-    let targets =
-        Tensor::arange(0u32, b as u32, logits_per_image.device())?.to_dtype(DType::U32)?;
-    let i2t = candle_nn::loss::cross_entropy(logits_per_image, &targets)?;
-    let t2i = candle_nn::loss::cross_entropy(&logits_per_image.t()?, &targets)?;
-    (i2t + t2i)? * 0.5
+    rankalign_kernels::info_nce(logits_per_image)
 }
 
 #[cfg(test)]

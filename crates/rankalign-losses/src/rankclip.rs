@@ -240,12 +240,14 @@ pub fn rankclip_loss(
     }
     let v = rankalign_kernels::l2_normalize(image)?;
     let t = rankalign_kernels::l2_normalize(text)?;
-    let scale = logit_scale.exp()?;
-    // The scale multiplies the (b, d) left factor, not the (b, b) product: half the
-    // elementwise work forward and backward, the same matrix up to rounding.
-    let scaled = |a: &Tensor, c: &Tensor| a.broadcast_mul(&scale)?.matmul(&c.t()?);
-    let s = scaled(&v, &t)?;
-    let st = s.t()?.contiguous()?;
+    // The scale multiplies a (b, d) factor, not the (b, b) products: half the
+    // elementwise work forward and backward, the same matrices up to rounding. `S` is a
+    // linear layer's product (`x Wᵀ`, both gradients as plain gemms); the in-modal ones
+    // are Gram matrices of the rows scaled by `√s` (one gemm backward instead of two).
+    let s = rankalign_kernels::linear(&v.broadcast_mul(&logit_scale.exp()?)?, &t, None)?;
+    let st = rankalign_kernels::transpose(&s)?;
+    let root = (logit_scale * 0.5)?.exp()?;
+    let gram = |a: &Tensor| rankalign_kernels::gram(&a.broadcast_mul(&root)?);
     let clip = clip_loss(&s)?;
     let decay = cfg
         .decay_weights(b)
@@ -263,7 +265,7 @@ pub fn rankclip_loss(
         zero()?
     };
     let inmodal = if cfg.lambda_in > 0.0 {
-        pair(&scaled(&v, &v)?, &scaled(&t, &t)?, 2, cfg.lambda_in)?
+        pair(&gram(&v)?, &gram(&t)?, 2, cfg.lambda_in)?
     } else {
         zero()?
     };

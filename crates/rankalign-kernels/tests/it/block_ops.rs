@@ -1,4 +1,5 @@
-//! The fused linear layer, QuickGELU, softmax and attention against their composed references
+//! The fused linear layer, QuickGELU, softmax, attention and the similarity-matrix ops
+//! (L2 normalisation, Gram matrix, transpose, symmetric InfoNCE) against their composed references
 //! (values and the gradient of every input, f32 and f64) and against central finite
 //! differences in f64.
 
@@ -6,8 +7,10 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rankalign_kernels::{
-    attention, attention_reference, linear, linear_reference, quick_gelu, quick_gelu_reference,
-    softmax_last_dim, softmax_last_dim_reference,
+    attention, attention_reference, gram, gram_reference, info_nce, info_nce_reference,
+    l2_normalize, l2_normalize_reference, linear, linear_reference, quick_gelu,
+    quick_gelu_reference, softmax_last_dim, softmax_last_dim_reference, transpose,
+    transpose_reference,
 };
 
 /// An op under test: its inputs' shapes and how to apply it (fused or composed).
@@ -96,7 +99,50 @@ fn cases() -> Vec<Case> {
             attention_reference(&t[0], &t[1], &t[2], h, Some(&mask))
         }
     }
+    /// One-input ops: the fused function and its reference.
+    fn unary(t: &[Tensor], fused: bool, ops: [fn(&Tensor) -> Result<Tensor>; 2]) -> Result<Tensor> {
+        ops[usize::from(!fused)](&t[0])
+    }
+    fn norm(t: &[Tensor], fused: bool) -> Result<Tensor> {
+        unary(t, fused, [l2_normalize, l2_normalize_reference])
+    }
+    fn gram_op(t: &[Tensor], fused: bool) -> Result<Tensor> {
+        unary(t, fused, [gram, gram_reference])
+    }
+    fn transpose_op(t: &[Tensor], fused: bool) -> Result<Tensor> {
+        unary(t, fused, [transpose, transpose_reference])
+    }
+    fn nce(t: &[Tensor], fused: bool) -> Result<Tensor> {
+        unary(t, fused, [info_nce, info_nce_reference])
+    }
     let mut out = Vec::new();
+    for shape in [vec![1, 1], vec![5, 3], vec![2, 3, 7], vec![70, 512]] {
+        out.push(Case {
+            name: "l2_normalize",
+            shapes: vec![shape],
+            apply: norm,
+        });
+    }
+    // Sizes around the 32-wide transpose tiles and the 128-column InfoNCE blocks.
+    for shape in [vec![1, 1], vec![3, 5], vec![33, 7], vec![40, 70]] {
+        out.push(Case {
+            name: "gram",
+            shapes: vec![shape.clone()],
+            apply: gram_op,
+        });
+        out.push(Case {
+            name: "transpose",
+            shapes: vec![shape],
+            apply: transpose_op,
+        });
+    }
+    for b in [1, 2, 7, 33, 130, 300] {
+        out.push(Case {
+            name: "info_nce",
+            shapes: vec![vec![b, b]],
+            apply: nce,
+        });
+    }
     for shape in [vec![1, 3, 4], vec![2, 17, 96]] {
         out.push(Case {
             name: "attention+padding mask",

@@ -1,0 +1,522 @@
+//! The ops of a contrastive loss over a batch's similarity matrices, each one node with
+//! a hand-written backward, and their references composed from candle ops:
+//!
+//! - [`l2_normalize`]: rows divided by their L2 norm; one pass each way,
+//!   `∂x = (∂y − y·⟨∂y, y⟩) / ‖x‖` per row (composed: four nodes, each a pass and a
+//!   zero-plus-add in the backward);
+//! - [`gram`]: `X Xᵀ`, whose gradient `(G + Gᵀ) X` is one product where autograd of
+//!   `x.matmul(x.t())` runs two, plus a strided copy of the transposed one;
+//! - [`transpose`]: a 2-D transpose into contiguous memory in tiles (candle's strided
+//!   copy moves one element at a time with index arithmetic);
+//! - [`info_nce`]: CLIP's symmetric InfoNCE over square logits,
+//!   `½ [mean_i (lse_j S_ij − S_ii) + mean_j (lse_i S_ij − S_jj)]`; forward, the row and
+//!   column log-sum-exps in one read each, backward one pass,
+//!   `∂S_ij = u/2b · (e^{S_ij − r_i} + e^{S_ij − c_j}) − u/b · δ_ij`. Composed, the
+//!   column direction runs softmax over a transposed view (strided copies) and the
+//!   backward passes a dozen matrices.
+//!
+//! All run on CPU f32 / f64 (f32 computed in f32, as PyTorch does); other devices and
+//! dtypes use the reference.
+
+use std::mem::MaybeUninit;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape};
+use candle_core::{Tensor, WithDType};
+use rayon::prelude::*;
+
+use crate::cpu::{Float, slice, sum, sum_map, vectorised, written_vec};
+
+/// Rows per parallel task of the row-wise kernels.
+const ROW_BLOCK: usize = 1 << 13;
+/// Side of the square tiles of a transpose.
+const TILE: usize = 32;
+
+fn fused(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F64) && xs.elem_count() > 0
+}
+
+fn matrix(xs: &Tensor, op: &str) -> Result<(usize, usize)> {
+    xs.dims2().map_err(|_| {
+        candle_core::Error::Msg(format!("{op}: expected a matrix, got {:?}", xs.dims()))
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// L2 normalisation
+
+/// Rows of `xs` `(.., d)` divided by their L2 norm, composed from candle ops.
+pub fn l2_normalize_reference(xs: &Tensor) -> Result<Tensor> {
+    xs.broadcast_div(&xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
+}
+
+/// Rows of `xs` `(.., d)` divided by their L2 norm (no ε: a zero row gives NaN, as the
+/// composed form does); fused on CPU f32 / f64.
+pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
+    if !fused(xs) || xs.dim(D::Minus1)? == 0 {
+        return l2_normalize_reference(xs);
+    }
+    xs.contiguous()?.apply_op1(L2Normalize)
+}
+
+/// `out` row by row from `a` (and `b`, `c` of the same shape), `d` wide, in parallel
+/// blocks of rows; `f` gets one row of each and writes every element of its output row.
+fn map_rows<T: Float>(
+    inputs: [&[T]; 3],
+    d: usize,
+    f: impl Fn([&[T]; 3], &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let [a, b, c] = inputs;
+    let block = ROW_BLOCK.div_ceil(d).max(1) * d;
+    // SAFETY: the blocks tile the output, and `f` writes every element of each row.
+    #[allow(unsafe_code)]
+    let (out, ()) = unsafe {
+        written_vec(a.len(), 0, |out| {
+            out.par_chunks_mut(block).enumerate().for_each(|(k, o)| {
+                let part = |x| span(x, k * block, (k + 1) * block);
+                let (a, b, c) = (part(a), part(b), part(c));
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (r, o) in o.chunks_mut(d).enumerate() {
+                            let row = |x| span(x, r * d, (r + 1) * d);
+                            f([row(a), row(b), row(c)], o);
+                        }
+                    },
+                )
+            })
+        })
+    };
+    out
+}
+
+/// `x[from..to]` clipped to `x`; an empty `x` (an absent input) stays empty.
+fn span<T>(x: &[T], from: usize, to: usize) -> &[T] {
+    if x.is_empty() {
+        x
+    } else {
+        &x[from..to.min(x.len())]
+    }
+}
+
+struct L2Normalize;
+
+impl CustomOp1 for L2Normalize {
+    fn name(&self) -> &'static str {
+        "l2_normalize"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(x: &[T], d: usize) -> Vec<T> {
+            map_rows(
+                [x, &[], &[]],
+                d,
+                #[inline(always)]
+                |[x, _, _], o| {
+                    let inv = sum_map(x, x, |a, b| a * b).sqrt().recip();
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        o.write(x * inv);
+                    }
+                },
+            )
+        }
+        let d = l.shape().dims().last().copied().unwrap_or(1);
+        let out = match s.dtype() {
+            DType::F32 => f32::storage(run(slice::<f32>(s, l, "l2_normalize", "x")?, d)),
+            DType::F64 => f64::storage(run(slice::<f64>(s, l, "l2_normalize", "x")?, d)),
+            dt => candle_core::bail!("l2_normalize: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op3_no_bwd(
+            &res.detach(),
+            &grad.contiguous()?,
+            &L2NormalizeGrad,
+        )?))
+    }
+}
+
+/// `(x, y, ∂y) → ∂x = (∂y − y·⟨∂y, y⟩) / ‖x‖` per row.
+struct L2NormalizeGrad;
+
+impl CustomOp3 for L2NormalizeGrad {
+    fn name(&self) -> &'static str {
+        "l2_normalize_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(x: &[T], y: &[T], dy: &[T], d: usize) -> Vec<T> {
+            map_rows(
+                [x, y, dy],
+                d,
+                #[inline(always)]
+                |[x, y, dy], o| {
+                    let inv = sum_map(x, x, |a, b| a * b).sqrt().recip();
+                    let dot = sum_map(y, dy, |a, b| a * b);
+                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {
+                        o.write((g - y * dot) * inv);
+                    }
+                },
+            )
+        }
+        let d = l1.shape().dims().last().copied().unwrap_or(1);
+        let what = "l2_normalize";
+        let out = match s1.dtype() {
+            DType::F32 => f32::storage(run(
+                slice::<f32>(s1, l1, what, "x")?,
+                slice(s2, l2, what, "y")?,
+                slice(s3, l3, what, "gradient")?,
+                d,
+            )),
+            DType::F64 => f64::storage(run(
+                slice::<f64>(s1, l1, what, "x")?,
+                slice(s2, l2, what, "y")?,
+                slice(s3, l3, what, "gradient")?,
+                d,
+            )),
+            dt => candle_core::bail!("l2_normalize: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Transpose, and a matrix plus its transpose
+
+/// `out = f(x, xᵀ)` elementwise for `x` `(n, m)` (`out` `(m, n)`), reading `x` in
+/// `TILE`-square tiles so that both sides stay in cache; parallel over output row tiles.
+fn transposed_map<T: WithDType>(
+    x: &[T],
+    n: usize,
+    m: usize,
+    f: impl Fn(&[T], usize, usize) -> T + Sync,
+) -> Vec<T> {
+    // SAFETY: every output row tile covers all `n` columns of its `TILE` rows.
+    #[allow(unsafe_code)]
+    let (out, ()) = unsafe {
+        written_vec(n * m, 0, |out| {
+            out.par_chunks_mut(TILE * n.max(1))
+                .enumerate()
+                .for_each(|(t, o)| {
+                    let j0 = t * TILE;
+                    let rows = o.len() / n.max(1);
+                    for i0 in (0..n).step_by(TILE) {
+                        for dj in 0..rows {
+                            let j = j0 + dj;
+                            for i in i0..(i0 + TILE).min(n) {
+                                o[dj * n + i].write(f(x, i, j));
+                            }
+                        }
+                    }
+                })
+        })
+    };
+    out
+}
+
+/// `xs` `(n, m)` transposed into contiguous memory, composed (a strided copy).
+pub fn transpose_reference(xs: &Tensor) -> Result<Tensor> {
+    xs.t()?.contiguous()
+}
+
+/// `xs` `(n, m)` transposed into a contiguous `(m, n)`; fused on CPU f32 / f64.
+pub fn transpose(xs: &Tensor) -> Result<Tensor> {
+    matrix(xs, "transpose")?;
+    if !fused(xs) {
+        return transpose_reference(xs);
+    }
+    xs.contiguous()?.apply_op1(Transpose)
+}
+
+struct Transpose;
+
+fn transpose_storage(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (n, m) = l.shape().dims2()?;
+    let out = match s.dtype() {
+        DType::F32 => {
+            let x = slice::<f32>(s, l, "transpose", "x")?;
+            CpuStorage::F32(transposed_map(x, n, m, |x, i, j| x[i * m + j]))
+        }
+        DType::F64 => {
+            let x = slice::<f64>(s, l, "transpose", "x")?;
+            CpuStorage::F64(transposed_map(x, n, m, |x, i, j| x[i * m + j]))
+        }
+        dt => candle_core::bail!("transpose: fused kernel runs on f32 or f64, got {dt:?}"),
+    };
+    Ok((out, Shape::from((m, n))))
+}
+
+impl CustomOp1 for Transpose {
+    fn name(&self) -> &'static str {
+        "transpose"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        transpose_storage(s, l)
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Transpose)?))
+    }
+}
+
+/// `G + Gᵀ` of a square `G`.
+struct Symmetrise;
+
+impl CustomOp1 for Symmetrise {
+    fn name(&self) -> &'static str {
+        "symmetrise"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, m) = l.shape().dims2()?;
+        if n != m {
+            candle_core::bail!("symmetrise: expected a square matrix, got {:?}", l.dims())
+        }
+        let out = match s.dtype() {
+            DType::F32 => {
+                let g = slice::<f32>(s, l, "symmetrise", "g")?;
+                CpuStorage::F32(transposed_map(g, n, n, |g, i, j| {
+                    g[i * n + j] + g[j * n + i]
+                }))
+            }
+            DType::F64 => {
+                let g = slice::<f64>(s, l, "symmetrise", "g")?;
+                CpuStorage::F64(transposed_map(g, n, n, |g, i, j| {
+                    g[i * n + j] + g[j * n + i]
+                }))
+            }
+            dt => candle_core::bail!("symmetrise: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Gram matrix
+
+/// `X Xᵀ` for `xs` `(n, d)`, composed (autograd of a product with the transposed view).
+pub fn gram_reference(xs: &Tensor) -> Result<Tensor> {
+    xs.matmul(&xs.t()?)
+}
+
+/// `X Xᵀ` for `xs` `(n, d)`: one gemm forward, one backward (`(G + Gᵀ) X`); fused on
+/// CPU f32 / f64.
+pub fn gram(xs: &Tensor) -> Result<Tensor> {
+    matrix(xs, "gram")?;
+    if !fused(xs) {
+        return gram_reference(xs);
+    }
+    xs.contiguous()?.apply_op1(Gram)
+}
+
+struct Gram;
+
+impl CustomOp1 for Gram {
+    fn name(&self) -> &'static str {
+        "gram"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, d) = l.shape().dims2()?;
+        let x_l = Layout::contiguous_with_offset((n, d), l.start_offset());
+        let xt_l = x_l.transpose(0, 1)?;
+        let out = s.matmul(s, (1, n, n, d), &x_l, &xt_l)?;
+        Ok((out, Shape::from((n, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let sym = grad.contiguous()?.apply_op1_no_bwd(&Symmetrise)?;
+        Ok(Some(sym.matmul(&x.detach())?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Symmetric InfoNCE
+
+/// CLIP's symmetric InfoNCE over square logits `(b, b)` (row `i`: image `i` against
+/// every text), targets on the diagonal, composed from candle ops.
+pub fn info_nce_reference(logits: &Tensor) -> Result<Tensor> {
+    let b = square(logits)?;
+    let lse = |x: &Tensor| -> Result<Tensor> {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        (x.broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?
+            + max)?
+            .sum_all()
+    };
+    let eye = Tensor::eye(b, logits.dtype(), logits.device())?;
+    let diag = (logits * eye)?.sum_all()?;
+    let both = ((lse(logits)? + lse(&logits.t()?)?)? - (diag * 2.0)?)?;
+    both / (2.0 * b as f64)
+}
+
+/// CLIP's symmetric InfoNCE over square logits `(b, b)`, targets on the diagonal: a
+/// scalar; fused on CPU f32 / f64.
+pub fn info_nce(logits: &Tensor) -> Result<Tensor> {
+    square(logits)?;
+    if !fused(logits) {
+        return info_nce_reference(logits);
+    }
+    logits.contiguous()?.apply_op1(InfoNce)
+}
+
+fn square(logits: &Tensor) -> Result<usize> {
+    match logits.dims2() {
+        Ok((b, c)) if b == c => Ok(b),
+        _ => candle_core::bail!(
+            "info_nce: logits must be a square (b, b) matrix, got {:?}",
+            logits.dims()
+        ),
+    }
+}
+
+/// Columns per parallel task of the column log-sum-exp.
+const COL_BLOCK: usize = 128;
+
+/// The log-sum-exp of every row and of every column of the square `x` `(b, b)`.
+fn log_sum_exps<T: Float>(x: &[T], b: usize) -> (Vec<T>, Vec<T>) {
+    let rows: Vec<T> = x
+        .par_chunks(b)
+        .map(|row| {
+            vectorised(
+                #[inline(always)]
+                || {
+                    let max = row
+                        .iter()
+                        .copied()
+                        .fold(T::neg_infinity(), num_traits::Float::max);
+                    let s = sum_map(row, row, |v, _| (v - max).exp_v());
+                    max + s.ln()
+                },
+            )
+        })
+        .collect();
+    let cols: Vec<T> = (0..b.div_ceil(COL_BLOCK))
+        .into_par_iter()
+        .flat_map_iter(|k| {
+            let (c0, c1) = (k * COL_BLOCK, ((k + 1) * COL_BLOCK).min(b));
+            vectorised(
+                #[inline(always)]
+                || {
+                    let mut max = vec![T::neg_infinity(); c1 - c0];
+                    for row in x.chunks(b) {
+                        for (m, &v) in max.iter_mut().zip(&row[c0..c1]) {
+                            *m = num_traits::Float::max(*m, v);
+                        }
+                    }
+                    let mut acc = vec![T::zero(); c1 - c0];
+                    for row in x.chunks(b) {
+                        for ((a, &m), &v) in acc.iter_mut().zip(&max).zip(&row[c0..c1]) {
+                            *a += (v - m).exp_v();
+                        }
+                    }
+                    max.iter()
+                        .zip(&acc)
+                        .map(|(&m, &a)| m + a.ln())
+                        .collect::<Vec<T>>()
+                },
+            )
+        })
+        .collect();
+    (rows, cols)
+}
+
+struct InfoNce;
+
+impl CustomOp1 for InfoNce {
+    fn name(&self) -> &'static str {
+        "info_nce"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(x: &[T], b: usize) -> T {
+            let (rows, cols) = log_sum_exps(x, b);
+            let diag: T = (0..b).map(|i| x[i * b + i]).sum();
+            (sum(&rows) + sum(&cols) - (diag + diag)) / T::of_usize(2 * b)
+        }
+        let b = l.shape().dims2()?.0;
+        let out = match s.dtype() {
+            DType::F32 => f32::storage(vec![run(slice::<f32>(s, l, "info_nce", "logits")?, b)]),
+            DType::F64 => f64::storage(vec![run(slice::<f64>(s, l, "info_nce", "logits")?, b)]),
+            dt => candle_core::bail!("info_nce: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
+        Ok((out, Shape::from(())))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.to_dtype(x.dtype())?.reshape(())?,
+            &InfoNceGrad,
+        )?))
+    }
+}
+
+/// `(logits, u) → ∂(u·info_nce)/∂logits`.
+struct InfoNceGrad;
+
+impl CustomOp2 for InfoNceGrad {
+    fn name(&self) -> &'static str {
+        "info_nce_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(x: &[T], up: T, b: usize) -> Vec<T> {
+            let (rows, cols) = log_sum_exps(x, b);
+            let half = up / T::of_usize(2 * b);
+            let diag = up / T::of_usize(b);
+            // SAFETY: each task writes its whole row.
+            #[allow(unsafe_code)]
+            let (out, ()) = unsafe {
+                written_vec(b * b, 0, |out| {
+                    out.par_chunks_mut(b).enumerate().for_each(|(i, o)| {
+                        let (row, r) = (&x[i * b..(i + 1) * b], rows[i]);
+                        vectorised(
+                            #[inline(always)]
+                            || {
+                                for ((o, &v), &c) in o.iter_mut().zip(row).zip(&cols) {
+                                    o.write(half * ((v - r).exp_v() + (v - c).exp_v()));
+                                }
+                            },
+                        );
+                        let v = row[i];
+                        o[i].write(half * ((v - r).exp_v() + (v - cols[i]).exp_v()) - diag);
+                    })
+                })
+            };
+            out
+        }
+        let b = l1.shape().dims2()?.0;
+        let what = "info_nce";
+        let out = match s1.dtype() {
+            DType::F32 => {
+                let up = slice::<f32>(s2, l2, what, "gradient")?[0];
+                f32::storage(run(slice::<f32>(s1, l1, what, "logits")?, up, b))
+            }
+            DType::F64 => {
+                let up = slice::<f64>(s2, l2, what, "gradient")?[0];
+                f64::storage(run(slice::<f64>(s1, l1, what, "logits")?, up, b))
+            }
+            dt => candle_core::bail!("info_nce: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
