@@ -1478,7 +1478,16 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // Patched for rankalign: gemm with `read_dst = false` writes every element of the
+        // destination, so it is left uninitialised instead of zero-filled first (a pass
+        // over the output per product); an empty sum (k = 0) keeps the zeros.
+        let total = b * m * n;
+        let mut dst: Vec<T> = if k == 0 {
+            vec![T::zero(); total]
+        } else {
+            Vec::with_capacity(total)
+        };
+        let dst_ptr = dst.spare_capacity_mut().as_mut_ptr() as *mut T;
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1502,13 +1511,17 @@ impl Map2 for MatMul {
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
             unsafe {
+                let dst_p = if k == 0 {
+                    dst.as_mut_ptr().add(step * c_skip)
+                } else {
+                    dst_ptr.add(step * c_skip)
+                };
                 gemm(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_p,
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1526,6 +1539,10 @@ impl Map2 for MatMul {
                     parallelism,
                 )
             }
+        }
+        if k != 0 {
+            // SAFETY: the gemm calls above wrote all `total` elements.
+            unsafe { dst.set_len(total) };
         }
         Ok(dst)
     }
