@@ -19,6 +19,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 use crate::cpu::{f64_data, storage_of, vectorised};
 
@@ -117,10 +118,18 @@ pub fn pl_nll_reference(
 ///   `Σ_k μ_k·ε/(c_k + ε)` on the row's first maximum (the max is not detached).
 ///
 /// Both passes are O(m) per row with O(m) scratch; rows run in parallel.
+///
+/// When the scores are part of a graph (parity form, CPU f32), the forward also writes
+/// each row's gradient, from the same gather and exponentials, and keeps it for the
+/// backward, which then only scales it by the upstream gradient (a recomputed backward
+/// would gather, exponentiate and sum every row again).
 #[derive(Clone, Debug)]
 struct PlNll {
     mode: PlMode,
     weights: Option<Vec<f64>>,
+    /// The gradients `∂loss_i/∂scores` `(n, m)` written by the forward, until the
+    /// backward takes them; `None`: the backward recomputes.
+    kept: Option<Arc<Mutex<Option<Vec<f32>>>>>,
 }
 
 impl PlNll {
@@ -287,6 +296,27 @@ mod parity32 {
         sc: &mut Scratch,
     ) -> f32 {
         let (shift, _) = prepare(row, order, sc);
+        loss_of_prepared(shift, mu, sc)
+    }
+
+    /// One row's loss, and its gradient (for an upstream gradient of 1) into `out`, from
+    /// one gather and one pass of exponentials.
+    #[inline(always)]
+    pub(super) fn row_loss_grad(
+        row: &[f32],
+        order: &[u32],
+        mu: Option<&[f32]>,
+        sc: &mut Scratch,
+        out: &mut [f32],
+    ) -> f32 {
+        let (shift, arg) = prepare(row, order, sc);
+        let loss = loss_of_prepared(shift, mu, sc);
+        grad_of_prepared(order, mu, 1.0, arg, sc, out);
+        loss
+    }
+
+    #[inline(always)]
+    fn loss_of_prepared(shift: f32, mu: Option<&[f32]>, sc: &mut Scratch) -> f32 {
         let eps = PARITY_EPS as f32;
         sc.t.resize(sc.x.len(), 0.0);
         for ((t, &x), &c) in sc.t.iter_mut().zip(&sc.x).zip(&sc.c) {
@@ -313,6 +343,19 @@ mod parity32 {
         out: &mut [f32],
     ) {
         let (_, arg) = prepare(row, order, sc);
+        grad_of_prepared(order, mu, up, arg, sc, out);
+    }
+
+    /// The gradient of a prepared row times `up`, scattered back to its columns.
+    #[inline(always)]
+    fn grad_of_prepared(
+        order: &[u32],
+        mu: Option<&[f32]>,
+        up: f32,
+        arg: Option<usize>,
+        sc: &mut Scratch,
+        out: &mut [f32],
+    ) {
         let eps = PARITY_EPS as f32;
         let weight = |k: usize| mu.map_or(1.0, |w| w[k]);
         // t_k = μ_k / (c_k + ε) for present items.
@@ -404,6 +447,23 @@ impl CustomOp2 for PlNll {
         let order = order_slice(s2, l2)?;
         if let (PlMode::Parity, CpuStorage::F32(v)) = (self.mode, s1) {
             let mu = self.mu_f32(m);
+            if let Some(kept) = &self.kept {
+                let mut grads = vec![0f32; n * m];
+                let losses: Vec<f32> = grads
+                    .par_chunks_mut(m)
+                    .enumerate()
+                    .map_init(parity32::Scratch::default, |sc, (i, g)| {
+                        let row = &v[offset + i * m..offset + (i + 1) * m];
+                        let ord = &order[i * m..(i + 1) * m];
+                        vectorised(
+                            #[inline(always)]
+                            || parity32::row_loss_grad(row, ord, mu.as_deref(), sc, g),
+                        )
+                    })
+                    .collect();
+                *kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(grads);
+                return Ok((CpuStorage::F32(losses), Shape::from(n)));
+            }
             let losses: Vec<f32> = (0..n)
                 .into_par_iter()
                 .map_init(parity32::Scratch::default, |sc, i| {
@@ -447,6 +507,20 @@ impl CustomOp2 for PlNll {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let kept = self
+            .kept
+            .as_ref()
+            .and_then(|k| k.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if let Some(mut g) = kept {
+            let (n, m) = scores.dims2()?;
+            let up = grad.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            g.par_chunks_mut(m.max(1)).zip(&up).for_each(|(row, &u)| {
+                for v in row.iter_mut() {
+                    *v *= u;
+                }
+            });
+            return Ok((Some(Tensor::from_vec(g, (n, m), scores.device())?), None));
+        }
         let g = scores.apply_op3_no_bwd(order, &grad.contiguous()?, &PlNllGrad(self.clone()))?;
         Ok((Some(g), None))
     }
@@ -585,9 +659,21 @@ pub fn pl_nll(
     if n == 0 || m == 0 {
         return Tensor::zeros(n, scores.dtype(), scores.device());
     }
-    scores
-        .contiguous()?
-        .apply_op2(&order.contiguous()?, PlNll { mode, weights })
+    // The forward keeps the gradient only where a backward can follow and the kernel
+    // writes it (parity, CPU f32).
+    let keep = scores.track_op()
+        && mode == PlMode::Parity
+        && scores.dtype() == DType::F32
+        && scores.device().is_cpu();
+    let kept = keep.then(|| Arc::new(Mutex::new(None)));
+    scores.contiguous()?.apply_op2(
+        &order.contiguous()?,
+        PlNll {
+            mode,
+            weights,
+            kept,
+        },
+    )
 }
 
 #[cfg(test)]
