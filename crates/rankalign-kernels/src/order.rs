@@ -1,7 +1,7 @@
 //! The order in which a reference ranks each row: the sort that turns reference scores
 //! into the `order` input of [`crate::pl_nll`].
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// The order that sorts each row of `reference` `(n, m)` descending, ties broken by
@@ -35,29 +35,40 @@ pub fn pl_order(reference: &Tensor, perm: &[u32]) -> Result<Tensor> {
     // Stable LSD radix sort on order-preserving integer keys, with the items fed in
     // `perm` order: descending by value, ties in `perm` order. O(m) per row.
     let mut order = vec![0u32; n * m];
-    match reference.dtype() {
-        DType::F64 => {
-            let values = reference.flatten_all()?.to_vec1::<f64>()?;
-            order.par_chunks_mut(m.max(1)).enumerate().for_each_init(
-                RadixScratch::default,
-                |sc, (i, row_order)| {
-                    let row = &values[i * m..(i + 1) * m];
-                    radix_order(perm, |c| !f64_key(row[c as usize]), sc, row_order);
-                },
-            );
+    // Sort rows of `values` (the reference's contiguous data) by `key`.
+    fn sort_rows<T: Copy + Sync, K: RadixKey>(
+        values: &[T],
+        perm: &[u32],
+        m: usize,
+        key: impl Fn(T) -> K + Sync,
+        order: &mut [u32],
+    ) {
+        order.par_chunks_mut(m.max(1)).enumerate().for_each_init(
+            RadixScratch::default,
+            |sc, (i, row_order)| {
+                let row = &values[i * m..(i + 1) * m];
+                radix_order(perm, |c| key(row[c as usize]), sc, row_order);
+            },
+        );
+    }
+    // CPU f32 / f64 are read in place; anything else is copied to the host as f32.
+    let reference = reference.contiguous()?;
+    let (storage, layout) = reference.storage_and_layout();
+    let span = layout.contiguous_offsets();
+    match (&*storage, span) {
+        (Storage::Cpu(CpuStorage::F64(v)), Some((a, b))) => {
+            sort_rows(&v[a..b], perm, m, |x| !f64_key(x), &mut order)
+        }
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
+            sort_rows(&v[a..b], perm, m, |x| !f32_key(x), &mut order)
         }
         _ => {
+            drop(storage);
             let values = reference
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            order.par_chunks_mut(m.max(1)).enumerate().for_each_init(
-                RadixScratch::default,
-                |sc, (i, row_order)| {
-                    let row = &values[i * m..(i + 1) * m];
-                    radix_order(perm, |c| !f32_key(row[c as usize]), sc, row_order);
-                },
-            );
+            sort_rows(&values, perm, m, |x| !f32_key(x), &mut order)
         }
     }
     Tensor::from_vec(order, (n, m), reference.device())
@@ -95,7 +106,7 @@ struct RadixScratch<K> {
     items: Vec<(K, u32)>,
     swap: Vec<(K, u32)>,
     /// One histogram per key byte.
-    counts: Vec<[usize; 256]>,
+    counts: Vec<[u32; 256]>,
 }
 
 impl<K> Default for RadixScratch<K> {
@@ -131,7 +142,7 @@ fn radix_order<K: RadixKey>(
         }
     }
     for (pass, hist) in sc.counts.iter_mut().enumerate() {
-        if hist.contains(&len) {
+        if hist.contains(&(len as u32)) {
             continue; // every key has the same byte here
         }
         // Exclusive prefix sums: each digit's first slot.
@@ -144,7 +155,7 @@ fn radix_order<K: RadixKey>(
         let shift = 8 * pass;
         for &item in &sc.items {
             let slot = &mut hist[((item.0.into() >> shift) & 0xFF) as usize];
-            sc.swap[*slot] = item;
+            sc.swap[*slot as usize] = item;
             *slot += 1;
         }
         std::mem::swap(&mut sc.items, &mut sc.swap);
