@@ -190,8 +190,11 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
         * r2
         + r
         + 1.0;
-    // k ∈ [−126, 128]: split 2ᵏ in two factors so that both are normal floats.
-    let k = k as i32;
+    // k ∈ [−126, 128] as an integer, read from the low mantissa bits of k + 1.5·2²³
+    // (exact there): `k as i32` saturates NaN and out-of-range values, and that check
+    // does not vectorise (it went element by element through scalar registers).
+    let k = (k + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+    // Split 2ᵏ in two factors so that both are normal floats.
     let half = k / 2;
     let pow = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
     let y = p * pow(half) * pow(k - half);
