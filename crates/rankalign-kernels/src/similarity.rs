@@ -27,7 +27,7 @@ use rayon::prelude::*;
 
 use crate::cpu::{Float, slice, sum, sum_map, vectorised, written_vec};
 
-/// Rows per parallel task of the row-wise kernels.
+/// Elements per parallel task of the row-wise kernels (rounded up to whole rows).
 const ROW_BLOCK: usize = 1 << 13;
 /// Side of the square tiles of a transpose.
 const TILE: usize = 32;

@@ -317,3 +317,27 @@ fn fused_gradients_match_finite_differences() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn similarity_ops_name_the_op_and_the_shape_they_expected() -> Result<()> {
+    let dev = Device::Cpu;
+    let wide = Tensor::zeros((2, 3), DType::F32, &dev)?;
+    let cube = Tensor::zeros((2, 2, 2), DType::F32, &dev)?;
+    for (err, want) in [
+        (
+            info_nce(&wide).unwrap_err(),
+            "info_nce: logits must be a square (b, b) matrix, got [2, 3]",
+        ),
+        (
+            gram(&cube).unwrap_err(),
+            "gram: expected a matrix, got [2, 2, 2]",
+        ),
+        (
+            transpose(&cube).unwrap_err(),
+            "transpose: expected a matrix, got [2, 2, 2]",
+        ),
+    ] {
+        assert!(err.to_string().contains(want), "{err}");
+    }
+    Ok(())
+}
