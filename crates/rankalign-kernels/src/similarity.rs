@@ -193,14 +193,10 @@ impl CustomOp3 for L2NormalizeGrad {
 // ---------------------------------------------------------------------------------------
 // Transpose, and a matrix plus its transpose
 
-/// `out = f(x, xᵀ)` elementwise for `x` `(n, m)` (`out` `(m, n)`), reading `x` in
-/// `TILE`-square tiles so that both sides stay in cache; parallel over output row tiles.
-fn transposed_map<T: WithDType>(
-    x: &[T],
-    n: usize,
-    m: usize,
-    f: impl Fn(&[T], usize, usize) -> T + Sync,
-) -> Vec<T> {
+/// `xᵀ` of `x` `(n, m)` into a contiguous `(m, n)`, plus `x` itself where `add_self`
+/// (`x + xᵀ`, for a square `x`), reading `x` in `TILE`-square tiles so that both sides
+/// stay in cache; parallel over output row tiles.
+fn tiled_transpose<T: WithDType>(x: &[T], n: usize, m: usize, add_self: bool) -> Vec<T> {
     // SAFETY: every output row tile covers all `n` columns of its `TILE` rows.
     #[allow(unsafe_code)]
     let (out, ()) = unsafe {
@@ -214,7 +210,8 @@ fn transposed_map<T: WithDType>(
                         for dj in 0..rows {
                             let j = j0 + dj;
                             for i in i0..(i0 + TILE).min(n) {
-                                o[dj * n + i].write(f(x, i, j));
+                                let v = x[i * m + j];
+                                o[dj * n + i].write(if add_self { v + x[j * n + i] } else { v });
                             }
                         }
                     }
@@ -224,6 +221,39 @@ fn transposed_map<T: WithDType>(
     out
 }
 
+/// The f32 / f64 dispatch of [`tiled_transpose`] for the ops below.
+fn tiled_storage(
+    s: &CpuStorage,
+    l: &Layout,
+    op: &str,
+    add_self: bool,
+) -> Result<(CpuStorage, Shape)> {
+    let (n, m) = l.shape().dims2()?;
+    if add_self && n != m {
+        candle_core::bail!("{op}: expected a square matrix, got {:?}", l.dims())
+    }
+    let out = match s.dtype() {
+        DType::F32 => CpuStorage::F32(tiled_transpose(slice(s, l, op, "x")?, n, m, add_self)),
+        DType::F64 => CpuStorage::F64(tiled_transpose(slice(s, l, op, "x")?, n, m, add_self)),
+        dt => candle_core::bail!("{op}: fused kernel runs on f32 or f64, got {dt:?}"),
+    };
+    Ok((out, Shape::from((m, n))))
+}
+
+/// `op` on the matrix `xs` where it runs fused (CPU f32 / f64), else `reference`.
+fn matrix_op(
+    xs: &Tensor,
+    name: &str,
+    op: impl CustomOp1 + Send + Sync + 'static,
+    reference: fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    matrix(xs, name)?;
+    if !fused(xs) {
+        return reference(xs);
+    }
+    xs.contiguous()?.apply_op1(op)
+}
+
 /// `xs` `(n, m)` transposed into contiguous memory, composed (a strided copy).
 pub fn transpose_reference(xs: &Tensor) -> Result<Tensor> {
     xs.t()?.contiguous()
@@ -231,30 +261,10 @@ pub fn transpose_reference(xs: &Tensor) -> Result<Tensor> {
 
 /// `xs` `(n, m)` transposed into a contiguous `(m, n)`; fused on CPU f32 / f64.
 pub fn transpose(xs: &Tensor) -> Result<Tensor> {
-    matrix(xs, "transpose")?;
-    if !fused(xs) {
-        return transpose_reference(xs);
-    }
-    xs.contiguous()?.apply_op1(Transpose)
+    matrix_op(xs, "transpose", Transpose, transpose_reference)
 }
 
 struct Transpose;
-
-fn transpose_storage(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-    let (n, m) = l.shape().dims2()?;
-    let out = match s.dtype() {
-        DType::F32 => {
-            let x = slice::<f32>(s, l, "transpose", "x")?;
-            CpuStorage::F32(transposed_map(x, n, m, |x, i, j| x[i * m + j]))
-        }
-        DType::F64 => {
-            let x = slice::<f64>(s, l, "transpose", "x")?;
-            CpuStorage::F64(transposed_map(x, n, m, |x, i, j| x[i * m + j]))
-        }
-        dt => candle_core::bail!("transpose: fused kernel runs on f32 or f64, got {dt:?}"),
-    };
-    Ok((out, Shape::from((m, n))))
-}
 
 impl CustomOp1 for Transpose {
     fn name(&self) -> &'static str {
@@ -262,7 +272,7 @@ impl CustomOp1 for Transpose {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        transpose_storage(s, l)
+        tiled_storage(s, l, "transpose", false)
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -279,26 +289,7 @@ impl CustomOp1 for Symmetrise {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, m) = l.shape().dims2()?;
-        if n != m {
-            candle_core::bail!("symmetrise: expected a square matrix, got {:?}", l.dims())
-        }
-        let out = match s.dtype() {
-            DType::F32 => {
-                let g = slice::<f32>(s, l, "symmetrise", "g")?;
-                CpuStorage::F32(transposed_map(g, n, n, |g, i, j| {
-                    g[i * n + j] + g[j * n + i]
-                }))
-            }
-            DType::F64 => {
-                let g = slice::<f64>(s, l, "symmetrise", "g")?;
-                CpuStorage::F64(transposed_map(g, n, n, |g, i, j| {
-                    g[i * n + j] + g[j * n + i]
-                }))
-            }
-            dt => candle_core::bail!("symmetrise: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
-        Ok((out, l.shape().clone()))
+        tiled_storage(s, l, "symmetrise", true)
     }
 }
 
@@ -313,11 +304,7 @@ pub fn gram_reference(xs: &Tensor) -> Result<Tensor> {
 /// `X Xᵀ` for `xs` `(n, d)`: one gemm forward, one backward (`(G + Gᵀ) X`); fused on
 /// CPU f32 / f64.
 pub fn gram(xs: &Tensor) -> Result<Tensor> {
-    matrix(xs, "gram")?;
-    if !fused(xs) {
-        return gram_reference(xs);
-    }
-    xs.contiguous()?.apply_op1(Gram)
+    matrix_op(xs, "gram", Gram, gram_reference)
 }
 
 struct Gram;
