@@ -154,6 +154,32 @@ fn four_micro_batches_of_32_equal_one_batch_of_128() {
     }
 }
 
+/// The batch in one piece runs its towers as two tasks (forward and backward) with the
+/// loss between them on detached embeddings. That is the same arithmetic as one
+/// backward through the whole graph: five steps give the same bits, on 1 and 2 threads.
+#[test]
+fn one_piece_towers_in_parallel_equal_one_graph() {
+    let data = batches();
+    let rankclip = RankClipObjective(RankClipConfig::rankclip());
+    let objectives: [(&str, &dyn Objective); 2] =
+        [("clip", &ClipObjective), ("rankclip", &rankclip)];
+    for (name, objective) in objectives {
+        let one_graph = train_with(&data, |t, batch, ctx| {
+            let image = t.model.encode_image_t(&batch.pixels, true)?;
+            let text = t.model.encode_text(&batch.ids, &batch.eot)?;
+            let terms = objective.loss(&image, &text, t.logit_scale.as_tensor(), ctx)?;
+            let grads = terms.total.backward()?;
+            Ok(StepGrads { terms, grads })
+        });
+        for threads in [1, 2] {
+            assert!(
+                train(objective, StepPlan::default(), threads, &data) == one_graph,
+                "{name}: the one-piece step on {threads} thread(s) differs from one backward"
+            );
+        }
+    }
+}
+
 /// What [`worst_relative`] leaves out is noise: the key biases' gradient is many orders
 /// below the value biases'.
 #[test]

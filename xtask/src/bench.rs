@@ -64,7 +64,7 @@ struct Suite {
     modules: &'static [&'static str],
     /// More runs of the Rust example: an argument and its `RAYON_NUM_THREADS` (`None`:
     /// the bench's threads), each with candle's elementwise ops inline
-    /// (`CANDLE_NUM_THREADS=1`), as `rankalign train` runs micro-batched steps.
+    /// (`CANDLE_NUM_THREADS=1`), as `rankalign train` runs its steps.
     inline_passes: &'static [(&'static str, Option<usize>)],
 }
 
@@ -81,7 +81,7 @@ const MODELS: Suite = Suite {
     example: "bench_models",
     script: "crates/rankalign-train/benches/torch_models.py",
     modules: &["torch", "transformers"],
-    inline_passes: &[("--micro-steps", None), ("--one-thread-steps", Some(1))],
+    inline_passes: &[("--train-steps", None), ("--one-thread-steps", Some(1))],
 };
 
 /// The same glibc malloc settings for both programs: keep freed memory instead of
@@ -625,7 +625,7 @@ fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) ->
          (PyTorch: the authors' form, allRank's `listMLE` as in the kernel table, `F.cross_entropy` both ways). \
          `tiny_clip_train_step`: one step of `ClipConfig::tiny()` (`CLIPModel` of the same shape) at batch 128 with 32-token captions: \
          both towers, InfoNCE on exp(logit_scale)-scaled cosine logits, backward, AdamW, as `rankalign train` runs it on a pool of the given threads \
-         (`; 4x32 micro`: `train.micro_batch = 32`, the towers per micro-batch in parallel and the loss once over all 128, with candle's elementwise ops inline as the CLI sets them; \
+         (its two towers as parallel tasks, forward and backward, with candle's elementwise ops inline as the CLI sets them for every step; `; 4x32 micro`: `train.micro_batch = 32`, the towers of every micro-batch as tasks and the loss once over all 128; \
          `recompute`: `train.recompute`, the forward run twice to hold one micro-batch's activations per thread; PyTorch's column is its plain b128 step; \
          `; 1 thread`: ours on one thread, in a process started with one thread, no PyTorch ratio). \
          Peak memory is measured as for the kernels. `vs torch` = PyTorch's time divided by ours (above 1× = ours is faster).\n\n",

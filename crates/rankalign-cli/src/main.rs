@@ -241,9 +241,10 @@ fn progress_bar(len: u64, template: &str) -> indicatif::ProgressBar {
 }
 
 /// Fix candle's and rayon's thread count before any of their pools start: `n` for
-/// rayon (gemm's split), and `elementwise` for candle's pool of elementwise ops. With
-/// micro-batches the parallelism is the micro-batches', so elementwise ops run inline
-/// (`elementwise = 1`): their pool takes one caller at a time and would serialise them.
+/// rayon (gemm's split), and `elementwise` for candle's pool of elementwise ops. A
+/// training step runs its towers (and its micro-batches) as parallel tasks, so
+/// elementwise ops run inline (`elementwise = 1`): their pool takes one caller at a
+/// time and would serialise the tasks, or add a thread to a full pool.
 #[allow(unsafe_code)]
 fn set_compute_threads(n: usize, elementwise: usize) {
     // SAFETY: called first thing in `main`, before any thread is spawned, so no other
@@ -328,12 +329,7 @@ fn main() -> Result<()> {
             };
             let per_run = threads.unwrap_or((cores / (concurrent * local_ranks)).max(1));
             if std::env::var_os("RAYON_NUM_THREADS").is_none() || threads.is_some() {
-                let elementwise = if exp.train.micro_batch.is_some() {
-                    1
-                } else {
-                    per_run
-                };
-                set_compute_threads(per_run, elementwise);
+                set_compute_threads(per_run, 1);
             }
             train(
                 &exp, &device, overwrite, stop_after, per_run, concurrent, dist,

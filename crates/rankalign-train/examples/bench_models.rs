@@ -9,9 +9,9 @@
 //! Prints one JSON object per line; `benches/torch_models.py` does the same for the
 //! Hugging Face `CLIPModel` in PyTorch, and `cargo xtask bench` runs both with the same
 //! thread count and joins them into a table. Usage: `bench_models [--quick]
-//! [--micro-steps | --one-thread-steps]` (`--quick`: fewer runs, ViT at batch 1 only;
-//! `--micro-steps`: only the micro-batched training steps (tiny and ViT-B/16), which want
-//! `CANDLE_NUM_THREADS=1`; `--one-thread-steps`: only the steps on one thread, to be run
+//! [--train-steps | --one-thread-steps]` (`--quick`: fewer runs, ViT at batch 1 only;
+//! `--train-steps`: only the training steps (tiny and ViT-B/16, in one piece and
+//! micro-batched), which want `CANDLE_NUM_THREADS=1` as `rankalign train` sets it; `--one-thread-steps`: only the steps on one thread, to be run
 //! with `RAYON_NUM_THREADS=1`; `--only OP`: one op's rows, for profiling).
 //!
 //! On a GPU (`--device cuda`, a build with the `cuda` feature; the GPU bundle's
@@ -374,9 +374,7 @@ fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let (warmup, runs) = if quick { (1, 3) } else { (2, 10) };
     let batches: &[usize] = if quick { &[1] } else { &[1, 8] };
-    let micro_steps = std::env::args().any(|a| a == "--micro-steps");
     let one_thread_steps = std::env::args().any(|a| a == "--one-thread-steps");
-    let micro_only = micro_steps || one_thread_steps;
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str| {
         args.iter()
@@ -384,6 +382,14 @@ fn main() -> anyhow::Result<()> {
             .and_then(|i| args.get(i + 1).cloned())
     };
     let only = value("--only");
+    // `--only` a step implies the steps' pass.
+    let train_steps = std::env::args().any(|a| a == "--train-steps")
+        || (!one_thread_steps
+            && matches!(
+                only.as_deref(),
+                Some("tiny_clip_train_step" | "vit_b16_train_step")
+            ));
+    let steps_only = train_steps || one_thread_steps;
     let on = Target {
         dev: match value("--device").as_deref() {
             None | Some("cpu") => Device::Cpu,
@@ -442,7 +448,7 @@ fn main() -> anyhow::Result<()> {
         emit(op, &on.label(&size), result);
         return Ok(());
     }
-    let wanted = |op: &str| !micro_only && only.as_deref().is_none_or(|o| o == op);
+    let wanted = |op: &str| !steps_only && only.as_deref().is_none_or(|o| o == op);
     for &b in batches.iter().filter(|_| wanted("vit_b16_image_forward")) {
         emit(
             "vit_b16_image_forward",
@@ -473,38 +479,39 @@ fn main() -> anyhow::Result<()> {
         micro_batch: Some(32),
         recompute,
     };
-    // `--micro-steps`: only the micro-batched steps (`cargo xtask bench` runs them in a
-    // second process with candle's elementwise ops inline, as `rankalign train` does);
-    // `--one-thread-steps`: both steps on one thread, in a process started with one
+    // `--train-steps`: the steps on the bench's threads (`cargo xtask bench` runs them
+    // in a second process with candle's elementwise ops inline, as `rankalign train`
+    // does: the towers, or the micro-batches, are the step's parallel tasks);
+    // `--one-thread-steps`: the tiny steps on one thread, in a process started with one
     // thread (so that gemm is not told of threads the pool does not have).
     let mut steps = Vec::new();
     if one_thread_steps {
         steps.push(("b128 48px ctx32; 1 thread", whole, 1));
         steps.push(("b128 48px ctx32; 4x32 micro; 1 thread", micro(false), 1));
-    } else if micro_steps {
+    } else if train_steps {
+        steps.push(("b128 48px ctx32", whole, threads));
         steps.push(("b128 48px ctx32; 4x32 micro", micro(false), threads));
         steps.push((
             "b128 48px ctx32; 4x32 micro recompute",
             micro(true),
             threads,
         ));
-    } else {
-        steps.push(("b128 48px ctx32", whole, threads));
     }
     let vit_wanted = only.as_deref().is_none_or(|o| o == "vit_b16_train_step");
-    if vit_wanted && !one_thread_steps {
-        // The whole batch in the main pass; in the micro-steps pass, 2 x 8 micro-batches
-        // (one per thread of a 2-thread pool), the objective once over all 16.
-        let (warm, n) = if quick { (0, 1) } else { (1, 3) };
-        let (size, plan) = if micro_steps {
-            let plan = StepPlan {
+    let vit_plans = [
+        ("b16 224px ctx77", whole),
+        // 2 x 8 micro-batches (one per thread of a 2-thread pool), the objective once
+        // over all 16.
+        (
+            "b16 224px ctx77; 2x8 micro",
+            StepPlan {
                 micro_batch: Some(8),
                 recompute: false,
-            };
-            ("b16 224px ctx77; 2x8 micro", plan)
-        } else {
-            ("b16 224px ctx77", whole)
-        };
+            },
+        ),
+    ];
+    for (size, plan) in vit_plans.into_iter().filter(|_| vit_wanted && train_steps) {
+        let (warm, n) = if quick { (0, 1) } else { (1, 3) };
         emit(
             "vit_b16_train_step",
             size,

@@ -3,22 +3,26 @@
 //! ([`loss_and_grads_across`]: the same construction, with the embeddings gathered and
 //! the gradients summed across ranks through a [`Collective`]).
 //!
-//! With micro-batches ([`StepPlan::micro_batch`]) the step is the GradCache
-//! construction, exact for losses over the whole batch:
-//! 1. each micro-batch runs both towers forward, as one task of the current rayon pool
-//!    (the pool's threads take one micro-batch each; gemm's own splits go to the same
-//!    pool, never to more threads);
+//! Every step is the GradCache construction, exact for losses over the whole batch;
+//! the batch in one piece is its case of one micro-batch ([`StepPlan::micro_batch`]):
+//! 1. each micro-batch runs its two towers forward, each tower one task of the current
+//!    rayon pool (the pool's threads take the tasks; gemm's and the kernels' own splits
+//!    go to the same pool, never to more threads);
 //! 2. the objective runs once, on the detached embeddings of the whole batch, and its
 //!    backward gives `logit_scale`'s gradient and each embedding's gradient;
-//! 3. each micro-batch back-propagates `Σ (embedding ∘ its gradient)` through its towers,
-//!    again one task each;
+//! 3. each micro-batch back-propagates `Σ (embedding ∘ its gradient)` through each of
+//!    its towers, again one task per tower;
 //! 4. the parameters' gradients are summed over the micro-batches in their order.
 //!
 //! The loss is computed once over all B rows, so InfoNCE's and RankCLIP's list-wise
 //! terms see the global batch and `logit_scale` gets one gradient (open_clip's
 //! `--accum-freq` recomputes the loss per micro-batch instead). The micro-batch count is
 //! fixed by the config and the sums run in a fixed order, so the result does not depend
-//! on how many threads run it; it equals the one-piece step up to f32 rounding.
+//! on how many threads run it; it equals the one-piece step up to f32 rounding. In one
+//! piece it is the arithmetic of one backward through the whole graph, bit for bit
+//! (tested): the towers share no parameter, and the embeddings' gradients are the
+//! loss's. Running the towers as two tasks took the tiny preset's step on 2 threads
+//! from about 157 to 112 ms (decision 86).
 //!
 //! With [`StepPlan::recompute`], step 1 keeps no graph and step 3 runs the forward again,
 //! so that at most one micro-batch's activations per thread are alive: a batch of B
@@ -81,11 +85,14 @@ pub struct StepGrads {
     pub grads: GradStore,
 }
 
-/// Both towers on `batch`, in training mode: `(image, text)` embeddings.
+/// Both towers on `batch`, in training mode: `(image, text)` embeddings. The towers
+/// share nothing, so they run as two tasks of the current pool.
 fn encode(model: &ClipModel, batch: &Batch) -> Result<(Tensor, Tensor)> {
-    let image = model.encode_image_t(&batch.pixels, true)?;
-    let text = model.encode_text(&batch.ids, &batch.eot)?;
-    Ok((image, text))
+    let (image, text) = rayon::join(
+        || model.encode_image_t(&batch.pixels, true),
+        || model.encode_text(&batch.ids, &batch.eot),
+    );
+    Ok((image?, text?))
 }
 
 /// The loss of `batch` under `objective` and its gradients, split as `plan` says.
@@ -160,17 +167,18 @@ fn split_step(
     comm: Option<&dyn Collective>,
 ) -> Result<StepGrads> {
     let rows = batch.len();
-    let micro = match (plan.micro_batch, comm) {
-        (Some(m), _) if m < rows => m,
-        (_, Some(_)) => rows.max(1),
-        _ => {
-            let (image, text) = encode(model, batch)?;
-            let terms = objective.loss(&image, &text, logit_scale.as_tensor(), ctx)?;
-            let grads = terms.total.backward()?;
-            return Ok(StepGrads { terms, grads });
-        }
+    let micro = match plan.micro_batch {
+        Some(m) if m < rows => m,
+        _ => rows.max(1),
     };
-    plan.check(model)?;
+    let one_piece = micro >= rows && comm.is_none();
+    let plan = if one_piece {
+        // The batch in one piece: what `micro_batch` and `recompute` mean does not apply.
+        StepPlan::default()
+    } else {
+        plan.check(model)?;
+        plan
+    };
     let pieces: Vec<(usize, Batch)> = (0..rows)
         .step_by(micro)
         .map(|start| Ok((start, batch.narrow(start, micro.min(rows - start))?)))
@@ -225,7 +233,7 @@ fn split_step(
     let mut kept = forward.into_iter();
     for chunk in pieces.chunks(wave) {
         let work: Vec<_> = chunk.iter().zip(kept.by_ref()).collect();
-        let stores: Vec<GradStore> = work
+        let stores: Vec<[GradStore; 2]> = work
             .into_par_iter()
             .map(|((start, piece), kept)| {
                 let (img, txt) = if plan.recompute {
@@ -233,23 +241,22 @@ fn split_step(
                 } else {
                     kept
                 };
-                let mut surrogate: Option<Tensor> = None;
-                for (emb, grad) in [(&img, &d_image), (&txt, &d_text)] {
-                    if let Some(g) = grad {
-                        let term = (emb * g.narrow(0, offset + *start, piece.len())?)?.sum_all()?;
-                        surrogate = Some(match surrogate {
-                            Some(s) => (s + term)?,
-                            None => term,
-                        });
+                // Each tower back-propagates `Σ (embedding ∘ its gradient)` as its own
+                // task: the towers share no parameter, so the two stores are disjoint.
+                let back = |emb: &Tensor, grad: &Option<Tensor>| -> Result<GradStore> {
+                    match grad {
+                        Some(g) => {
+                            let g = g.narrow(0, offset + *start, piece.len())?;
+                            Ok((emb * g)?.sum_all()?.backward()?)
+                        }
+                        None => Ok(GradStore::default()),
                     }
-                }
-                match surrogate {
-                    Some(s) => Ok(s.backward()?),
-                    None => Ok(GradStore::default()),
-                }
+                };
+                let (image, text) = rayon::join(|| back(&img, &d_image), || back(&txt, &d_text));
+                Ok([image?, text?])
             })
             .collect::<Result<_>>()?;
-        for mut store in stores {
+        for mut store in stores.into_iter().flatten() {
             for (var, sum) in params.iter().zip(sums.iter_mut()) {
                 if let Some(g) = store.remove(var.as_tensor()) {
                     *sum = Some(match sum.take() {
