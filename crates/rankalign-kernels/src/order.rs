@@ -102,11 +102,17 @@ impl RadixKey for u64 {
     const BYTES: usize = 8;
 }
 
+/// Independent runs the sort interleaves. A radix pass that takes its items one by one
+/// waits on the previous item's counter whenever two neighbours share a digit (a
+/// store-to-load round trip per item, and scores share their high bytes often); four
+/// runs, each with its own counters, keep four of those chains in flight.
+const RUNS: usize = 4;
+
 struct RadixScratch<K> {
     items: Vec<(K, u32)>,
     swap: Vec<(K, u32)>,
-    /// One histogram per key byte.
-    counts: Vec<[u32; 256]>,
+    /// One histogram per run, then each run's next slot per digit.
+    counts: [[u32; 256]; RUNS],
 }
 
 impl<K> Default for RadixScratch<K> {
@@ -114,14 +120,17 @@ impl<K> Default for RadixScratch<K> {
         Self {
             items: Vec::new(),
             swap: Vec::new(),
-            counts: Vec::new(),
+            counts: [[0; 256]; RUNS],
         }
     }
 }
 
 /// Sort the columns listed in `perm` by `key` ascending, stably, one 8-bit pass per key
-/// byte (the histograms of all bytes counted in one read; a byte every key shares is
-/// skipped), into `out`.
+/// byte that not every key shares, into `out`.
+///
+/// Each pass cuts the items into [`RUNS`] consecutive runs and gives run `r` the slots
+/// of a digit after those of runs `0..r`: items keep their order within a run, and runs
+/// keep theirs, so the pass is stable while the runs are scattered side by side.
 fn radix_order<K: RadixKey>(
     perm: &[u32],
     key: impl Fn(u32) -> K,
@@ -131,36 +140,89 @@ fn radix_order<K: RadixKey>(
     let len = perm.len();
     sc.items.clear();
     sc.items.extend(perm.iter().map(|&c| (key(c), c)));
-    sc.swap.clear();
+    // Every pass overwrites all of `swap`: its old contents need no clearing.
     sc.swap.resize(len, (K::default(), 0));
-    sc.counts.clear();
-    sc.counts.resize(K::BYTES, [0; 256]);
-    for &(k, _) in &sc.items {
-        let k: u64 = k.into();
-        for (pass, hist) in sc.counts.iter_mut().enumerate() {
-            hist[((k >> (8 * pass)) & 0xFF) as usize] += 1;
+    // The bits in which some key differs from the first: the bytes worth a pass.
+    let first: u64 = sc.items.first().map_or(0, |&(k, _)| k.into());
+    let differ = sc
+        .items
+        .iter()
+        .fold(0u64, |acc, &(k, _)| acc | (k.into() ^ first));
+    let run = len.div_ceil(RUNS);
+    let bounds: [usize; RUNS + 1] = std::array::from_fn(|r| (r * run).min(len));
+    for shift in (0..K::BYTES).map(|b| 8 * b) {
+        if (differ >> shift) & 0xFF == 0 {
+            continue;
         }
-    }
-    for (pass, hist) in sc.counts.iter_mut().enumerate() {
-        if hist.contains(&(len as u32)) {
-            continue; // every key has the same byte here
-        }
-        // Exclusive prefix sums: each digit's first slot.
-        let mut next = 0;
-        for c in hist.iter_mut() {
-            let here = *c;
-            *c = next;
-            next += here;
-        }
-        let shift = 8 * pass;
-        for &item in &sc.items {
-            let slot = &mut hist[((item.0.into() >> shift) & 0xFF) as usize];
-            sc.swap[*slot as usize] = item;
-            *slot += 1;
-        }
+        radix_pass(&sc.items, &mut sc.swap, &mut sc.counts, &bounds, shift);
         std::mem::swap(&mut sc.items, &mut sc.swap);
     }
     for (o, &(_, c)) in out.iter_mut().zip(&sc.items) {
         *o = c;
+    }
+}
+
+/// One stable pass by the byte at `shift`, from `items` into `swap`, over the runs that
+/// `bounds` cut.
+fn radix_pass<K: RadixKey>(
+    items: &[(K, u32)],
+    swap: &mut [(K, u32)],
+    counts: &mut [[u32; 256]; RUNS],
+    bounds: &[usize; RUNS + 1],
+    shift: usize,
+) {
+    let digit = |k: K| ((k.into() >> shift) & 0xFF) as usize;
+    let runs: [&[(K, u32)]; RUNS] = std::array::from_fn(|r| &items[bounds[r]..bounds[r + 1]]);
+    // The first `common` items of every run (the last run is the shortest) go side by
+    // side; the longer runs' remaining items one by one.
+    let common = runs[RUNS - 1].len();
+    for hist in counts.iter_mut() {
+        hist.fill(0);
+    }
+    for i in 0..common {
+        for (run, hist) in runs.iter().zip(counts.iter_mut()) {
+            hist[digit(run[i].0)] += 1;
+        }
+    }
+    for (run, hist) in runs.iter().zip(counts.iter_mut()) {
+        for &(k, _) in &run[common..] {
+            hist[digit(k)] += 1;
+        }
+    }
+    // Each run's first slot per digit: the digits' exclusive prefix sums over all runs,
+    // then the counts of the earlier runs for that digit.
+    let mut total = [0u32; 256];
+    for hist in counts.iter() {
+        for (t, &c) in total.iter_mut().zip(hist) {
+            *t += c;
+        }
+    }
+    let mut next = 0;
+    for t in total.iter_mut() {
+        let here = *t;
+        *t = next;
+        next += here;
+    }
+    for hist in counts.iter_mut() {
+        for (t, c) in total.iter_mut().zip(hist.iter_mut()) {
+            let here = *c;
+            *c = *t;
+            *t += here;
+        }
+    }
+    for i in 0..common {
+        for (run, hist) in runs.iter().zip(counts.iter_mut()) {
+            let item = run[i];
+            let slot = &mut hist[digit(item.0)];
+            swap[*slot as usize] = item;
+            *slot += 1;
+        }
+    }
+    for (run, hist) in runs.iter().zip(counts.iter_mut()) {
+        for &item in &run[common..] {
+            let slot = &mut hist[digit(item.0)];
+            swap[*slot as usize] = item;
+            *slot += 1;
+        }
     }
 }

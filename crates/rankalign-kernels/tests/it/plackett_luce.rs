@@ -249,3 +249,65 @@ fn order_sorts_descending_and_breaks_ties_by_the_permutation() -> Result<()> {
     );
     Ok(())
 }
+
+/// `pl_order` against a stable comparison sort (descending by value under `total_cmp`,
+/// ties in permutation order), f32 and f64, on rows that exercise every radix byte:
+/// signs, zeros of both signs, infinities, NaN, values that share their high bytes, and
+/// heavy ties; at lengths around the sort's four interleaved runs (1 to 9, and long).
+#[test]
+fn order_matches_a_stable_comparison_sort() -> Result<()> {
+    use rankalign_kernels::pl_order;
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    for m in (1..=9).chain([63, 64, 257, 1024]) {
+        for kind in 0..4 {
+            let n = 3;
+            let values: Vec<f32> = (0..n * m)
+                .map(|_| match kind {
+                    // Few distinct values: long runs of ties.
+                    0 => rng.random_range(0..4) as f32 - 1.5,
+                    // Values in [1, 2): one exponent, differing in the low bytes only.
+                    1 => 1.0 + rng.random::<f32>(),
+                    // Mixed signs and magnitudes.
+                    2 => (rng.random::<f32>() - 0.5) * 10f32.powi(rng.random_range(-3..4)),
+                    // The special values among ordinary ones.
+                    _ => [
+                        0.0,
+                        -0.0,
+                        f32::INFINITY,
+                        f32::NEG_INFINITY,
+                        f32::NAN,
+                        1.0,
+                        -1.0,
+                    ][rng.random_range(0..7)],
+                })
+                .collect();
+            let mut perm: Vec<u32> = (0..m as u32).collect();
+            for i in (1..m).rev() {
+                perm.swap(i, rng.random_range(0..=i));
+            }
+            let expected: Vec<Vec<u32>> = values
+                .chunks(m)
+                .map(|row| {
+                    let mut o = perm.clone();
+                    // `sort_by` is stable: ties keep `perm`'s order.
+                    o.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+                    o
+                })
+                .collect();
+            let r32 = Tensor::from_vec(values.clone(), (n, m), &dev)?;
+            assert_eq!(
+                pl_order(&r32, &perm)?.to_vec2::<u32>()?,
+                expected,
+                "f32, m = {m}, kind {kind}"
+            );
+            let r64 = r32.to_dtype(DType::F64)?;
+            assert_eq!(
+                pl_order(&r64, &perm)?.to_vec2::<u32>()?,
+                expected,
+                "f64, m = {m}, kind {kind}"
+            );
+        }
+    }
+    Ok(())
+}
