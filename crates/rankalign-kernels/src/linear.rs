@@ -121,15 +121,23 @@ fn backward(x: &Tensor, w: &Tensor, grad: &Tensor, bias: bool) -> Result<[Option
     let rows = x.elem_count() / inp.max(1);
     let dy = grad.detach().contiguous()?.reshape((rows, out))?;
     let x2 = x.detach().reshape((rows, inp))?;
-    let dx = dy.matmul(&w.detach())?.reshape(x.shape())?;
-    let dw = dy.t()?.matmul(&x2)?;
-    let db = if bias {
-        let ones = Tensor::ones((1, rows), dy.dtype(), dy.device())?;
-        Some(ones.matmul(&dy)?.reshape(out)?)
-    } else {
-        None
-    };
-    Ok([Some(dx), Some(dw), db])
+    // The products are independent: as two tasks, a thread that finishes its share of
+    // one gemm takes work from the other instead of waiting at the gemm's barrier.
+    let (dx, dw_db) = rayon::join(
+        || dy.matmul(&w.detach())?.reshape(x.shape()),
+        || -> Result<(Tensor, Option<Tensor>)> {
+            let dw = dy.t()?.matmul(&x2)?;
+            let db = if bias {
+                let ones = Tensor::ones((1, rows), dy.dtype(), dy.device())?;
+                Some(ones.matmul(&dy)?.reshape(out)?)
+            } else {
+                None
+            };
+            Ok((dw, db))
+        },
+    );
+    let (dw, db) = dw_db?;
+    Ok([Some(dx?), Some(dw), db])
 }
 
 impl CustomOp3 for LinearOp {
