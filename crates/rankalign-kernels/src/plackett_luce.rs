@@ -267,12 +267,7 @@ mod parity32 {
         for (x, &c) in sc.x.iter_mut().zip(order) {
             *x = row[c as usize];
         }
-        let mut arg: Option<usize> = None;
-        for (k, &v) in sc.x.iter().enumerate() {
-            if v != f32::NEG_INFINITY && arg.is_none_or(|a| v > sc.x[a]) {
-                arg = Some(k);
-            }
-        }
+        let arg = first_max(&sc.x);
         let shift = arg.map_or(0.0, |a| sc.x[a]);
         sc.e.resize(m, 0.0);
         for (e, &v) in sc.e.iter_mut().zip(&sc.x) {
@@ -285,6 +280,51 @@ mod parity32 {
             *c = run;
         }
         (shift, arg)
+    }
+
+    /// Lanes of [`first_max`]'s vector pass.
+    const LANES: usize = 16;
+
+    /// Position of the first maximum among present (not −∞) entries; a NaN counts only
+    /// where it is the first present entry (as a scan with `>` takes it).
+    #[inline(always)]
+    pub(super) fn first_max(x: &[f32]) -> Option<usize> {
+        // Each lane's first maximum (a strict `>` keeps the first; −∞ and NaN never
+        // win), and whether any NaN is present; then the lanes' best, ties to the
+        // smallest position.
+        let mut best = [f32::NEG_INFINITY; LANES];
+        let mut at = [u32::MAX; LANES];
+        let mut nan = [false; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for (c, chunk) in chunks.enumerate() {
+            for k in 0..LANES {
+                let v = chunk[k];
+                nan[k] |= v.is_nan();
+                if v > best[k] {
+                    best[k] = v;
+                    at[k] = (c * LANES + k) as u32;
+                }
+            }
+        }
+        let base = x.len() - rest.len();
+        for (k, &v) in rest.iter().enumerate() {
+            nan[k] |= v.is_nan();
+            if v > best[k] {
+                best[k] = v;
+                at[k] = (base + k) as u32;
+            }
+        }
+        if nan.iter().any(|&n| n) {
+            return super::first_max_by(x.iter().map(|&v| f64::from(v)));
+        }
+        let mut arg: Option<(f32, u32)> = None;
+        for (&v, &a) in best.iter().zip(&at) {
+            if a != u32::MAX && arg.is_none_or(|(bv, ba)| v > bv || (v == bv && a < ba)) {
+                arg = Some((v, a));
+            }
+        }
+        arg.map(|(_, a)| a as usize)
     }
 
     /// One row's loss: `Σ_k μ_k (ln(c_k + ε) − (x_k − max))` over present items.
@@ -357,26 +397,54 @@ mod parity32 {
         out: &mut [f32],
     ) {
         let eps = PARITY_EPS as f32;
-        let weight = |k: usize| mu.map_or(1.0, |w| w[k]);
         // t_k = μ_k / (c_k + ε) for present items.
         sc.t.resize(sc.x.len(), 0.0);
-        for (k, ((t, &x), &c)) in sc.t.iter_mut().zip(&sc.x).zip(&sc.c).enumerate() {
-            *t = if x == f32::NEG_INFINITY {
+        let term = |x: f32, w: f32, c: f32| {
+            if x == f32::NEG_INFINITY {
                 0.0
             } else {
-                weight(k) / (c + eps)
-            };
+                w / (c + eps)
+            }
+        };
+        match mu {
+            Some(mu) => {
+                for (((t, &x), &c), &w) in sc.t.iter_mut().zip(&sc.x).zip(&sc.c).zip(mu) {
+                    *t = term(x, w, c);
+                }
+            }
+            None => {
+                for ((t, &x), &c) in sc.t.iter_mut().zip(&sc.x).zip(&sc.c) {
+                    *t = term(x, 1.0, c);
+                }
+            }
         }
         let via_max = eps * sum(&sc.t);
-        // ∂/∂x_j = −μ_j + e_j · Σ_{k≤j} t_k; e is overwritten with the gradient.
+        // ∂/∂x_j = −μ_j + e_j · Σ_{k≤j} t_k; e is overwritten with the gradient. The
+        // running sum is one scalar pass (t becomes its prefix sums), the rest a
+        // vector pass.
         let mut b = 0f32;
-        for (k, (e, &t)) in sc.e.iter_mut().zip(&sc.t).enumerate() {
-            b += t;
-            *e = if sc.x[k] == f32::NEG_INFINITY {
+        for t in sc.t.iter_mut() {
+            b += *t;
+            *t = b;
+        }
+        let grad = |x: f32, w: f32, e: f32, b: f32| {
+            if x == f32::NEG_INFINITY {
                 0.0
             } else {
-                -weight(k) + *e * b
-            };
+                -w + e * b
+            }
+        };
+        match mu {
+            Some(mu) => {
+                for (((e, &b), &x), &w) in sc.e.iter_mut().zip(&sc.t).zip(&sc.x).zip(mu) {
+                    *e = grad(x, w, *e, b);
+                }
+            }
+            None => {
+                for ((e, &b), &x) in sc.e.iter_mut().zip(&sc.t).zip(&sc.x) {
+                    *e = grad(x, 1.0, *e, b);
+                }
+            }
         }
         if let Some(a) = arg {
             sc.e[a] += via_max;
@@ -391,13 +459,19 @@ mod parity32 {
 
 /// Position of the first maximum among present (finite or +inf) entries.
 fn first_max(x: &[f64]) -> Option<usize> {
-    let mut best: Option<usize> = None;
-    for (k, &v) in x.iter().enumerate() {
-        if v != f64::NEG_INFINITY && best.is_none_or(|b| v > x[b]) {
-            best = Some(k);
+    first_max_by(x.iter().copied())
+}
+
+/// [`first_max`] of a sequence: a scan that takes the first present entry, then any
+/// entry greater than the one taken.
+fn first_max_by(x: impl Iterator<Item = f64>) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (k, v) in x.enumerate() {
+        if v != f64::NEG_INFINITY && best.is_none_or(|(_, b)| v > b) {
+            best = Some((k, v));
         }
     }
-    best
+    best.map(|(k, _)| k)
 }
 
 fn order_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]> {
@@ -680,6 +754,37 @@ pub fn pl_nll(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The f32 lanes' argmax equals the plain scan on rows of ties, −∞, NaN (first
+    /// present or later) and +∞, at lengths around its lane width.
+    #[test]
+    fn vector_first_max_equals_the_scan() {
+        let pool = [
+            1.0f32,
+            2.0,
+            2.0,
+            -3.0,
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            f32::NAN,
+        ];
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as usize
+        };
+        for len in (0..40).chain([255, 256, 257]) {
+            for trial in 0..50 {
+                // Trials 0..10 leave out NaN and +∞; the rest draw from the whole pool.
+                let kinds = if trial < 10 { 5 } else { pool.len() };
+                let row: Vec<f32> = (0..len).map(|_| pool[next() % kinds]).collect();
+                let scan = first_max_by(row.iter().map(|&v| f64::from(v)));
+                assert_eq!(parity32::first_max(&row), scan, "{row:?}");
+            }
+        }
+    }
 
     fn order_of(rows: &[&[u32]]) -> Tensor {
         let m = rows[0].len();
