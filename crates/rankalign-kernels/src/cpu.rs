@@ -146,6 +146,16 @@ pub(crate) unsafe fn written_vec<T, R>(
     (v, r)
 }
 
+/// `block` filled with `value`, handed back initialised: a kernel whose output is built
+/// from zeros can fill each block just before it writes it (in cache, on the block's
+/// thread) instead of the whole output up front on the caller's.
+#[allow(unsafe_code)]
+pub(crate) fn filled<T: Copy>(block: &mut [MaybeUninit<T>], value: T) -> &mut [T] {
+    block.fill(MaybeUninit::new(value));
+    // SAFETY: every element was just written, and `MaybeUninit<T>` has `T`'s layout.
+    unsafe { &mut *(block as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
 /// Runs `f` as code compiled for AVX2 and FMA when this CPU has them (detected at run
 /// time), else as compiled for the baseline, so the binary runs on any x86-64. The loops
 /// inside `f` (and the `#[inline(always)]` helpers they call) then use 256-bit vectors.

@@ -4,6 +4,10 @@
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
+
+use crate::cpu::written_vec;
+
 /// The order that sorts each row of `reference` `(n, m)` descending, ties broken by
 /// `perm` (an item earlier in `perm` comes first): `(n, m)` u32, ready for [`pl_nll`].
 ///
@@ -34,33 +38,38 @@ pub fn pl_order(reference: &Tensor, perm: &[u32]) -> Result<Tensor> {
     }
     // Stable LSD radix sort on order-preserving integer keys, with the items fed in
     // `perm` order: descending by value, ties in `perm` order. O(m) per row.
-    let mut order = vec![0u32; n * m];
     // Sort rows of `values` (the reference's contiguous data) by `key`.
+    #[allow(unsafe_code)] // `written_vec`
     fn sort_rows<T: Copy + Sync, K: RadixKey>(
         values: &[T],
         perm: &[u32],
-        m: usize,
+        (n, m): (usize, usize),
         key: impl Fn(T) -> K + Sync,
-        order: &mut [u32],
-    ) {
-        order.par_chunks_mut(m.max(1)).enumerate().for_each_init(
-            RadixScratch::default,
-            |sc, (i, row_order)| {
-                let row = &values[i * m..(i + 1) * m];
-                radix_order(perm, |c| key(row[c as usize]), sc, row_order);
-            },
-        );
+    ) -> Vec<u32> {
+        // SAFETY: the rows cover the output, and `radix_order` writes all of its row.
+        let (order, ()) = unsafe {
+            written_vec(n * m, 0, |order| {
+                order.par_chunks_mut(m.max(1)).enumerate().for_each_init(
+                    RadixScratch::default,
+                    |sc, (i, row_order)| {
+                        let row = &values[i * m..(i + 1) * m];
+                        radix_order(perm, |c| key(row[c as usize]), sc, row_order);
+                    },
+                )
+            })
+        };
+        order
     }
     // CPU f32 / f64 are read in place; anything else is copied to the host as f32.
     let reference = reference.contiguous()?;
     let (storage, layout) = reference.storage_and_layout();
     let span = layout.contiguous_offsets();
-    match (&*storage, span) {
+    let order = match (&*storage, span) {
         (Storage::Cpu(CpuStorage::F64(v)), Some((a, b))) => {
-            sort_rows(&v[a..b], perm, m, |x| !f64_key(x), &mut order)
+            sort_rows(&v[a..b], perm, (n, m), |x| !f64_key(x))
         }
         (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
-            sort_rows(&v[a..b], perm, m, |x| !f32_key(x), &mut order)
+            sort_rows(&v[a..b], perm, (n, m), |x| !f32_key(x))
         }
         _ => {
             drop(storage);
@@ -68,9 +77,9 @@ pub fn pl_order(reference: &Tensor, perm: &[u32]) -> Result<Tensor> {
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            sort_rows(&values, perm, m, |x| !f32_key(x), &mut order)
+            sort_rows(&values, perm, (n, m), |x| !f32_key(x))
         }
-    }
+    };
     Tensor::from_vec(order, (n, m), reference.device())
 }
 
@@ -126,7 +135,7 @@ impl<K> Default for RadixScratch<K> {
 }
 
 /// Sort the columns listed in `perm` by `key` ascending, stably, one 8-bit pass per key
-/// byte that not every key shares, into `out`.
+/// byte that not every key shares, into `out` (all of it written: `perm` is as long).
 ///
 /// Each pass cuts the items into [`RUNS`] consecutive runs and gives run `r` the slots
 /// of a digit after those of runs `0..r`: items keep their order within a run, and runs
@@ -135,7 +144,7 @@ fn radix_order<K: RadixKey>(
     perm: &[u32],
     key: impl Fn(u32) -> K,
     sc: &mut RadixScratch<K>,
-    out: &mut [u32],
+    out: &mut [MaybeUninit<u32>],
 ) {
     let len = perm.len();
     sc.items.clear();
@@ -158,7 +167,7 @@ fn radix_order<K: RadixKey>(
         std::mem::swap(&mut sc.items, &mut sc.swap);
     }
     for (o, &(_, c)) in out.iter_mut().zip(&sc.items) {
-        *o = c;
+        o.write(c);
     }
 }
 

@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Sh
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
-use crate::cpu::{f64_data, storage_of, vectorised};
+use crate::cpu::{f64_data, filled, storage_of, vectorised, written_vec};
 
 /// The ε that allRank's (and so RankCLIP's) ListMLE adds inside the log.
 pub const PARITY_EPS: f64 = 1e-10;
@@ -509,6 +509,7 @@ impl CustomOp2 for PlNll {
         "pl_nll"
     }
 
+    #[allow(unsafe_code)] // `written_vec`
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -522,19 +523,24 @@ impl CustomOp2 for PlNll {
         if let (PlMode::Parity, CpuStorage::F32(v)) = (self.mode, s1) {
             let mu = self.mu_f32(m);
             if let Some(kept) = &self.kept {
-                let mut grads = vec![0f32; n * m];
-                let losses: Vec<f32> = grads
-                    .par_chunks_mut(m)
-                    .enumerate()
-                    .map_init(parity32::Scratch::default, |sc, (i, g)| {
-                        let row = &v[offset + i * m..offset + (i + 1) * m];
-                        let ord = &order[i * m..(i + 1) * m];
-                        vectorised(
-                            #[inline(always)]
-                            || parity32::row_loss_grad(row, ord, mu.as_deref(), sc, g),
-                        )
+                // SAFETY: the rows cover `grads`, and each is filled before it is used.
+                let (grads, losses) = unsafe {
+                    written_vec(n * m, 0, |grads| {
+                        grads
+                            .par_chunks_mut(m)
+                            .enumerate()
+                            .map_init(parity32::Scratch::default, |sc, (i, g)| {
+                                let g = filled(g, 0.0);
+                                let row = &v[offset + i * m..offset + (i + 1) * m];
+                                let ord = &order[i * m..(i + 1) * m];
+                                vectorised(
+                                    #[inline(always)]
+                                    || parity32::row_loss_grad(row, ord, mu.as_deref(), sc, g),
+                                )
+                            })
+                            .collect::<Vec<f32>>()
                     })
-                    .collect();
+                };
                 *kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(grads);
                 return Ok((CpuStorage::F32(losses), Shape::from(n)));
             }
