@@ -4,7 +4,8 @@
 //! - [`l2_normalize`]: rows divided by their L2 norm; one pass each way,
 //!   `∂x = (∂y − y·⟨∂y, y⟩) / ‖x‖` per row (composed: four nodes, each a pass and a
 //!   zero-plus-add in the backward);
-//! - [`gram`]: `X Xᵀ`, whose gradient `(G + Gᵀ) X` is one product where autograd of
+//! - [`gram`]: `X Xᵀ`, the lower triangle by gemm and the rest mirrored (about half a
+//!   product's work), whose gradient `(G + Gᵀ) X` is one product where autograd of
 //!   `x.matmul(x.t())` runs two, plus a strided copy of the transposed one;
 //! - [`transpose`]: a 2-D transpose into contiguous memory in tiles (candle's strided
 //!   copy moves one element at a time with index arithmetic);
@@ -316,9 +317,11 @@ impl CustomOp1 for Gram {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, d) = l.shape().dims2()?;
-        let x_l = Layout::contiguous_with_offset((n, d), l.start_offset());
-        let xt_l = x_l.transpose(0, 1)?;
-        let out = s.matmul(s, (1, n, n, d), &x_l, &xt_l)?;
+        let out = match s.dtype() {
+            DType::F32 => CpuStorage::F32(gram_lower(slice(s, l, "gram", "x")?, n, d)),
+            DType::F64 => CpuStorage::F64(gram_lower(slice(s, l, "gram", "x")?, n, d)),
+            dt => candle_core::bail!("gram: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
         Ok((out, Shape::from((n, n))))
     }
 
@@ -326,6 +329,93 @@ impl CustomOp1 for Gram {
         let sym = grad.contiguous()?.apply_op1_no_bwd(&Symmetrise)?;
         Ok(Some(sym.matmul(&x.detach())?))
     }
+}
+
+/// Rows per task of [`gram_lower`].
+const GRAM_BLOCK: usize = 128;
+
+/// A raw pointer that tasks writing disjoint parts of one buffer can share.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+
+impl<T> Shared<T> {
+    /// The pointer `i` elements on (taking `self` whole, so that a closure captures the
+    /// `Send` wrapper, not its field).
+    fn at(self, i: usize) -> *mut T {
+        self.0.wrapping_add(i)
+    }
+}
+
+// SAFETY: only used by `gram_lower`, whose tasks write disjoint parts of the buffer.
+#[allow(unsafe_code)]
+unsafe impl<T> Send for Shared<T> {}
+// SAFETY: as for `Send`.
+#[allow(unsafe_code)]
+unsafe impl<T> Sync for Shared<T> {}
+
+/// `X Xᵀ` of a contiguous `(n, d)` `x`, computing the lower triangle only: block row `i`
+/// (`GRAM_BLOCK` rows, one single-threaded gemm per task, the tasks in parallel) takes
+/// the columns up to its own last row, about half the products of a full gemm; then each
+/// entry above the diagonal is copied from its mirror. The block rows are fixed, so the
+/// result does not depend on the thread count.
+#[allow(unsafe_code)]
+fn gram_lower<T: Float>(x: &[T], n: usize, d: usize) -> Vec<T> {
+    assert_eq!(
+        x.len(),
+        n * d,
+        "gram: {n} rows of {d} in {} values",
+        x.len()
+    );
+    // SAFETY: every gemm writes rows `r0..r0 + rows`, columns
+    // `0..r0 + rows` of the output, within its `n·n` elements, and block rows do not
+    // overlap; the mirror pass writes each row's entries right of its diagonal block
+    // and reads only entries at or left of another row's, which the gemms wrote. Together
+    // they write all `n·n` elements.
+    let (out, ()) = unsafe {
+        written_vec(n * n, 0, |out| {
+            let dst = Shared(out.as_mut_ptr() as *mut T);
+            let blocks = n.div_ceil(GRAM_BLOCK);
+            // Largest first, for balance.
+            (0..blocks).into_par_iter().rev().for_each(|b| {
+                let r0 = b * GRAM_BLOCK;
+                let rows = GRAM_BLOCK.min(n - r0);
+                gemm::gemm(
+                    rows,
+                    r0 + rows,
+                    d,
+                    dst.at(r0 * n),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr().add(r0 * d),
+                    1,
+                    d as isize,
+                    // `Xᵀ`: its (k, j) entry is `x[j·d + k]`.
+                    x.as_ptr(),
+                    d as isize,
+                    1,
+                    T::zero(),
+                    T::one(),
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            });
+            (0..blocks).into_par_iter().for_each(|b| {
+                let r0 = b * GRAM_BLOCK;
+                let rows = GRAM_BLOCK.min(n - r0);
+                for c0 in (r0 + rows..n).step_by(TILE) {
+                    for i in r0..r0 + rows {
+                        for j in c0..(c0 + TILE).min(n) {
+                            *dst.at(i * n + j) = *dst.at(j * n + i);
+                        }
+                    }
+                }
+            });
+        })
+    };
+    out
 }
 
 // ---------------------------------------------------------------------------------------

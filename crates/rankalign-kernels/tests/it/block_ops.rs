@@ -123,7 +123,8 @@ fn cases() -> Vec<Case> {
             apply: norm,
         });
     }
-    // Sizes around the 32-wide transpose tiles and the 128-column InfoNCE blocks.
+    // Sizes around the 32-wide transpose tiles, the 128-column InfoNCE blocks and the
+    // Gram matrix's 128-row blocks.
     for shape in [vec![1, 1], vec![3, 5], vec![33, 7], vec![40, 70]] {
         out.push(Case {
             name: "gram",
@@ -134,6 +135,13 @@ fn cases() -> Vec<Case> {
             name: "transpose",
             shapes: vec![shape],
             apply: transpose_op,
+        });
+    }
+    for shape in [vec![128, 3], vec![129, 4], vec![300, 5]] {
+        out.push(Case {
+            name: "gram",
+            shapes: vec![shape],
+            apply: gram_op,
         });
     }
     for b in [1, 2, 7, 33, 130, 300] {
