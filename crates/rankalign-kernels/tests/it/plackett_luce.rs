@@ -252,15 +252,16 @@ fn order_sorts_descending_and_breaks_ties_by_the_permutation() -> Result<()> {
 
 /// `pl_order` against a stable comparison sort (descending by value under `total_cmp`,
 /// ties in permutation order), f32 and f64, on rows that exercise every radix byte:
-/// signs, zeros of both signs, infinities, NaN, values that share their high bytes, and
-/// heavy ties; at lengths around the sort's four interleaved runs (1 to 9, and long).
+/// signs, zeros of both signs, infinities, NaN, values that share their high bytes (in
+/// [1, 2), and differing in the lowest byte only), and heavy ties; at lengths around the
+/// sort's four interleaved runs (1 to 9) and its insertion finish (64 and longer).
 #[test]
 fn order_matches_a_stable_comparison_sort() -> Result<()> {
     use rankalign_kernels::pl_order;
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     for m in (1..=9).chain([63, 64, 257, 1024]) {
-        for kind in 0..4 {
+        for kind in 0..5 {
             let n = 3;
             let values: Vec<f32> = (0..n * m)
                 .map(|_| match kind {
@@ -270,6 +271,9 @@ fn order_matches_a_stable_comparison_sort() -> Result<()> {
                     1 => 1.0 + rng.random::<f32>(),
                     // Mixed signs and magnitudes.
                     2 => (rng.random::<f32>() - 0.5) * 10f32.powi(rng.random_range(-3..4)),
+                    // Differing in the lowest byte only: more ties in the high bytes than
+                    // the sort's insertion finish will take, so it falls back to radix.
+                    3 => f32::from_bits(0x3F80_0000 + rng.random_range(0..256)),
                     // The special values among ordinary ones.
                     _ => [
                         0.0,
