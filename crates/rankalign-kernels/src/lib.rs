@@ -61,5 +61,5 @@ pub use pairwise::{PairwiseForm, weighted_pairwise, weighted_pairwise_reference}
 pub use plackett_luce::{PlMode, pl_nll, pl_nll_reference};
 pub use similarity::{
     gram, gram_reference, info_nce, info_nce_reference, l2_normalize, l2_normalize_reference,
-    transpose, transpose_reference,
+    scale, scale_reference, transpose, transpose_reference,
 };

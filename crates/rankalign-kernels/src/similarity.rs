@@ -7,6 +7,9 @@
 //! - [`gram`]: `X Xᵀ`, the lower triangle by gemm and the rest mirrored (about half a
 //!   product's work), whose gradient `(G + Gᵀ) X` is one product where autograd of
 //!   `x.matmul(x.t())` runs two, plus a strided copy of the transposed one;
+//! - [`scale`]: a tensor times a one-element (learned) scale, one pass each way with the
+//!   scale's gradient `Σ ∂y ⊙ x` (composed: a broadcast product, two passes and a
+//!   reduction backward, on candle's elementwise pool);
 //! - [`transpose`]: a 2-D transpose into contiguous memory in tiles (candle's strided
 //!   copy moves one element at a time with index arithmetic);
 //! - [`info_nce`]: CLIP's symmetric InfoNCE over square logits,
@@ -188,6 +191,151 @@ impl CustomOp3 for L2NormalizeGrad {
             dt => candle_core::bail!("l2_normalize: fused kernel runs on f32 or f64, got {dt:?}"),
         };
         Ok((out, l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scaling by a scalar tensor
+
+/// `xs` times the one-element tensor `s` (a learned scale), composed.
+pub fn scale_reference(xs: &Tensor, s: &Tensor) -> Result<Tensor> {
+    xs.broadcast_mul(s)
+}
+
+/// `xs` times the one-element tensor `s`: one pass each way, with `∂s = Σ ∂y ⊙ x` summed
+/// in fixed blocks (candle's broadcast product runs two elementwise passes and a
+/// reduction backward); fused on CPU f32 / f64.
+pub fn scale(xs: &Tensor, s: &Tensor) -> Result<Tensor> {
+    if s.elem_count() != 1 {
+        candle_core::bail!("scale: the scale must have one element, got {:?}", s.dims())
+    }
+    if !fused(xs) || s.dtype() != xs.dtype() || !s.device().is_cpu() {
+        return scale_reference(xs, s);
+    }
+    xs.contiguous()?.apply_op2(&s.contiguous()?, Scale)
+}
+
+struct Scale;
+
+/// `x · s` as a new storage, `s` read from the one-element storage `sv`.
+fn scaled_storage(x: (&CpuStorage, &Layout), sv: (&CpuStorage, &Layout)) -> Result<CpuStorage> {
+    fn run<T: Float>(x: &[T], s: T) -> Vec<T> {
+        map_rows(
+            [x, &[], &[]],
+            ROW_BLOCK,
+            #[inline(always)]
+            |[x, _, _], o| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    o.write(x * s);
+                }
+            },
+        )
+    }
+    Ok(match x.0.dtype() {
+        DType::F32 => f32::storage(run(
+            slice::<f32>(x.0, x.1, "scale", "x")?,
+            slice::<f32>(sv.0, sv.1, "scale", "s")?[0],
+        )),
+        DType::F64 => f64::storage(run(
+            slice::<f64>(x.0, x.1, "scale", "x")?,
+            slice::<f64>(sv.0, sv.1, "scale", "s")?[0],
+        )),
+        dt => candle_core::bail!("scale: fused kernel runs on f32 or f64, got {dt:?}"),
+    })
+}
+
+impl CustomOp2 for Scale {
+    fn name(&self) -> &'static str {
+        "scale"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((scaled_storage((s1, l1), (s2, l2))?, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        s: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = grad.apply_op2_no_bwd(&s.detach(), &ScaleNoGrad)?;
+        let ds = x.apply_op2_no_bwd(&grad, &Dot)?.reshape(s.shape())?;
+        Ok((Some(dx), Some(ds)))
+    }
+}
+
+/// [`Scale`]'s forward, as the backward's product (no graph).
+struct ScaleNoGrad;
+
+impl CustomOp2 for ScaleNoGrad {
+    fn name(&self) -> &'static str {
+        "scale"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((scaled_storage((s1, l1), (s2, l2))?, l1.shape().clone()))
+    }
+}
+
+/// `Σ a ⊙ b` over two equally long storages, as one element: per-block sums (in lanes)
+/// added in block order, so the same bits on every run.
+struct Dot;
+
+impl CustomOp2 for Dot {
+    fn name(&self) -> &'static str {
+        "dot"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(a: &[T], b: &[T]) -> Vec<T> {
+            let parts: Vec<T> = a
+                .par_chunks(ROW_BLOCK)
+                .zip(b.par_chunks(ROW_BLOCK))
+                .map(|(a, b)| {
+                    vectorised(
+                        #[inline(always)]
+                        || sum_map(a, b, |x, y| x * y),
+                    )
+                })
+                .collect();
+            vec![parts.into_iter().fold(T::zero(), |acc, p| acc + p)]
+        }
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("dot: shapes {:?} and {:?} differ", l1.shape(), l2.shape())
+        }
+        let out = match s1.dtype() {
+            DType::F32 => f32::storage(run(
+                slice::<f32>(s1, l1, "dot", "a")?,
+                slice(s2, l2, "dot", "b")?,
+            )),
+            DType::F64 => f64::storage(run(
+                slice::<f64>(s1, l1, "dot", "a")?,
+                slice(s2, l2, "dot", "b")?,
+            )),
+            dt => candle_core::bail!("dot: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
+        Ok((out, Shape::from(())))
     }
 }
 

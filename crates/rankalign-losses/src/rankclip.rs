@@ -244,10 +244,11 @@ pub fn rankclip_loss(
     // elementwise work forward and backward, the same matrices up to rounding. `S` is a
     // linear layer's product (`x Wᵀ`, both gradients as plain gemms); the in-modal ones
     // are Gram matrices of the rows scaled by `√s` (one gemm backward instead of two).
-    let s = rankalign_kernels::linear(&v.broadcast_mul(&logit_scale.exp()?)?, &t, None)?;
+    let scaled = rankalign_kernels::scale(&v, &logit_scale.exp()?)?;
+    let s = rankalign_kernels::linear(&scaled, &t, None)?;
     let st = rankalign_kernels::transpose(&s)?;
     let root = (logit_scale * 0.5)?.exp()?;
-    let gram = |a: &Tensor| rankalign_kernels::gram(&a.broadcast_mul(&root)?);
+    let gram = |a: &Tensor| rankalign_kernels::gram(&rankalign_kernels::scale(a, &root)?);
     let clip = clip_loss(&s)?;
     let decay = cfg
         .decay_weights(b)

@@ -1,5 +1,5 @@
 //! The fused linear layer, QuickGELU, softmax, attention and the similarity-matrix ops
-//! (L2 normalisation, Gram matrix, transpose, symmetric InfoNCE) against their composed references
+//! (L2 normalisation, scaling by a learned scalar, Gram matrix, transpose, symmetric InfoNCE) against their composed references
 //! (values and the gradient of every input, f32 and f64) and against central finite
 //! differences in f64.
 
@@ -9,8 +9,8 @@ use rand_chacha::ChaCha8Rng;
 use rankalign_kernels::{
     attention, attention_reference, gram, gram_reference, info_nce, info_nce_reference,
     l2_normalize, l2_normalize_reference, linear, linear_reference, quick_gelu,
-    quick_gelu_reference, softmax_last_dim, softmax_last_dim_reference, transpose,
-    transpose_reference,
+    quick_gelu_reference, scale, scale_reference, softmax_last_dim, softmax_last_dim_reference,
+    transpose, transpose_reference,
 };
 
 /// An op under test: its inputs' shapes and how to apply it (fused or composed).
@@ -112,6 +112,13 @@ fn cases() -> Vec<Case> {
     fn transpose_op(t: &[Tensor], fused: bool) -> Result<Tensor> {
         unary(t, fused, [transpose, transpose_reference])
     }
+    fn scaled(t: &[Tensor], fused: bool) -> Result<Tensor> {
+        if fused {
+            scale(&t[0], &t[1])
+        } else {
+            scale_reference(&t[0], &t[1])
+        }
+    }
     fn nce(t: &[Tensor], fused: bool) -> Result<Tensor> {
         unary(t, fused, [info_nce, info_nce_reference])
     }
@@ -135,6 +142,19 @@ fn cases() -> Vec<Case> {
             name: "transpose",
             shapes: vec![shape],
             apply: transpose_op,
+        });
+    }
+    // A 0-d and a one-element scale; sizes around the 8192-element blocks.
+    for (x, s) in [
+        (vec![1, 1], vec![]),
+        (vec![5, 3], vec![1]),
+        (vec![2, 4, 7], vec![]),
+        (vec![3, 8193], vec![]),
+    ] {
+        out.push(Case {
+            name: "scale",
+            shapes: vec![x, s],
+            apply: scaled,
         });
     }
     for shape in [vec![128, 3], vec![129, 4], vec![300, 5]] {
@@ -343,6 +363,10 @@ fn similarity_ops_name_the_op_and_the_shape_they_expected() -> Result<()> {
         (
             transpose(&cube).unwrap_err(),
             "transpose: expected a matrix, got [2, 2, 2]",
+        ),
+        (
+            scale(&cube, &wide).unwrap_err(),
+            "scale: the scale must have one element, got [2, 3]",
         ),
     ] {
         assert!(err.to_string().contains(want), "{err}");
