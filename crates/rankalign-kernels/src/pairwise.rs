@@ -27,7 +27,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::cpu::{Float, f64_data, slice, storage_of, sum, sum_map, vectorised};
+use crate::cpu::{Float, f64_data, slice, storage_of, sum, sum_map, vectorised, written_vec};
 
 /// Rows per parallel task of the CPU op.
 const BLOCK: usize = 16;
@@ -329,10 +329,89 @@ impl CustomOp3 for PairwiseLoss {
         };
         let [q, rows, cols] = kept.as_ref();
         let (a, b) = (a.detach(), b.detach());
-        let g2 = grad.detach().affine(2.0, 0.0)?;
-        let da = (a.broadcast_mul(rows)? - q.matmul(&b)?)?.broadcast_mul(&g2)?;
-        let db = (b.broadcast_mul(cols)? - q.t()?.matmul(&a)?)?.broadcast_mul(&g2)?;
+        let g2 = 2.0 * grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // Each side in one pass after its product: `2g (r_i x_i − (Q y)_i)`.
+        let side = |x: &Tensor, sums: &Tensor, product: Tensor| {
+            x.apply_op3_no_bwd(sums, &product, &SideGrad { g2 })
+        };
+        let da = side(&a, rows, q.matmul(&b)?)?;
+        let db = side(&b, cols, q.t()?.matmul(&a)?)?;
         Ok((Some(da), Some(db), None))
+    }
+}
+
+/// `(x (n, d), r (n, 1), p (n, d)) → 2g (r_i x_ij − p_ij)`: one side of the CPU op's
+/// backward from its product `p` with `Q` (or `Qᵀ`) and `Q`'s row (or column) sums `r`.
+struct SideGrad {
+    g2: f64,
+}
+
+impl CustomOp3 for SideGrad {
+    fn name(&self) -> &'static str {
+        "weighted_pairwise_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        #[allow(unsafe_code)] // `written_vec`
+        fn run<T: Float>(x: &[T], r: &[T], p: &[T], g2: f64) -> Vec<T> {
+            let d = x.len() / r.len().max(1);
+            let g2 = T::from(g2).unwrap_or_else(T::nan);
+            // SAFETY: the blocks tile the output, and every element of a block is written.
+            let (out, ()) = unsafe {
+                written_vec(x.len(), 0, |out| {
+                    out.par_chunks_mut(d.max(1) * BLOCK)
+                        .zip(x.par_chunks(d.max(1) * BLOCK))
+                        .zip(p.par_chunks(d.max(1) * BLOCK).zip(r.par_chunks(BLOCK)))
+                        .for_each(|((o, x), (p, r))| {
+                            for (((o, x), p), &r) in o
+                                .chunks_mut(d.max(1))
+                                .zip(x.chunks(d.max(1)))
+                                .zip(p.chunks(d.max(1)))
+                                .zip(r)
+                            {
+                                for ((o, &x), &p) in o.iter_mut().zip(x).zip(p) {
+                                    o.write(g2 * (r * x - p));
+                                }
+                            }
+                        })
+                })
+            };
+            out
+        }
+        let what = "weighted_pairwise";
+        let (n, d) = l1.shape().dims2()?;
+        if l2.shape().elem_count() != n || l3.shape().dims() != [n, d] {
+            candle_core::bail!(
+                "{what} backward: x {:?}, sums {:?} and product {:?} do not match",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        let out = match s1.dtype() {
+            DType::F32 => f32::storage(run(
+                slice::<f32>(s1, l1, what, "x")?,
+                slice(s2, l2, what, "sums")?,
+                slice(s3, l3, what, "product")?,
+                self.g2,
+            )),
+            DType::F64 => f64::storage(run(
+                slice::<f64>(s1, l1, what, "x")?,
+                slice(s2, l2, what, "sums")?,
+                slice(s3, l3, what, "product")?,
+                self.g2,
+            )),
+            dt => candle_core::bail!("{what}: fused kernel runs on f32 or f64, got {dt:?}"),
+        };
+        Ok((out, l1.shape().clone()))
     }
 }
 
