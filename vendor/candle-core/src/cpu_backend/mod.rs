@@ -3106,7 +3106,15 @@ impl BackendStorage for CpuStorage {
         fn set<T: crate::WithDType>(src: &mut [T], l: &Layout, s: T) {
             match l.strided_blocks() {
                 crate::StridedBlocks::SingleBlock { start_offset, len } => {
-                    src[start_offset..start_offset + len].fill(s)
+                    // Patched for rankalign: a large fill (`Tensor::ones`, and so the
+                    // seed gradient of `backward()` on a non-scalar) is split over the
+                    // rayon pool instead of running on one thread.
+                    let dst = &mut src[start_offset..start_offset + len];
+                    if len >= 1 << 16 {
+                        dst.par_chunks_mut(1 << 14).for_each(|c| c.fill(s))
+                    } else {
+                        dst.fill(s)
+                    }
                 }
                 crate::StridedBlocks::UniformBlocks {
                     start_offset,
