@@ -130,15 +130,16 @@ fn every_method_trains_reports_and_resumes_run_by_run() {
             assert_eq!(a.secs, b.secs, "{}", a.method);
         }
     }
-    // A fresh experiment, one run at a time instead of two, reproduces every score.
+    // A fresh experiment, one run at a time instead of two and on a one-thread pool of
+    // its own (as the CLI runs each run thread) instead of the caller's, reproduces
+    // every score.
     let serial = digits_config(&scratch("ordinal-digits-2"), "tiny-ordinal")
         .replace("parallel_runs = 2", "parallel_runs = 1");
-    let fresh = run_ordinal(
-        &parse(&serial),
-        &candle_core::Device::Cpu,
-        &OrdinalOptions::default(),
-    )
-    .unwrap();
+    let own_pool = OrdinalOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    let fresh = run_ordinal(&parse(&serial), &candle_core::Device::Cpu, &own_pool).unwrap();
     for (a, b) in out.results.iter().zip(&fresh.results) {
         assert_eq!(a.scores, b.scores, "{} is not reproducible", a.method);
     }

@@ -302,7 +302,7 @@ fn main() -> Result<()> {
                         "data parallel (WORLD_SIZE > 1) runs pre-training experiments; an ordinal experiment runs in one process"
                     );
                 }
-                return train_ordinal(&cfg, &device, overwrite);
+                return train_ordinal(&cfg, &device, overwrite, per_run);
             }
             let mut exp = ExperimentConfig::load(&config)?;
             if let Some(dir) = out_dir {
@@ -407,7 +407,12 @@ fn is_ordinal(path: &std::path::Path) -> Result<bool> {
     Ok(doc.get("kind").and_then(|k| k.as_str()) == Some("ordinal"))
 }
 
-fn train_ordinal(cfg: &OrdinalConfig, device: &candle_core::Device, overwrite: bool) -> Result<()> {
+fn train_ordinal(
+    cfg: &OrdinalConfig,
+    device: &candle_core::Device,
+    overwrite: bool,
+    threads: usize,
+) -> Result<()> {
     let folds_note = match &cfg.data {
         rankalign_train::ordinal::config::OrdinalDataConfig::Digits { .. } => {
             "ordinal digits".to_string()
@@ -432,6 +437,7 @@ fn train_ordinal(cfg: &OrdinalConfig, device: &candle_core::Device, overwrite: b
     let opts = OrdinalOptions {
         overwrite,
         progress: Some(progress),
+        threads,
     };
     let out =
         run_ordinal(cfg, device, &opts).with_context(|| format!("experiment {}", cfg.name))?;
