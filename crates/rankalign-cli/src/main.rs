@@ -255,6 +255,16 @@ fn set_compute_threads(n: usize, elementwise: usize) {
     }
 }
 
+/// Candle's elementwise ops inline, unless the user chose their threads: for a run
+/// whose `RAYON_NUM_THREADS` the user set (candle would otherwise size its pool by it).
+#[allow(unsafe_code)]
+fn default_elementwise_inline() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: as in `set_compute_threads`, before any thread is spawned.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // Training allocates and frees the same large tensors every step.
@@ -330,6 +340,8 @@ fn main() -> Result<()> {
             let per_run = threads.unwrap_or((cores / (concurrent * local_ranks)).max(1));
             if std::env::var_os("RAYON_NUM_THREADS").is_none() || threads.is_some() {
                 set_compute_threads(per_run, 1);
+            } else {
+                default_elementwise_inline();
             }
             train(
                 &exp, &device, overwrite, stop_after, per_run, concurrent, dist,

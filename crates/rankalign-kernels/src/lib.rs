@@ -16,8 +16,8 @@
 //! - [`pairwise`]: L2RCLIP's weighted pairwise-distance diversity term, in the code's
 //!   Euclidean form and the paper's meanNN (log) form;
 //! - [`similarity`]: the ops of a contrastive loss over a batch's similarity matrices:
-//!   row L2 normalisation, the Gram matrix `X Xᵀ`, a tiled transpose and CLIP's
-//!   symmetric InfoNCE.
+//!   row L2 normalisation, scaling by a learned scalar, the Gram matrix `X Xᵀ`, a tiled
+//!   transpose and CLIP's symmetric InfoNCE.
 //!
 //! Architecture invariant: this crate depends on no other workspace crate; every op has
 //! a CPU path and a reference; the CUDA code only adds a device.

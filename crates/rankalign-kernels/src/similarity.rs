@@ -450,8 +450,8 @@ pub fn gram_reference(xs: &Tensor) -> Result<Tensor> {
     xs.matmul(&xs.t()?)
 }
 
-/// `X Xᵀ` for `xs` `(n, d)`: one gemm forward, one backward (`(G + Gᵀ) X`); fused on
-/// CPU f32 / f64.
+/// `X Xᵀ` for `xs` `(n, d)`: forward the lower triangle by blocked gemms, mirrored
+/// (about half a product), backward one gemm (`(G + Gᵀ) X`); fused on CPU f32 / f64.
 pub fn gram(xs: &Tensor) -> Result<Tensor> {
     matrix_op(xs, "gram", Gram, gram_reference)
 }
@@ -494,12 +494,13 @@ impl<T> Shared<T> {
     }
 }
 
-// SAFETY: only used by `gram_lower`, whose tasks write disjoint parts of the buffer.
+// SAFETY: only used by `gram_lower`, whose tasks write disjoint parts of the buffer;
+// the elements themselves must be sendable.
 #[allow(unsafe_code)]
-unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T: Send> Send for Shared<T> {}
 // SAFETY: as for `Send`.
 #[allow(unsafe_code)]
-unsafe impl<T> Sync for Shared<T> {}
+unsafe impl<T: Sync> Sync for Shared<T> {}
 
 /// `X Xᵀ` of a contiguous `(n, d)` `x`, computing the lower triangle only: block row `i`
 /// (`GRAM_BLOCK` rows, one single-threaded gemm per task, the tasks in parallel) takes

@@ -1,18 +1,20 @@
 //! Model benchmarks for `cargo xtask bench`: the ViT-B/16 image tower's forward pass
 //! without gradients (evaluation throughput), one linear-probe fit on 10,000 × 512
-//! features (against scikit-learn), one ViT-B/16 CLIP training step at batch 16, RankCLIP's whole loss at B = 1024 (forward and
-//! backward), and one training step of the tiny CLIP preset (both towers,
-//! InfoNCE on scaled cosine logits, backward, AdamW). Median time of several runs after
-//! warm-up, and peak heap growth during one run (a counting allocator, as in the kernel
-//! bench).
+//! features (against scikit-learn), one ViT-B/16 CLIP training step at batch 16,
+//! RankCLIP's whole loss at B = 1024 (forward and backward), and one training step of
+//! the tiny CLIP preset (both towers, InfoNCE on scaled cosine logits, backward,
+//! AdamW). Median time of several runs after warm-up, and peak heap growth during one
+//! run (a counting allocator, as in the kernel bench).
 //!
 //! Prints one JSON object per line; `benches/torch_models.py` does the same for the
 //! Hugging Face `CLIPModel` in PyTorch, and `cargo xtask bench` runs both with the same
 //! thread count and joins them into a table. Usage: `bench_models [--quick]
 //! [--train-steps | --one-thread-steps]` (`--quick`: fewer runs, ViT at batch 1 only;
 //! `--train-steps`: only the training steps (tiny and ViT-B/16, in one piece and
-//! micro-batched), which want `CANDLE_NUM_THREADS=1` as `rankalign train` sets it; `--one-thread-steps`: only the steps on one thread, to be run
-//! with `RAYON_NUM_THREADS=1`; `--only OP`: one op's rows, for profiling).
+//! micro-batched), which want `CANDLE_NUM_THREADS=1` as `rankalign train` sets it;
+//! `--one-thread-steps`: only the steps on one thread, to be run with
+//! `RAYON_NUM_THREADS=1`; `--only OP`: one op's rows, for profiling, where a training
+//! step implies `--train-steps`).
 //!
 //! On a GPU (`--device cuda`, a build with the `cuda` feature; the GPU bundle's
 //! `run.sh`): `--only vit_b16_train_step|rankclip_loss --batch B [--dtype bf16]` times

@@ -30,9 +30,9 @@
 //! Without it, every micro-batch keeps its graph from step 1 to step 3 (the memory of
 //! the whole batch, and no extra work): that is the data-parallel speed-up alone.
 //!
-//! A tower with BatchNorm (a ResNet) is refused: its statistics would be the
-//! micro-batch's, which changes the model, and a recomputed forward would update the
-//! running statistics twice.
+//! With micro-batches or across ranks, a tower with BatchNorm (a ResNet) is refused: its
+//! statistics would be the micro-batch's, which changes the model, and a recomputed
+//! forward would update the running statistics twice. In one piece it trains as before.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -96,7 +96,9 @@ fn encode(model: &ClipModel, batch: &Batch) -> Result<(Tensor, Tensor)> {
 }
 
 /// The loss of `batch` under `objective` and its gradients, split as `plan` says.
-/// `params` are the variables whose gradients are summed over micro-batches.
+/// `params` are the variables whose gradients are summed over micro-batches; the
+/// returned store holds their gradients and those of the loss's own inputs
+/// (`logit_scale`), not those of tower variables left out of `params`.
 pub fn loss_and_grads(
     model: &ClipModel,
     params: &[Var],

@@ -44,8 +44,9 @@ pub struct OrdinalOptions {
     pub overwrite: bool,
     pub progress: Option<MultiProgress>,
     /// Compute threads per run: each of the `parallel_runs` run threads works on a rayon
-    /// pool of its own of this size, so that runs side by side never queue on one pool;
-    /// 0: the caller's pool.
+    /// pool of its own of this size, so that runs side by side never queue on one rayon
+    /// pool (candle's elementwise pool, `CANDLE_NUM_THREADS`, stays shared); 0: the
+    /// caller's pool.
     pub threads: usize,
 }
 
