@@ -15,7 +15,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{Float, slice, sum, sum_map, vectorised};
+use crate::cpu::{Float, float_dispatch, slice, sum, sum_map, vectorised};
 
 /// Elements per parallel task.
 const BLOCK: usize = 1 << 14;
@@ -96,11 +96,12 @@ impl CustomOp1 for QuickGelu {
                 },
             )
         }
-        let out = match s.dtype() {
-            DType::F32 => f32::storage(run(slice::<f32>(s, l, "quick_gelu", "x")?)),
-            DType::F64 => f64::storage(run(slice::<f64>(s, l, "quick_gelu", "x")?)),
-            dt => candle_core::bail!("quick_gelu: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let out = float_dispatch!(s.dtype(), "quick_gelu", |T| T::storage(run(slice::<T>(
+            s,
+            l,
+            "quick_gelu",
+            "x"
+        )?)));
         Ok((out, l.shape().clone()))
     }
 
@@ -144,17 +145,10 @@ impl CustomOp2 for QuickGeluGrad {
                 });
             out
         }
-        let out = match s1.dtype() {
-            DType::F32 => f32::storage(run(
-                slice::<f32>(s1, l1, "quick_gelu", "x")?,
-                slice(s2, l2, "quick_gelu", "gradient")?,
-            )),
-            DType::F64 => f64::storage(run(
-                slice::<f64>(s1, l1, "quick_gelu", "x")?,
-                slice(s2, l2, "quick_gelu", "gradient")?,
-            )),
-            dt => candle_core::bail!("quick_gelu: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let out = float_dispatch!(s1.dtype(), "quick_gelu", |T| T::storage(run(
+            slice::<T>(s1, l1, "quick_gelu", "x")?,
+            slice(s2, l2, "quick_gelu", "gradient")?,
+        )));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -190,11 +184,10 @@ impl CustomOp1 for Softmax {
             )
         }
         let d = l.shape().dims().last().copied().unwrap_or(1);
-        let out = match s.dtype() {
-            DType::F32 => f32::storage(run(slice::<f32>(s, l, "softmax", "x")?, d)),
-            DType::F64 => f64::storage(run(slice::<f64>(s, l, "softmax", "x")?, d)),
-            dt => candle_core::bail!("softmax: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let out = float_dispatch!(s.dtype(), "softmax", |T| T::storage(run(
+            slice::<T>(s, l, "softmax", "x")?,
+            d
+        )));
         Ok((out, l.shape().clone()))
     }
 
@@ -242,19 +235,11 @@ impl CustomOp2 for SoftmaxGrad {
             out
         }
         let d = l1.shape().dims().last().copied().unwrap_or(1).max(1);
-        let out = match s1.dtype() {
-            DType::F32 => f32::storage(run(
-                slice::<f32>(s1, l1, "softmax", "y")?,
-                slice(s2, l2, "softmax", "gradient")?,
-                d,
-            )),
-            DType::F64 => f64::storage(run(
-                slice::<f64>(s1, l1, "softmax", "y")?,
-                slice(s2, l2, "softmax", "gradient")?,
-                d,
-            )),
-            dt => candle_core::bail!("softmax: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let out = float_dispatch!(s1.dtype(), "softmax", |T| T::storage(run(
+            slice::<T>(s1, l1, "softmax", "y")?,
+            slice(s2, l2, "softmax", "gradient")?,
+            d,
+        )));
         Ok((out, l1.shape().clone()))
     }
 }

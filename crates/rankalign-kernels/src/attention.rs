@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use std::sync::OnceLock;
 
-use crate::cpu::{Float, slice, sum, sum_map, vectorised};
+use crate::cpu::{Float, float_dispatch, slice, sum, sum_map, vectorised};
 
 fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<()> {
     let (_, _, w) = q.dims3()?;
@@ -412,11 +412,14 @@ impl CustomOp3 for AttentionOp {
             );
             Ok((T::storage(o), T::storage(p)))
         }
-        let (out, probs) = match s1.dtype() {
-            DType::F32 => run::<f32>((s1, l1), (s2, l2), (s3, l3), mask, b, dims)?,
-            DType::F64 => run::<f64>((s1, l1), (s2, l2), (s3, l3), mask, b, dims)?,
-            dt => candle_core::bail!("attention: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let (out, probs) = float_dispatch!(s1.dtype(), "attention", |T| run::<T>(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            mask,
+            b,
+            dims
+        )?);
         if self.keep {
             let _ = self.probs.set(probs);
         }

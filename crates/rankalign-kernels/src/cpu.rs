@@ -50,6 +50,25 @@ pub(crate) fn slice<'a, T: candle_core::WithDType>(
     Ok(&s.as_slice::<T>()?[a..b])
 }
 
+/// `$body` with the type name `$T` standing for f32 or f64, as `$dtype` says; any other
+/// dtype is an error naming `$op`: the element-type dispatch every CPU kernel makes.
+macro_rules! float_dispatch {
+    ($dtype:expr, $op:expr, |$T:ident| $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            dt => candle_core::bail!("{}: fused kernel runs on f32 or f64, got {dt:?}", $op),
+        }
+    };
+}
+pub(crate) use float_dispatch;
+
 /// Float element types the generic CPU kernels run on; the arithmetic is done in the
 /// element type itself (f32 for f32 input, as PyTorch does), which lets loops vectorise.
 pub(crate) trait Float:

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
-use crate::cpu::{Float, slice, sum, sum_map, vectorised, written_vec};
+use crate::cpu::{Float, float_dispatch, slice, sum, sum_map, vectorised, written_vec};
 
 /// Rows per parallel task (and per partial sum of `∂w`, `∂b`).
 const BLOCK: usize = 64;
@@ -248,29 +248,16 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match s1.dtype() {
-            DType::F32 => {
-                let (y, stats) = forward(
-                    slice::<f32>(s1, l1, "layer_norm", "x")?,
-                    slice(s2, l2, "layer_norm", "weight")?,
-                    slice(s3, l3, "layer_norm", "bias")?,
-                    self.eps,
-                );
-                let _ = self.stats.set(Arc::new(stats));
-                f32::storage(y)
-            }
-            DType::F64 => {
-                let (y, stats) = forward(
-                    slice::<f64>(s1, l1, "layer_norm", "x")?,
-                    slice(s2, l2, "layer_norm", "weight")?,
-                    slice(s3, l3, "layer_norm", "bias")?,
-                    self.eps,
-                );
-                let _ = self.stats.set(Arc::new(stats));
-                f64::storage(y)
-            }
-            dt => candle_core::bail!("layer_norm: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let out = float_dispatch!(s1.dtype(), "layer_norm", |T| {
+            let (y, stats) = forward(
+                slice::<T>(s1, l1, "layer_norm", "x")?,
+                slice(s2, l2, "layer_norm", "weight")?,
+                slice(s3, l3, "layer_norm", "bias")?,
+                self.eps,
+            );
+            let _ = self.stats.set(Arc::new(stats));
+            T::storage(y)
+        });
         Ok((out, l1.shape().clone()))
     }
 
@@ -345,23 +332,13 @@ impl CustomOp3 for LayerNormGrad {
                 l3.shape()
             )
         }
-        let out = match s1.dtype() {
-            DType::F32 => f32::storage(backward(
-                slice::<f32>(s1, l1, "layer_norm", "x")?,
-                slice(s2, l2, "layer_norm", "weight")?,
-                slice(s3, l3, "layer_norm", "gradient")?,
-                self.stats.as_ref().map(|s| s.as_slice()),
-                self.eps,
-            )),
-            DType::F64 => f64::storage(backward(
-                slice::<f64>(s1, l1, "layer_norm", "x")?,
-                slice(s2, l2, "layer_norm", "weight")?,
-                slice(s3, l3, "layer_norm", "gradient")?,
-                self.stats.as_ref().map(|s| s.as_slice()),
-                self.eps,
-            )),
-            dt => candle_core::bail!("layer_norm: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let out = float_dispatch!(s1.dtype(), "layer_norm", |T| T::storage(backward(
+            slice::<T>(s1, l1, "layer_norm", "x")?,
+            slice(s2, l2, "layer_norm", "weight")?,
+            slice(s3, l3, "layer_norm", "gradient")?,
+            self.stats.as_ref().map(|s| s.as_slice()),
+            self.eps,
+        )));
         Ok((out, Shape::from(n + 2 * d)))
     }
 

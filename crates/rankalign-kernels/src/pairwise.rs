@@ -27,7 +27,9 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::cpu::{Float, f64_data, slice, storage_of, sum, sum_map, vectorised, written_vec};
+use crate::cpu::{
+    Float, f64_data, float_dispatch, slice, storage_of, sum, sum_map, vectorised, written_vec,
+};
 
 /// Rows per parallel task of the CPU op.
 const BLOCK: usize = 16;
@@ -396,21 +398,12 @@ impl CustomOp3 for SideGrad {
                 l3.shape()
             )
         }
-        let out = match s1.dtype() {
-            DType::F32 => f32::storage(run(
-                slice::<f32>(s1, l1, what, "x")?,
-                slice(s2, l2, what, "sums")?,
-                slice(s3, l3, what, "product")?,
-                self.g2,
-            )),
-            DType::F64 => f64::storage(run(
-                slice::<f64>(s1, l1, what, "x")?,
-                slice(s2, l2, what, "sums")?,
-                slice(s3, l3, what, "product")?,
-                self.g2,
-            )),
-            dt => candle_core::bail!("{what}: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let out = float_dispatch!(s1.dtype(), what, |T| T::storage(run(
+            slice::<T>(s1, l1, what, "x")?,
+            slice(s2, l2, what, "sums")?,
+            slice(s3, l3, what, "product")?,
+            self.g2,
+        )));
         Ok((out, l1.shape().clone()))
     }
 }

@@ -29,7 +29,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout,
 use candle_core::{Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::cpu::{Float, slice, sum, sum_map, vectorised, written_vec};
+use crate::cpu::{Float, float_dispatch, slice, sum, sum_map, vectorised, written_vec};
 
 /// Elements per parallel task of the row-wise kernels (rounded up to whole rows).
 const ROW_BLOCK: usize = 1 << 13;
@@ -125,11 +125,10 @@ impl CustomOp1 for L2Normalize {
             )
         }
         let d = l.shape().dims().last().copied().unwrap_or(1);
-        let out = match s.dtype() {
-            DType::F32 => f32::storage(run(slice::<f32>(s, l, "l2_normalize", "x")?, d)),
-            DType::F64 => f64::storage(run(slice::<f64>(s, l, "l2_normalize", "x")?, d)),
-            dt => candle_core::bail!("l2_normalize: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let out = float_dispatch!(s.dtype(), "l2_normalize", |T| T::storage(run(
+            slice::<T>(s, l, "l2_normalize", "x")?,
+            d
+        )));
         Ok((out, l.shape().clone()))
     }
 
@@ -175,21 +174,12 @@ impl CustomOp3 for L2NormalizeGrad {
         }
         let d = l1.shape().dims().last().copied().unwrap_or(1);
         let what = "l2_normalize";
-        let out = match s1.dtype() {
-            DType::F32 => f32::storage(run(
-                slice::<f32>(s1, l1, what, "x")?,
-                slice(s2, l2, what, "y")?,
-                slice(s3, l3, what, "gradient")?,
-                d,
-            )),
-            DType::F64 => f64::storage(run(
-                slice::<f64>(s1, l1, what, "x")?,
-                slice(s2, l2, what, "y")?,
-                slice(s3, l3, what, "gradient")?,
-                d,
-            )),
-            dt => candle_core::bail!("l2_normalize: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let out = float_dispatch!(s1.dtype(), "l2_normalize", |T| T::storage(run(
+            slice::<T>(s1, l1, what, "x")?,
+            slice(s2, l2, what, "y")?,
+            slice(s3, l3, what, "gradient")?,
+            d,
+        )));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -217,33 +207,6 @@ pub fn scale(xs: &Tensor, s: &Tensor) -> Result<Tensor> {
 
 struct Scale;
 
-/// `x · s` as a new storage, `s` read from the one-element storage `sv`.
-fn scaled_storage(x: (&CpuStorage, &Layout), sv: (&CpuStorage, &Layout)) -> Result<CpuStorage> {
-    fn run<T: Float>(x: &[T], s: T) -> Vec<T> {
-        map_rows(
-            [x, &[], &[]],
-            ROW_BLOCK,
-            #[inline(always)]
-            |[x, _, _], o| {
-                for (o, &x) in o.iter_mut().zip(x) {
-                    o.write(x * s);
-                }
-            },
-        )
-    }
-    Ok(match x.0.dtype() {
-        DType::F32 => f32::storage(run(
-            slice::<f32>(x.0, x.1, "scale", "x")?,
-            slice::<f32>(sv.0, sv.1, "scale", "s")?[0],
-        )),
-        DType::F64 => f64::storage(run(
-            slice::<f64>(x.0, x.1, "scale", "x")?,
-            slice::<f64>(sv.0, sv.1, "scale", "s")?[0],
-        )),
-        dt => candle_core::bail!("scale: fused kernel runs on f32 or f64, got {dt:?}"),
-    })
-}
-
 impl CustomOp2 for Scale {
     fn name(&self) -> &'static str {
         "scale"
@@ -256,7 +219,24 @@ impl CustomOp2 for Scale {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Ok((scaled_storage((s1, l1), (s2, l2))?, l1.shape().clone()))
+        fn run<T: Float>(x: &[T], s: T) -> Vec<T> {
+            map_rows(
+                [x, &[], &[]],
+                ROW_BLOCK,
+                #[inline(always)]
+                |[x, _, _], o| {
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        o.write(x * s);
+                    }
+                },
+            )
+        }
+        // `s2` has one element (`scale` checks it).
+        let out = float_dispatch!(s1.dtype(), "scale", |T| T::storage(run(
+            slice::<T>(s1, l1, "scale", "x")?,
+            slice::<T>(s2, l2, "scale", "s")?[0],
+        )));
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
@@ -267,28 +247,9 @@ impl CustomOp2 for Scale {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = grad.apply_op2_no_bwd(&s.detach(), &ScaleNoGrad)?;
+        let dx = grad.apply_op2_no_bwd(&s.detach(), &Scale)?;
         let ds = x.apply_op2_no_bwd(&grad, &Dot)?.reshape(s.shape())?;
         Ok((Some(dx), Some(ds)))
-    }
-}
-
-/// [`Scale`]'s forward, as the backward's product (no graph).
-struct ScaleNoGrad;
-
-impl CustomOp2 for ScaleNoGrad {
-    fn name(&self) -> &'static str {
-        "scale"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((scaled_storage((s1, l1), (s2, l2))?, l1.shape().clone()))
     }
 }
 
@@ -324,17 +285,10 @@ impl CustomOp2 for Dot {
         if l1.shape() != l2.shape() {
             candle_core::bail!("dot: shapes {:?} and {:?} differ", l1.shape(), l2.shape())
         }
-        let out = match s1.dtype() {
-            DType::F32 => f32::storage(run(
-                slice::<f32>(s1, l1, "dot", "a")?,
-                slice(s2, l2, "dot", "b")?,
-            )),
-            DType::F64 => f64::storage(run(
-                slice::<f64>(s1, l1, "dot", "a")?,
-                slice(s2, l2, "dot", "b")?,
-            )),
-            dt => candle_core::bail!("dot: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let out = float_dispatch!(s1.dtype(), "dot", |T| T::storage(run(
+            slice::<T>(s1, l1, "dot", "a")?,
+            slice(s2, l2, "dot", "b")?,
+        )));
         Ok((out, Shape::from(())))
     }
 }
@@ -381,11 +335,12 @@ fn tiled_storage(
     if add_self && n != m {
         candle_core::bail!("{op}: expected a square matrix, got {:?}", l.dims())
     }
-    let out = match s.dtype() {
-        DType::F32 => CpuStorage::F32(tiled_transpose(slice(s, l, op, "x")?, n, m, add_self)),
-        DType::F64 => CpuStorage::F64(tiled_transpose(slice(s, l, op, "x")?, n, m, add_self)),
-        dt => candle_core::bail!("{op}: fused kernel runs on f32 or f64, got {dt:?}"),
-    };
+    let out = float_dispatch!(s.dtype(), op, |T| T::storage(tiled_transpose(
+        slice::<T>(s, l, op, "x")?,
+        n,
+        m,
+        add_self
+    )));
     Ok((out, Shape::from((m, n))))
 }
 
@@ -465,11 +420,11 @@ impl CustomOp1 for Gram {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, d) = l.shape().dims2()?;
-        let out = match s.dtype() {
-            DType::F32 => CpuStorage::F32(gram_lower(slice(s, l, "gram", "x")?, n, d)),
-            DType::F64 => CpuStorage::F64(gram_lower(slice(s, l, "gram", "x")?, n, d)),
-            dt => candle_core::bail!("gram: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let out = float_dispatch!(s.dtype(), "gram", |T| T::storage(gram_lower(
+            slice::<T>(s, l, "gram", "x")?,
+            n,
+            d
+        )));
         Ok((out, Shape::from((n, n))))
     }
 
@@ -674,11 +629,10 @@ impl CustomOp1 for InfoNce {
             (sum(&rows) + sum(&cols) - (diag + diag)) / T::of_usize(2 * b)
         }
         let b = l.shape().dims2()?.0;
-        let out = match s.dtype() {
-            DType::F32 => f32::storage(vec![run(slice::<f32>(s, l, "info_nce", "logits")?, b)]),
-            DType::F64 => f64::storage(vec![run(slice::<f64>(s, l, "info_nce", "logits")?, b)]),
-            dt => candle_core::bail!("info_nce: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let out = float_dispatch!(s.dtype(), "info_nce", |T| T::storage(vec![run(
+            slice::<T>(s, l, "info_nce", "logits")?,
+            b
+        )]));
         Ok((out, Shape::from(())))
     }
 
@@ -732,17 +686,10 @@ impl CustomOp2 for InfoNceGrad {
         }
         let b = l1.shape().dims2()?.0;
         let what = "info_nce";
-        let out = match s1.dtype() {
-            DType::F32 => {
-                let up = slice::<f32>(s2, l2, what, "gradient")?[0];
-                f32::storage(run(slice::<f32>(s1, l1, what, "logits")?, up, b))
-            }
-            DType::F64 => {
-                let up = slice::<f64>(s2, l2, what, "gradient")?[0];
-                f64::storage(run(slice::<f64>(s1, l1, what, "logits")?, up, b))
-            }
-            dt => candle_core::bail!("info_nce: fused kernel runs on f32 or f64, got {dt:?}"),
-        };
+        let out = float_dispatch!(s1.dtype(), "info_nce", |T| {
+            let up = slice::<T>(s2, l2, what, "gradient")?[0];
+            T::storage(run(slice::<T>(s1, l1, what, "logits")?, up, b))
+        });
         Ok((out, l1.shape().clone()))
     }
 }
