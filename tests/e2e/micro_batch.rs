@@ -241,3 +241,26 @@ fn a_batchnorm_tower_is_refused() {
     .to_string();
     assert!(err.contains("recompute"), "{err}");
 }
+
+/// A batch with no rows is refused with an error that says so, in one piece and split.
+#[test]
+fn an_empty_batch_is_a_clear_error() {
+    let data = batches();
+    let empty = data[0].narrow(0, 0).unwrap();
+    let t = tiny(1);
+    for plan in [StepPlan::default(), micro(false)] {
+        let err = loss_and_grads(
+            &t.model,
+            &t.params,
+            &t.logit_scale,
+            &ClipObjective,
+            &empty,
+            &ctx(0),
+            plan,
+        )
+        .err()
+        .expect("an empty batch must be refused")
+        .to_string();
+        assert!(err.contains("empty batch"), "{err}");
+    }
+}

@@ -1,9 +1,10 @@
 //! Helpers shared by the CPU kernels: reading a contiguous f32/f64 argument (as it is, or
 //! widened to f64), building an output of the input's dtype, the float element types
-//! the generic kernels run on, sums in independent lanes (a fixed order), branch-free
-//! f32 `exp`/`ln` that vectorise, outputs written without a zero fill ([`written_vec`]),
-//! and [`vectorised`], which runs a block loop as AVX2
-//! code when the CPU has it.
+//! the generic kernels run on and the dispatch on them (`float_dispatch!`), sums in
+//! independent lanes (a fixed order), branch-free f32 `exp`/`ln` that vectorise, outputs
+//! written without a zero fill ([`written_vec`], and [`filled`] for blocks zeroed just
+//! before use), and [`vectorised`], which runs a block loop as AVX2 code when the CPU
+//! has it.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result};

@@ -1,5 +1,6 @@
 //! The order in which a reference ranks each row: the sort that turns reference scores
-//! into the `order` input of [`crate::pl_nll`].
+//! into the `order` input of [`crate::pl_nll`] (a stable LSD radix sort in four
+//! interleaved runs, f32 keys finished by an insertion sort on their lowest byte).
 
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 use rayon::prelude::*;

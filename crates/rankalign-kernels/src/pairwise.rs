@@ -12,7 +12,7 @@
 //! Neither form materialises `n × m × d`. On the CPU the fused op is one node from the
 //! features to the loss: the cross term `a bᵀ` is one gemm, and one pass over it turns
 //! it into the loss and, in place, into `Q_ij = w_ij f'(s_ij) / (n m)` with its row and
-//! column sums, kept for the backward, which is then two gemms:
+//! column sums, kept for the backward, which is then two gemms and one pass per side:
 //! `∂a = 2g (diag(Q 1) a − Q b)`, `∂b = 2g (diag(Qᵀ 1) b − Qᵀ a)` (three gemms in all,
 //! as PyTorch's `cdist`). Elsewhere (CUDA) the squared distances are composed and a
 //! fused reduction turns them and the weights into per-row sums, with a one-pass

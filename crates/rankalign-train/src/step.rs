@@ -169,9 +169,14 @@ fn split_step(
     comm: Option<&dyn Collective>,
 ) -> Result<StepGrads> {
     let rows = batch.len();
+    if rows == 0 {
+        return Err(TrainError::Invalid(
+            "a training step got an empty batch (0 rows)".into(),
+        ));
+    }
     let micro = match plan.micro_batch {
         Some(m) if m < rows => m,
-        _ => rows.max(1),
+        _ => rows,
     };
     let one_piece = micro >= rows && comm.is_none();
     let plan = if one_piece {
