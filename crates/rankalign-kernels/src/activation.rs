@@ -15,7 +15,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{Float, float_dispatch, slice, sum, sum_map, vectorised};
+use std::mem::MaybeUninit;
+
+use crate::cpu::{Float, filled, float_dispatch, slice, sum, sum_map, vectorised, written_vec};
 
 /// Elements per parallel task.
 const BLOCK: usize = 1 << 14;
@@ -55,18 +57,32 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     xs.contiguous()?.apply_op1(Softmax)
 }
 
-/// `out[i] = f(a[i], b[i])` in parallel blocks (`b` may be empty for a unary map).
-fn map_blocks<T: Float>(a: &[T], width: usize, f: impl Fn(&[T], &mut [T]) + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); a.len()];
+/// `f(a, b, out)` over parallel blocks of whole rows of `width` (`a`, `b` and the output
+/// equally long; a unary map passes its input twice). The output is not zero-filled first.
+///
+/// # Safety
+/// `f` must write every element of the output block it is given.
+#[allow(unsafe_code)] // `written_vec`
+unsafe fn map_blocks<T: Float>(
+    a: &[T],
+    b: &[T],
+    width: usize,
+    f: impl Fn(&[T], &[T], &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
     let block = BLOCK.div_ceil(width.max(1)).max(1) * width.max(1);
-    out.par_chunks_mut(block)
-        .zip(a.par_chunks(block))
-        .for_each(|(o, a)| {
-            vectorised(
-                #[inline(always)]
-                || f(a, o),
-            )
-        });
+    // SAFETY: the blocks cover the output and `f` writes each whole (the caller's promise).
+    let (out, ()) = unsafe {
+        written_vec(a.len(), 0, |out| {
+            out.par_chunks_mut(block)
+                .zip(a.par_chunks(block).zip(b.par_chunks(block)))
+                .for_each(|(o, (a, b))| {
+                    vectorised(
+                        #[inline(always)]
+                        || f(a, b, o),
+                    )
+                })
+        })
+    };
     out
 }
 
@@ -83,18 +99,23 @@ impl CustomOp1 for QuickGelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        #[allow(unsafe_code)] // `map_blocks`
         fn run<T: Float>(x: &[T]) -> Vec<T> {
             let k = T::from(SLOPE).unwrap_or_else(T::one);
-            map_blocks(
-                x,
-                1,
-                #[inline(always)]
-                |x, o| {
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = x * sigmoid(k * x);
-                    }
-                },
-            )
+            // SAFETY: the loop writes every output element.
+            unsafe {
+                map_blocks(
+                    x,
+                    x,
+                    1,
+                    #[inline(always)]
+                    |x, _, o| {
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            o.write(x * sigmoid(k * x));
+                        }
+                    },
+                )
+            }
         }
         let out = float_dispatch!(s.dtype(), "quick_gelu", |T| T::storage(run(slice::<T>(
             s,
@@ -127,23 +148,24 @@ impl CustomOp2 for QuickGeluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        #[allow(unsafe_code)] // `map_blocks`
         fn run<T: Float>(x: &[T], dy: &[T]) -> Vec<T> {
             let k = T::from(SLOPE).unwrap_or_else(T::one);
-            let mut out = vec![T::zero(); x.len()];
-            out.par_chunks_mut(BLOCK)
-                .zip(x.par_chunks(BLOCK).zip(dy.par_chunks(BLOCK)))
-                .for_each(|(o, (x, dy))| {
-                    vectorised(
-                        #[inline(always)]
-                        || {
-                            for ((o, &x), &g) in o.iter_mut().zip(x).zip(dy) {
-                                let s = sigmoid(k * x);
-                                *o = g * (s + k * x * s * (T::one() - s));
-                            }
-                        },
-                    )
-                });
-            out
+            // SAFETY: the loop writes every output element.
+            unsafe {
+                map_blocks(
+                    x,
+                    dy,
+                    1,
+                    #[inline(always)]
+                    |x, dy, o| {
+                        for ((o, &x), &g) in o.iter_mut().zip(x).zip(dy) {
+                            let s = sigmoid(k * x);
+                            o.write(g * (s + k * x * s * (T::one() - s)));
+                        }
+                    },
+                )
+            }
         }
         let out = float_dispatch!(s1.dtype(), "quick_gelu", |T| T::storage(run(
             slice::<T>(s1, l1, "quick_gelu", "x")?,
@@ -161,27 +183,33 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        #[allow(unsafe_code)] // `map_blocks`
         fn run<T: Float>(x: &[T], d: usize) -> Vec<T> {
-            map_blocks(
-                x,
-                d,
-                #[inline(always)]
-                |x, o| {
-                    for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                        let max = x
-                            .iter()
-                            .copied()
-                            .fold(T::neg_infinity(), num_traits::Float::max);
-                        for (o, &x) in o.iter_mut().zip(x) {
-                            *o = (x - max).exp_v();
+            // SAFETY: `filled` writes the whole block first.
+            unsafe {
+                map_blocks(
+                    x,
+                    x,
+                    d,
+                    #[inline(always)]
+                    |x, _, o| {
+                        let o = filled(o, T::zero());
+                        for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                            let max = x
+                                .iter()
+                                .copied()
+                                .fold(T::neg_infinity(), num_traits::Float::max);
+                            for (o, &x) in o.iter_mut().zip(x) {
+                                *o = (x - max).exp_v();
+                            }
+                            let inv = sum(o).recip();
+                            for o in o.iter_mut() {
+                                *o *= inv;
+                            }
                         }
-                        let inv = sum(o).recip();
-                        for o in o.iter_mut() {
-                            *o *= inv;
-                        }
-                    }
-                },
-            )
+                    },
+                )
+            }
         }
         let d = l.shape().dims().last().copied().unwrap_or(1);
         let out = float_dispatch!(s.dtype(), "softmax", |T| T::storage(run(
@@ -214,25 +242,25 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        #[allow(unsafe_code)] // `map_blocks`
         fn run<T: Float>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
-            let block = BLOCK.div_ceil(d).max(1) * d;
-            let mut out = vec![T::zero(); y.len()];
-            out.par_chunks_mut(block)
-                .zip(y.par_chunks(block).zip(dy.par_chunks(block)))
-                .for_each(|(o, (y, dy))| {
-                    vectorised(
-                        #[inline(always)]
-                        || {
-                            for ((o, y), dy) in o.chunks_mut(d).zip(y.chunks(d)).zip(dy.chunks(d)) {
-                                let dot = sum_map(y, dy, |y, g| y * g);
-                                for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {
-                                    *o = y * (g - dot);
-                                }
+            // SAFETY: the loops write every output element (whole rows of `d`).
+            unsafe {
+                map_blocks(
+                    y,
+                    dy,
+                    d,
+                    #[inline(always)]
+                    |y, dy, o| {
+                        for ((o, y), dy) in o.chunks_mut(d).zip(y.chunks(d)).zip(dy.chunks(d)) {
+                            let dot = sum_map(y, dy, |y, g| y * g);
+                            for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {
+                                o.write(y * (g - dot));
                             }
-                        },
-                    )
-                });
-            out
+                        }
+                    },
+                )
+            }
         }
         let d = l1.shape().dims().last().copied().unwrap_or(1).max(1);
         let out = float_dispatch!(s1.dtype(), "softmax", |T| T::storage(run(

@@ -8,8 +8,10 @@
 //! plus an add backward. Fused, the queries, keys and values stay in their projections'
 //! `(b, s, width)` layout and gemm reads each head through strides; the `b · heads`
 //! products run in parallel, each single-threaded inside, and write disjoint columns of
-//! the output. The probabilities are kept for the backward (when an input is tracked),
-//! which per head is four products and one pass over the `s × s` matrix:
+//! the output. The probabilities are kept for the backward when an input is tracked
+//! (without a gradient each thread reuses one `s × s` scratch, which stays in cache, and
+//! no output is zero-filled first). The backward per head is four products and one pass
+//! over the `s × s` matrix:
 //!
 //! `∂P = ∂O Vᵀ`, `∂S = P ∘ (∂P − Σ_j P ∘ ∂P)`, `∂Q = c ∂S K`, `∂K = c ∂Sᵀ Q`, `∂V = Pᵀ ∂O`
 //!
@@ -22,9 +24,10 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-use crate::cpu::{Float, float_dispatch, slice, sum, sum_map, vectorised};
+use crate::cpu::{Float, float_dispatch, slice, sum, sum_map, vectorised, written_vec};
 
 fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<()> {
     let (_, _, w) = q.dims3()?;
@@ -215,6 +218,8 @@ unsafe fn product<T: Float>(
     }
 }
 
+/// The output, and the `(b, heads, s, s)` probabilities when `keep` (else empty: each
+/// thread then reuses one `s × s` scratch, which stays in cache).
 #[allow(unsafe_code)]
 fn forward<T: Float>(
     q: &[T],
@@ -223,6 +228,7 @@ fn forward<T: Float>(
     mask: Option<&[f64]>,
     b: usize,
     dims: Dims,
+    keep: bool,
 ) -> (Vec<T>, Vec<T>) {
     let Dims { s, w, d, .. } = dims;
     let c = T::from((d as f64).powf(-0.5)).unwrap_or_else(T::one);
@@ -231,62 +237,82 @@ fn forward<T: Float>(
             .map(|&x| T::from(x).unwrap_or_else(T::nan))
             .collect()
     });
-    let mut out = vec![T::zero(); q.len()];
-    let mut probs = vec![T::zero(); b * dims.heads * s * s];
-    let dst = Out(out.as_mut_ptr());
-    probs
-        .par_chunks_mut(s * s)
-        .enumerate()
-        .for_each(|(task, p)| {
-            let at = dims.at(task);
-            // SAFETY: `at` starts head h of batch b in every (b, s, w) tensor, whose s
-            // rows of d columns at stride w lie inside it; `p` is this task's own s × s;
-            // the output columns [h d, (h + 1) d) of batch b's rows are written by this
-            // task alone.
-            unsafe {
-                product(
-                    (s, s, d),
-                    (p.as_mut_ptr(), s, 1),
-                    (q[at..].as_ptr(), w, 1),
-                    (k[at..].as_ptr(), 1, w),
-                    c,
-                );
-            }
-            vectorised(
-                #[inline(always)]
-                || {
-                    for (i, row) in p.chunks_mut(s).enumerate() {
-                        if let Some(m) = &mask {
-                            for (x, &mv) in row.iter_mut().zip(&m[i * s..(i + 1) * s]) {
-                                *x += mv;
-                            }
-                        }
-                        let max = row
-                            .iter()
-                            .copied()
-                            .fold(T::neg_infinity(), num_traits::Float::max);
-                        for x in row.iter_mut() {
-                            *x = (*x - max).exp_v();
-                        }
-                        let inv = sum(row).recip();
-                        for x in row.iter_mut() {
-                            *x *= inv;
+    // One head of one batch row: the scores into `p` (s × s, written whole by the first
+    // product), their softmax in place, and `p V` into the head's output columns.
+    let head = |task: usize, p: &mut [MaybeUninit<T>], dst: Out<T>| {
+        let at = dims.at(task);
+        // SAFETY: `at` starts head h of batch b in every (b, s, w) tensor, whose s rows
+        // of d columns at stride w lie inside it; `p` is this task's own s × s; the
+        // output columns [h d, (h + 1) d) of batch b's rows are written by this task
+        // alone. gemm with `read_dst = false` writes all of `p` before it is read.
+        let p = unsafe {
+            product(
+                (s, s, d),
+                (p.as_mut_ptr().cast::<T>(), s, 1),
+                (q[at..].as_ptr(), w, 1),
+                (k[at..].as_ptr(), 1, w),
+                c,
+            );
+            &mut *(p as *mut [MaybeUninit<T>] as *mut [T])
+        };
+        vectorised(
+            #[inline(always)]
+            || {
+                for (i, row) in p.chunks_mut(s).enumerate() {
+                    if let Some(m) = &mask {
+                        for (x, &mv) in row.iter_mut().zip(&m[i * s..(i + 1) * s]) {
+                            *x += mv;
                         }
                     }
-                },
+                    let max = row
+                        .iter()
+                        .copied()
+                        .fold(T::neg_infinity(), num_traits::Float::max);
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp_v();
+                    }
+                    let inv = sum(row).recip();
+                    for x in row.iter_mut() {
+                        *x *= inv;
+                    }
+                }
+            },
+        );
+        // SAFETY: as above.
+        unsafe {
+            product(
+                (s, d, s),
+                (dst.add(at), w, 1),
+                (p.as_ptr(), s, 1),
+                (v[at..].as_ptr(), w, 1),
+                T::one(),
             );
-            // SAFETY: as above.
-            unsafe {
-                product(
-                    (s, d, s),
-                    (dst.add(at), w, 1),
-                    (p.as_ptr(), s, 1),
-                    (v[at..].as_ptr(), w, 1),
-                    T::one(),
+        }
+    };
+    let tasks = b * dims.heads;
+    // SAFETY: the tasks' products write every output element (each head's columns of
+    // each batch row), and with `keep` every task's `s × s` block of the probabilities.
+    unsafe {
+        let (out, probs) = written_vec(q.len(), 0, |out| {
+            let dst = Out(out.as_mut_ptr().cast::<T>());
+            if keep {
+                written_vec(tasks * s * s, 0, |probs| {
+                    probs
+                        .par_chunks_mut(s * s)
+                        .enumerate()
+                        .for_each(|(task, p)| head(task, p, dst));
+                })
+                .0
+            } else {
+                (0..tasks).into_par_iter().for_each_init(
+                    || Vec::<T>::with_capacity(s * s),
+                    |scratch, task| head(task, &mut scratch.spare_capacity_mut()[..s * s], dst),
                 );
+                Vec::new()
             }
         });
-    (out, probs)
+        (out, probs)
+    }
 }
 
 /// `(∂Q, ∂K, ∂V)` from the inputs, the kept probabilities and the output gradient.
@@ -301,12 +327,11 @@ fn backward<T: Float>(
 ) -> [Vec<T>; 3] {
     let Dims { s, w, d, .. } = dims;
     let c = T::from((d as f64).powf(-0.5)).unwrap_or_else(T::one);
-    let mut grads = [
-        vec![T::zero(); q.len()],
-        vec![T::zero(); q.len()],
-        vec![T::zero(); q.len()],
-    ];
-    let [dq, dk, dv] = grads.each_mut().map(|g| Out(g.as_mut_ptr()));
+    // Not zero-filled: the tasks' products write every element (below).
+    let mut grads: [Vec<T>; 3] = std::array::from_fn(|_| Vec::with_capacity(q.len()));
+    let [dq, dk, dv] = grads
+        .each_mut()
+        .map(|g| Out(g.spare_capacity_mut().as_mut_ptr().cast::<T>()));
     probs.par_chunks(s * s).enumerate().for_each_init(
         || vec![T::zero(); s * s],
         |ds, (task, p)| {
@@ -360,6 +385,12 @@ fn backward<T: Float>(
             }
         },
     );
+    for g in &mut grads {
+        // SAFETY: each task wrote its head's columns of its batch row's rows in all three
+        // gradients (gemm with `read_dst = false`), and the tasks cover every head of
+        // every batch row; the capacity is `q.len()`.
+        unsafe { g.set_len(q.len()) };
+    }
     grads
 }
 
@@ -401,6 +432,7 @@ impl CustomOp3 for AttentionOp {
             mask: Option<&[f64]>,
             b: usize,
             dims: Dims,
+            keep: bool,
         ) -> Result<(CpuStorage, CpuStorage)> {
             let (o, p) = forward(
                 slice::<T>(s1, l1, "attention", "queries")?,
@@ -409,6 +441,7 @@ impl CustomOp3 for AttentionOp {
                 mask,
                 b,
                 dims,
+                keep,
             );
             Ok((T::storage(o), T::storage(p)))
         }
@@ -418,7 +451,8 @@ impl CustomOp3 for AttentionOp {
             (s3, l3),
             mask,
             b,
-            dims
+            dims,
+            self.keep
         )?);
         if self.keep {
             let _ = self.probs.set(probs);

@@ -6,8 +6,9 @@
 //! backward gives every node a zero tensor plus an add, and sums the bias gradient over
 //! the broadcast rows with its strided reduction (one element at a time with two integer
 //! divisions; the profile of the tiny CLIP step put that reduction at 9% of the step).
-//! Fused, it is one node: the forward is one gemm into the output with the bias added
-//! in the same pass over it, and the backward is three gemms,
+//! Fused, it is one node: the forward is one gemm that adds the product onto output rows
+//! written as copies of the bias (so the bias costs no read-modify-write pass of its own
+//! after the product), and the backward is three gemms,
 //! `∂x = ∂y·W`, `∂W = ∂yᵀ·x` and `∂b = 1ᵀ·∂y` (the column sums as a product with a row
 //! of ones, so that they run in gemm's vector kernels, in a fixed order).
 //!
@@ -15,6 +16,12 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use std::mem::MaybeUninit;
+
+use crate::cpu::{Float, float_dispatch, slice, written_vec};
 
 fn check(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<(usize, usize)> {
     let (out, inp) = weight.dims2()?;
@@ -82,7 +89,9 @@ pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
 #[derive(Clone, Copy, Debug)]
 struct LinearOp;
 
-/// `x Wᵀ (+ b)` on CPU storages: gemm into the output, then the bias added to each row.
+/// `x Wᵀ (+ b)` on CPU storages: the output's rows start as copies of the bias and gemm
+/// adds the product to them (`read_dst`), so the bias costs no pass of its own over the
+/// output; without a bias gemm writes the output from nothing.
 fn forward(
     x: (&CpuStorage, &Layout),
     w: (&CpuStorage, &Layout),
@@ -90,28 +99,88 @@ fn forward(
 ) -> Result<(CpuStorage, Shape)> {
     let (out, inp) = w.1.shape().dims2()?;
     let rows = x.1.shape().elem_count() / inp.max(1);
-    let x_l = Layout::contiguous_with_offset((rows, inp), x.1.start_offset());
-    let wt_l = w.1.transpose(0, 1)?;
-    let mut ys = x.0.matmul(w.0, (1, rows, out, inp), &x_l, &wt_l)?;
-    if let Some((bs, bl)) = b {
-        let (a, z) = bl
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("linear: the bias must be contiguous".into()))?;
-        match (&mut ys, bs) {
-            (CpuStorage::F32(y), CpuStorage::F32(b)) => add_rows(y, &b[a..z]),
-            (CpuStorage::F64(y), CpuStorage::F64(b)) => add_rows(y, &b[a..z]),
-            _ => candle_core::bail!("linear: input and bias differ in dtype"),
-        }
-    }
+    let ys = float_dispatch!(x.0.dtype(), "linear", |T| {
+        let xs = slice::<T>(x.0, x.1, "linear", "the input")?;
+        let ws = &w.0.as_slice::<T>()?[w.1.start_offset()..];
+        let bias = match b {
+            Some((s, l)) => Some(slice::<T>(s, l, "linear", "the bias")?),
+            None => None,
+        };
+        T::storage(product(xs, ws, w.1.stride(), bias, (rows, inp, out)))
+    });
     Ok((ys, out_shape(x.1.shape(), out)))
 }
 
-fn add_rows<T: Copy + std::ops::AddAssign>(ys: &mut [T], b: &[T]) {
-    for row in ys.chunks_mut(b.len().max(1)) {
-        for (y, &v) in row.iter_mut().zip(b) {
-            *y += v;
-        }
+/// Outputs at least this large get their bias rows written by the pool's threads.
+const PARALLEL_FILL: usize = 1 << 16;
+
+/// `xs (rows × inp) · Wᵀ + b` with `W` `(out, inp)` at strides `w_strides` from `ws`.
+#[allow(unsafe_code)] // the gemm call and `written_vec`
+fn product<T: Float>(
+    xs: &[T],
+    ws: &[T],
+    w_strides: &[usize],
+    bias: Option<&[T]>,
+    (rows, inp, out): (usize, usize, usize),
+) -> Vec<T> {
+    let len = rows * out;
+    if inp == 0 {
+        return match bias {
+            Some(b) => b.iter().copied().cycle().take(len).collect(),
+            None => vec![T::zero(); len],
+        };
     }
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: every element is written: with a bias, by the fill before gemm reads it;
+    // without, by gemm itself (`read_dst = false` writes the whole destination). `xs`
+    // holds `rows × inp` values and `ws` addresses `W` through its own strides (checked
+    // against the shapes by `check`), so gemm stays inside both.
+    let (ys, ()) = unsafe {
+        written_vec(len, 0, |dst| {
+            if let Some(b) = bias {
+                let fill = |block: &mut [MaybeUninit<T>]| {
+                    for row in block.chunks_mut(out) {
+                        for (y, &v) in row.iter_mut().zip(b) {
+                            y.write(v);
+                        }
+                    }
+                };
+                if len >= PARALLEL_FILL && threads > 1 {
+                    let per_task = (len / threads).div_ceil(out).max(1) * out;
+                    dst.par_chunks_mut(per_task).for_each(fill);
+                } else {
+                    fill(dst);
+                }
+            }
+            gemm::gemm(
+                rows,
+                out,
+                inp,
+                dst.as_mut_ptr().cast::<T>(),
+                1,
+                out as isize,
+                bias.is_some(),
+                xs.as_ptr(),
+                1,
+                inp as isize,
+                ws.as_ptr(),
+                w_strides[0] as isize,
+                w_strides[1] as isize,
+                T::one(),
+                T::one(),
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        })
+    };
+    ys
 }
 
 /// `(∂x, ∂W, ∂b)` of `y = x Wᵀ + b` for the upstream gradient `grad`, as tensor products

@@ -288,6 +288,25 @@ fn fused_ops_match_their_references() -> Result<()> {
                 run(&case, &inputs, &up, dtype, true)?,
                 run(&case, &inputs, &up, dtype, false)?,
             );
+            // Untracked inputs take the no-gradient paths (attention keeps no
+            // probabilities then): the same values, bit for bit.
+            let plain = case
+                .shapes
+                .iter()
+                .zip(&inputs)
+                .map(|(s, v)| {
+                    Tensor::from_vec(v.clone(), s.as_slice(), &Device::Cpu)?.to_dtype(dtype)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let untracked = (case.apply)(&plain, true)?
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            assert_eq!(
+                untracked, f[0],
+                "{} {:?} {dtype:?}: the untracked output differs from the tracked one",
+                case.name, case.shapes
+            );
             for (k, (a, b)) in f.iter().zip(&r).enumerate() {
                 let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
                 for (i, (u, v)) in a.iter().zip(b).enumerate() {
