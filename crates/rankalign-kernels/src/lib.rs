@@ -13,6 +13,9 @@
 //!   QuickGELU, softmax and multi-head attention as one node each with a hand-written backward (candle's composed versions
 //!   cost a zero tensor plus an add per node in the backward, and a strided reduction
 //!   for the bias gradient);
+//! - [`embedding`]: the token-embedding lookup, whose backward writes the table's
+//!   gradient as rows into one zeroed buffer (candle's `index_add` rule copies a
+//!   table-sized zero tensor first);
 //! - [`pairwise`]: L2RCLIP's weighted pairwise-distance diversity term, in the code's
 //!   Euclidean form and the paper's meanNN (log) form;
 //! - [`similarity`]: the ops of a contrastive loss over a batch's similarity matrices:
@@ -40,6 +43,7 @@
 pub mod activation;
 pub mod attention;
 mod cpu;
+pub mod embedding;
 pub mod layer_norm;
 pub mod linear;
 pub mod order;
@@ -54,6 +58,7 @@ pub use activation::{
     quick_gelu, quick_gelu_reference, softmax_last_dim, softmax_last_dim_reference,
 };
 pub use attention::{attention, attention_reference};
+pub use embedding::{embedding, embedding_reference};
 pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{linear, linear_reference};
 pub use order::pl_order;

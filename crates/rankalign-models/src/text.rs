@@ -106,7 +106,9 @@ impl TextTransformer {
     /// Token embeddings `(b, s, width)` of `ids` `(b, s)`, the input a learned prompt
     /// edits before [`TextTransformer::forward_embeds`].
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        self.token_embedding.forward(ids)
+        // One node (ours): the backward adds rows into one zeroed table-sized gradient
+        // instead of candle's zeros-then-copying `index_add`; the same values and bits.
+        rankalign_kernels::embedding(self.token_embedding.embeddings(), ids)
     }
 
     /// `ids`: `(b, s)` u32 with `s ≤ context_length`; `eot`: `(b)` u32 flat indices
