@@ -84,11 +84,13 @@ const MODELS: Suite = Suite {
     inline_passes: &[("--train-steps", None), ("--one-thread-steps", Some(1))],
 };
 
-/// The same glibc malloc settings for both programs: keep freed memory instead of
+/// glibc malloc settings for the programs that allocate through it (PyTorch, and the
+/// kernel bench, which runs on the system allocator): keep freed memory instead of
 /// returning it to the kernel, so that neither pays page faults on every large
 /// temporary (measured: 247k faults and 1.25 s of system time in a 1.2 s quick run),
 /// and one arena for all threads, whose own arenas would unmap their large blocks
-/// anyway (`rankalign_train::memory::keep_freed_memory` says what it measured).
+/// anyway. `bench_models` and `rankalign` allocate through mimalloc, set up by
+/// `rankalign_train::memory::keep_freed_memory`, and ignore these.
 const MALLOC: [(&str, &str); 3] = [
     ("MALLOC_MMAP_THRESHOLD_", "1073741824"),
     ("MALLOC_TRIM_THRESHOLD_", "4294967296"),

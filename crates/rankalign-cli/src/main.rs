@@ -17,6 +17,11 @@ use rankalign_train::ordinal::{OrdinalConfig, OrdinalOptions, run_ordinal};
 use rankalign_train::trainer::{LogFn, NoticeFn, StepRecord};
 use rankalign_train::{ExperimentConfig, RunOptions, run_experiment};
 
+/// mimalloc, whose per-thread heaps the towers' parallel tasks allocate from without a
+/// shared lock (`rankalign_train::memory` says what it measured).
+#[global_allocator]
+static ALLOCATOR: rankalign_train::memory::MiMalloc = rankalign_train::memory::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "rankalign",
@@ -267,7 +272,8 @@ fn default_elementwise_inline() {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    // Training allocates and frees the same large tensors every step.
+    // Training allocates and frees the same large tensors every step: freed memory is
+    // kept mapped for reuse.
     rankalign_train::memory::keep_freed_memory();
     match cli.command {
         Command::Train {
