@@ -112,7 +112,7 @@ impl Float for f64 {
 /// Accumulators of [`sum_map`]: independent partial sums let the loop run in vector
 /// registers (a single running float sum cannot be reordered, so it runs one add per
 /// element at the add's latency).
-const LANES: usize = 32;
+pub(crate) const LANES: usize = 32;
 
 /// `Σ f(a_i, b_i)` over two equally long slices with [`LANES`] partial sums combined in
 /// a fixed tree: the same order, and so the same bits, on every call.
@@ -129,6 +129,13 @@ pub(crate) fn sum_map<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     for (k, (&x, &y)) in ra.iter().zip(rb).enumerate() {
         acc[k] += f(x, y);
     }
+    lanes_total(acc)
+}
+
+/// The total of [`LANES`] partial sums (element `i` of a slice in lane `i % LANES`), in
+/// [`sum_map`]'s fixed tree: a kernel that keeps its own lanes gets `sum_map`'s bits.
+#[inline(always)]
+pub(crate) fn lanes_total<T: Float>(mut acc: [T; LANES]) -> T {
     let mut width = LANES;
     while width > 1 {
         width /= 2;

@@ -16,7 +16,9 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
-use crate::cpu::{Float, float_dispatch, slice, sum, sum_map, vectorised, written_vec};
+use crate::cpu::{
+    Float, LANES, float_dispatch, lanes_total, slice, sum, sum_map, vectorised, written_vec,
+};
 
 /// Rows per parallel task (and per partial sum of `∂w`, `∂b`).
 const BLOCK: usize = 64;
@@ -185,7 +187,9 @@ fn backward<T: Float>(x: &[T], w: &[T], dy: &[T], stats: Option<&[f64]>, eps: f6
 }
 
 /// The backward of a block of rows: `∂x` into `dx` (every element written); returns the
-/// block's `[∂w, ∂b]`.
+/// block's `[∂w, ∂b]`. Two passes per row: the first adds to `∂w`, `∂b` and the row's
+/// sums `Σ g`, `Σ g·x̂` (in [`LANES`] lanes, as `sum_map` would); the second writes `∂x`,
+/// recomputing `x̂` and `g` from the row, which is in cache, rather than storing them.
 #[inline(always)]
 fn backward_rows<T: Float>(
     x: &[T],
@@ -197,11 +201,10 @@ fn backward_rows<T: Float>(
 ) -> Vec<T> {
     let d = w.len();
     let dt = T::of_usize(d);
-    // dw, db, then the row's x̂ and ∂y·w.
-    let mut part = vec![T::zero(); 4 * d];
-    let (sums, row) = part.split_at_mut(2 * d);
-    let (dw, db) = sums.split_at_mut(d);
-    let (xh, g) = row.split_at_mut(d);
+    let split = d - d % LANES;
+    let mut part = vec![T::zero(); 2 * d];
+    let (dw, db) = part.split_at_mut(d);
+    let (w_main, w_rem) = w.split_at(split);
     for (i, ((dxr, xr), dyr)) in dx
         .chunks_mut(d)
         .zip(x.chunks(d))
@@ -215,22 +218,49 @@ fn backward_rows<T: Float>(
             ),
             None => moments(xr, eps),
         };
-        for ((((xh, g), &xv), &gv), &wv) in xh.iter_mut().zip(g.iter_mut()).zip(xr).zip(dyr).zip(w)
+        let (mut sg, mut sgx) = ([T::zero(); LANES], [T::zero(); LANES]);
+        let (x_main, x_rem) = xr.split_at(split);
+        let (dy_main, dy_rem) = dyr.split_at(split);
+        let (dw_main, dw_rem) = dw.split_at_mut(split);
+        let (db_main, db_rem) = db.split_at_mut(split);
+        for ((((xc, dyc), wc), dwc), dbc) in x_main
+            .chunks_exact(LANES)
+            .zip(dy_main.chunks_exact(LANES))
+            .zip(w_main.chunks_exact(LANES))
+            .zip(dw_main.chunks_exact_mut(LANES))
+            .zip(db_main.chunks_exact_mut(LANES))
         {
-            *xh = (xv - mean) * r;
-            *g = gv * wv;
+            for k in 0..LANES {
+                let xh = (xc[k] - mean) * r;
+                let g = dyc[k] * wc[k];
+                dwc[k] += dyc[k] * xh;
+                dbc[k] += dyc[k];
+                sg[k] += g;
+                sgx[k] += g * xh;
+            }
         }
-        for (((dwi, dbi), &gv), &xhv) in dw.iter_mut().zip(db.iter_mut()).zip(dyr).zip(xh.iter()) {
-            *dwi += gv * xhv;
-            *dbi += gv;
+        for (k, ((((&xv, &gv), &wv), dwv), dbv)) in x_rem
+            .iter()
+            .zip(dy_rem)
+            .zip(w_rem)
+            .zip(dw_rem.iter_mut())
+            .zip(db_rem.iter_mut())
+            .enumerate()
+        {
+            let xh = (xv - mean) * r;
+            let g = gv * wv;
+            *dwv += gv * xh;
+            *dbv += gv;
+            sg[k] += g;
+            sgx[k] += g * xh;
         }
-        let mg = sum(g) / dt;
-        let mgx = sum_map(g, xh, |g, x| g * x) / dt;
-        for ((o, &gv), &xhv) in dxr.iter_mut().zip(g.iter()).zip(xh.iter()) {
-            o.write(r * (gv - mg - xhv * mgx));
+        let mg = lanes_total(sg) / dt;
+        let mgx = lanes_total(sgx) / dt;
+        for (((o, &xv), &gv), &wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+            let xh = (xv - mean) * r;
+            o.write(r * (gv * wv - mg - xh * mgx));
         }
     }
-    part.truncate(2 * d);
     part
 }
 
