@@ -163,16 +163,19 @@ fn vit_b16_forward(batch: usize, warmup: usize, runs: usize) -> anyhow::Result<(
     let (vision, proj) = build(VarBuilder::from_tensors(weights, DType::F32, &dev))?;
     let size = cfg.vision.image_size();
     let pixels = pseudo_random(&[batch, 3, size, size], 1)?;
-    measure(
-        &dev,
-        || {
-            let emb = proj.forward(&vision.forward(&pixels)?)?;
-            debug_assert!(!emb.track_op());
-            Ok(())
-        },
-        warmup,
-        runs,
-    )
+    // On a pool's worker, as `rankalign eval` runs it.
+    rayon::ThreadPoolBuilder::new().build()?.install(|| {
+        measure(
+            &dev,
+            || {
+                let emb = proj.forward(&vision.forward(&pixels)?)?;
+                debug_assert!(!emb.track_op());
+                Ok(())
+            },
+            warmup,
+            runs,
+        )
+    })
 }
 
 /// Token ids `(b, ctx)` of captions of 10 to 14 tokens (start, words, end, then zero
