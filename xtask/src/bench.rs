@@ -616,7 +616,7 @@ fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) ->
         "Median of {} runs after {} warm-up runs, {threads} thread(s) on both sides (`RAYON_NUM_THREADS`/`CANDLE_NUM_THREADS`; \
          `torch.set_num_threads`), on {}, random weights, f32; against the same models in Hugging Face `transformers` ({torch_note}). \
          `vit_b16_image_forward`: image embeddings of the ViT-B/16 tower and its projection, no gradients (ours: weights as plain tensors, \
-         so no graph is recorded; PyTorch: `CLIPVisionModelWithProjection` under `torch.no_grad()`, its default attention). \
+         so no graph is recorded, on a rayon pool's worker as `rankalign eval` runs it; PyTorch: `CLIPVisionModelWithProjection` under `torch.no_grad()`, its default attention). \
          `linear_probe_fit`: one fit of `rankalign eval`'s linear probe (full-batch L-BFGS; f32 features and products, f64 parameters and loss) on 10,000 L2-normalised 512-d features of 10 classes \
          against scikit-learn's `LogisticRegression(C=1, tol=1e-6)` (lbfgs; the same objective) on the same features, BLAS limited to the same threads \
          (its peak is tracemalloc's). `img/s` = images per second of the ViT rows (evaluation throughput). \
@@ -630,6 +630,7 @@ fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) ->
          (its two towers as parallel tasks, forward and backward, with candle's elementwise ops inline as the CLI sets them for every step; `; 4x32 micro`: `train.micro_batch = 32`, the towers of every micro-batch as tasks and the loss once over all 128; \
          `recompute`: `train.recompute`, the forward run twice to hold one micro-batch's activations per thread; PyTorch's column is its plain b128 step; \
          `; 1 thread`: ours on one thread, in a process started with one thread, no PyTorch ratio). \
+         Ours allocates through mimalloc (as `rankalign` does), PyTorch through glibc's malloc with the settings of the kernel table. \
          Peak memory is measured as for the kernels. `vs torch` = PyTorch's time divided by ours (above 1× = ours is faster).\n\n",
         if quick { 3 } else { 10 },
         if quick { 1 } else { 2 },
