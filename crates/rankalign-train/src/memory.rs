@@ -1,13 +1,13 @@
 //! The allocator of rankalign's binaries, and the peak heap memory of a piece of work.
 //!
-//! - [`MiMalloc`] (mimalloc) is the global allocator of `rankalign` and the benches, set
+//! - [`MiMalloc`] (mimalloc) is the global allocator of `rankalign` and the model bench, set
 //!   up by [`keep_freed_memory`]. A training step runs its two towers as parallel tasks
 //!   that allocate and free tensors all the time; glibc's malloc served both from one
 //!   arena and its lock (with an arena per thread, a worker's arena unmaps its large
 //!   blocks whenever it empties, and each reuse faults the pages in again). mimalloc
 //!   keeps a heap per thread. Measured on this project's 2-core machine, 2 threads: the
-//!   tiny CLIP step 108–118 → 98 ms, its 4 × 32 micro-batch form 130 → 103 ms, the
-//!   ViT-B/16 step at batch 16 about 8.3 → 6.8 s.
+//!   tiny CLIP step 108–118 → 98 ms, its 4 × 32 micro-batch form 130 → 103 ms
+//!   (decision 88 in `docs/decisions.md`).
 //! - [`Counting`] wraps that allocator and counts live bytes and their high-water mark;
 //!   a binary opts in with `#[global_allocator] static A: Counting = Counting;` and
 //!   measures with [`peak_during`]. Without that declaration the counters stay at zero.
@@ -71,27 +71,22 @@ pub fn peak_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
     (out, PEAK.load(Ordering::Relaxed).saturating_sub(base))
 }
 
-/// mimalloc's `mi_option_purge_decommits` (the index in `mimalloc.h`'s `mi_option_e`;
-/// the extended API names only some options).
-const PURGE_DECOMMITS: libc_int = 5;
-/// mimalloc's `mi_option_purge_delay`, whose default (1000 ms) the test below checks to
-/// catch a renumbering when mimalloc is upgraded.
-#[cfg(test)]
-const PURGE_DELAY: libc_int = 15;
-
-#[allow(non_camel_case_types)]
-type libc_int = std::ffi::c_int;
+/// mimalloc's `mi_option_purge_delay` (the index in `mimalloc.h`'s `mi_option_e`; the
+/// extended API names only some options). Its default, 1000 ms, is checked by the test
+/// below to catch a renumbering when mimalloc is upgraded.
+const PURGE_DELAY: std::ffi::c_int = 15;
 
 /// Sets up [`MiMalloc`] for training, which allocates and frees the same large tensors
-/// every step: memory it purges (frees back after a delay) is reset with `MADV_FREE`
-/// rather than decommitted with `MADV_DONTNEED`, so a page used again is not faulted in
-/// and zeroed once more unless the kernel has taken it back under memory pressure.
-/// Measured, the ViT-B/16 step at batch 16 on 2 threads: 8.0 s a step and 30 s of
-/// system time in the benchmark's 76 s with decommits, 6.8 s and 10 s without. Resident
-/// memory then stays near the peak until the kernel needs it.
+/// every step: freed memory is never purged (handed back to the kernel), so a tensor
+/// allocated again is not faulted in and zeroed page by page once more. mimalloc's
+/// default purges memory left free for a second, and a ViT-B/16 step (several seconds)
+/// then paid for its tensors again every step. Measured, that step at batch 16 on
+/// 2 threads: 8.0 s a step and 30 s of system time in the benchmark's 76 s with the
+/// default, 6.8 s and 5 s without purging. Resident memory then stays near the peak
+/// (glibc's `M_TRIM_THRESHOLD` did the same before).
 pub fn keep_freed_memory() {
     // SAFETY: `mi_option_set` only stores an option value (any value is allowed).
-    unsafe { libmimalloc_sys::mi_option_set(PURGE_DECOMMITS, 0) };
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
 }
 
 #[cfg(test)]
@@ -102,7 +97,7 @@ mod tests {
         unsafe {
             assert_eq!(libmimalloc_sys::mi_option_get(super::PURGE_DELAY), 1000);
             super::keep_freed_memory();
-            assert_eq!(libmimalloc_sys::mi_option_get(super::PURGE_DECOMMITS), 0);
+            assert_eq!(libmimalloc_sys::mi_option_get(super::PURGE_DELAY), -1);
         }
     }
 }
