@@ -69,6 +69,9 @@ unsafe fn map_blocks<T: Float>(
     width: usize,
     f: impl Fn(&[T], &[T], &mut [MaybeUninit<T>]) + Sync,
 ) -> Vec<T> {
+    // The whole output that `written_vec`'s promise rests on: zipped blocks stop at the
+    // shorter input (the gradient ops check the shapes before they get here).
+    assert_eq!(a.len(), b.len(), "map_blocks: inputs of different lengths");
     let block = BLOCK.div_ceil(width.max(1)).max(1) * width.max(1);
     // SAFETY: the blocks cover the output and `f` writes each whole (the caller's promise).
     let (out, ()) = unsafe {
@@ -84,6 +87,18 @@ unsafe fn map_blocks<T: Float>(
         })
     };
     out
+}
+
+/// A backward's input and its upstream gradient must have one shape.
+fn same_shape(input: &Layout, grad: &Layout, op: &str) -> Result<()> {
+    if input.shape() != grad.shape() {
+        candle_core::bail!(
+            "{op} backward: input {:?} and gradient {:?} differ in shape",
+            input.shape(),
+            grad.shape()
+        )
+    }
+    Ok(())
 }
 
 #[inline(always)]
@@ -167,6 +182,7 @@ impl CustomOp2 for QuickGeluGrad {
                 )
             }
         }
+        same_shape(l1, l2, "quick_gelu")?;
         let out = float_dispatch!(s1.dtype(), "quick_gelu", |T| T::storage(run(
             slice::<T>(s1, l1, "quick_gelu", "x")?,
             slice(s2, l2, "quick_gelu", "gradient")?,
@@ -262,6 +278,7 @@ impl CustomOp2 for SoftmaxGrad {
                 )
             }
         }
+        same_shape(l1, l2, "softmax")?;
         let d = l1.shape().dims().last().copied().unwrap_or(1).max(1);
         let out = float_dispatch!(s1.dtype(), "softmax", |T| T::storage(run(
             slice::<T>(s1, l1, "softmax", "y")?,

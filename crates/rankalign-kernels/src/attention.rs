@@ -9,8 +9,8 @@
 //! `(b, s, width)` layout and gemm reads each head through strides; the `b · heads`
 //! products run in parallel, each single-threaded inside, and write disjoint columns of
 //! the output. The probabilities are kept for the backward when an input is tracked
-//! (without a gradient each thread reuses one `s × s` scratch, which stays in cache, and
-//! no output is zero-filled first). The backward per head is four products and one pass
+//! (without a gradient each rayon job reuses one `s × s` scratch, which stays in cache,
+//! and no output is zero-filled first). The backward per head is four products and one pass
 //! over the `s × s` matrix:
 //!
 //! `∂P = ∂O Vᵀ`, `∂S = P ∘ (∂P − Σ_j P ∘ ∂P)`, `∂Q = c ∂S K`, `∂K = c ∂Sᵀ Q`, `∂V = Pᵀ ∂O`
@@ -219,7 +219,7 @@ unsafe fn product<T: Float>(
 }
 
 /// The output, and the `(b, heads, s, s)` probabilities when `keep` (else empty: each
-/// thread then reuses one `s × s` scratch, which stays in cache).
+/// rayon job then reuses one `s × s` scratch, which stays in cache).
 #[allow(unsafe_code)]
 fn forward<T: Float>(
     q: &[T],
@@ -327,6 +327,12 @@ fn backward<T: Float>(
 ) -> [Vec<T>; 3] {
     let Dims { s, w, d, .. } = dims;
     let c = T::from((d as f64).powf(-0.5)).unwrap_or_else(T::one);
+    // The lengths the tasks' writes and `set_len` below rest on (true by construction:
+    // the probabilities are the forward's, the gradient has the output's shape).
+    assert!(
+        probs.len() == q.len() / w * dims.heads * s && dout.len() == q.len(),
+        "attention backward: kept probabilities or gradient of the wrong size"
+    );
     // Not zero-filled: the tasks' products write every element (below).
     let mut grads: [Vec<T>; 3] = std::array::from_fn(|_| Vec::with_capacity(q.len()));
     let [dq, dk, dv] = grads

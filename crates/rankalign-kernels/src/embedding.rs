@@ -6,8 +6,9 @@
 //! then `index_add`, which copies that tensor once more before adding the rows. Fused,
 //! the gradient is one buffer, zeroed in parallel blocks, with each looked-up row's
 //! gradient added to its id's row in the order the ids come (the reference's order, so
-//! the same bits). Ids are checked once, in the forward: one outside the table is an
-//! error naming its position. CPU f32 / f64 tables with u8, u32 or i64 ids; other
+//! the same bits). Ids are checked against the table in the forward (and again in the
+//! backward, which reads them on its own): one outside it is an error naming its
+//! position. CPU f32 / f64 tables with u8, u32 or i64 ids; other
 //! devices and dtypes use the reference.
 
 use candle_core::backend::BackendStorage;
@@ -16,7 +17,8 @@ use rayon::prelude::*;
 
 use crate::cpu::{Float, filled, float_dispatch, slice, written_vec};
 
-/// Output rows at least this many elements long are copied by the pool's threads.
+/// Outputs of at least this many elements are copied by the pool's threads; also the
+/// block size of the gradient's parallel zero fill.
 const PARALLEL: usize = 1 << 16;
 
 /// `table[ids]` `(.., d)` for `ids` of any shape, composed from candle ops.

@@ -44,6 +44,13 @@ fn check(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<(usize, 
     Ok((out, inp))
 }
 
+/// The rows of a linear layer's input: the product of all dimensions but the last (also
+/// when the last is 0).
+fn leading(xs: &Shape) -> usize {
+    let dims = xs.dims();
+    dims[..dims.len().saturating_sub(1)].iter().product()
+}
+
 /// The shape of `xs` with its last dimension replaced by `out`.
 fn out_shape(xs: &Shape, out: usize) -> Shape {
     let mut dims = xs.dims().to_vec();
@@ -56,7 +63,7 @@ fn out_shape(xs: &Shape, out: usize) -> Shape {
 /// `xs Wᵀ + b` composed from candle ops (flattened to one matmul), `W` `(out, in)`.
 pub fn linear_reference(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (out, inp) = check(xs, weight, bias)?;
-    let rows = xs.elem_count() / inp.max(1);
+    let rows = leading(xs.shape());
     let ys = xs.reshape((rows, inp))?.matmul(&weight.t()?)?;
     let ys = match bias {
         Some(b) => ys.broadcast_add(b)?,
@@ -98,7 +105,7 @@ fn forward(
     b: Option<(&CpuStorage, &Layout)>,
 ) -> Result<(CpuStorage, Shape)> {
     let (out, inp) = w.1.shape().dims2()?;
-    let rows = x.1.shape().elem_count() / inp.max(1);
+    let rows = leading(x.1.shape());
     let ys = float_dispatch!(x.0.dtype(), "linear", |T| {
         let xs = slice::<T>(x.0, x.1, "linear", "the input")?;
         let ws = &w.0.as_slice::<T>()?[w.1.start_offset()..];
@@ -124,6 +131,9 @@ fn product<T: Float>(
     (rows, inp, out): (usize, usize, usize),
 ) -> Vec<T> {
     let len = rows * out;
+    if len == 0 {
+        return Vec::new();
+    }
     if inp == 0 {
         return match bias {
             Some(b) => b.iter().copied().cycle().take(len).collect(),
@@ -187,7 +197,7 @@ fn product<T: Float>(
 /// on detached copies (no graph is recorded inside the backward).
 fn backward(x: &Tensor, w: &Tensor, grad: &Tensor, bias: bool) -> Result<[Option<Tensor>; 3]> {
     let (out, inp) = w.dims2()?;
-    let rows = x.elem_count() / inp.max(1);
+    let rows = leading(x.shape());
     let dy = grad.detach().contiguous()?.reshape((rows, out))?;
     let x2 = x.detach().reshape((rows, inp))?;
     // The products are independent: as two tasks, a thread that finishes its share of
@@ -302,5 +312,23 @@ mod tests {
         let b = Tensor::zeros(4, DType::F32, &dev).unwrap();
         let err = linear(&x, &w, Some(&b)).unwrap_err().to_string();
         assert!(err.contains("bias"), "{err}");
+    }
+
+    /// No outputs, or no inputs, are empty or bias-only results, not a panic.
+    #[test]
+    fn empty_dimensions_are_not_a_panic() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::ones((2, 4), DType::F32, &dev)?;
+        let y = linear(
+            &x,
+            &Tensor::zeros((0, 4), DType::F32, &dev)?,
+            Some(&Tensor::zeros(0, DType::F32, &dev)?),
+        )?;
+        assert_eq!(y.dims(), [2, 0]);
+        let x = Tensor::ones((2, 0), DType::F32, &dev)?;
+        let b = Tensor::new(&[1f32, 2., 3.], &dev)?;
+        let y = linear(&x, &Tensor::zeros((3, 0), DType::F32, &dev)?, Some(&b))?;
+        assert_eq!(y.to_vec2::<f32>()?, [[1., 2., 3.], [1., 2., 3.]]);
+        Ok(())
     }
 }

@@ -17,7 +17,12 @@ use rankalign_train::models::{ClipConfig, ClipModel, SeededVarMap};
 use rankalign_train::optim::{AdamW, AdamWConfig};
 use rankalign_train::step::loss_and_grads;
 
+/// The allocator `rankalign` trains with.
+#[global_allocator]
+static ALLOCATOR: rankalign_train::memory::MiMalloc = rankalign_train::memory::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
+    rankalign_train::memory::keep_freed_memory();
     let b: usize = std::env::args()
         .nth(1)
         .map(|s| s.parse())

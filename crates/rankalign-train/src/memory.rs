@@ -45,6 +45,16 @@ unsafe impl GlobalAlloc for Counting {
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
     }
 
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded unchanged (mimalloc can skip zeroing fresh pages).
+        let p = unsafe { MiMalloc.alloc_zeroed(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: `ptr` came from `alloc` with this layout; forwarded unchanged.
         let p = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
@@ -95,7 +105,10 @@ mod tests {
     fn mimalloc_takes_the_setting() {
         // SAFETY: reading and setting option values only.
         unsafe {
-            assert_eq!(libmimalloc_sys::mi_option_get(super::PURGE_DELAY), 1000);
+            // mimalloc's documented default, unless the environment overrides it.
+            if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+                assert_eq!(libmimalloc_sys::mi_option_get(super::PURGE_DELAY), 1000);
+            }
             super::keep_freed_memory();
             assert_eq!(libmimalloc_sys::mi_option_get(super::PURGE_DELAY), -1);
         }
