@@ -407,10 +407,9 @@ fn main() -> Result<()> {
         // On a pool's worker, so that every parallel op runs with this thread taking
         // part instead of handing each one to the pool and sleeping until it is done
         // (measured, ViT-B/16 image forward at batch 1 on 2 threads: about 4% faster).
-        Command::Eval(args) => rayon::ThreadPoolBuilder::new()
-            .thread_name(|i| format!("rankalign-compute-{i}"))
-            .build()?
-            .install(|| eval(*args)),
+        Command::Eval(args) => {
+            rankalign_train::experiment::in_pool(rayon::current_num_threads(), || Ok(eval(*args)))?
+        }
         Command::Export { run, variant, out } => {
             let ckpt = rankalign_train::export::export_run(&run, &variant, &out)?;
             eprintln!("rankalign: wrote {} from {}", out.display(), ckpt.display());

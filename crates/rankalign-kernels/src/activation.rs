@@ -13,11 +13,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
-use std::mem::MaybeUninit;
-
-use crate::cpu::{Float, filled, float_dispatch, slice, sum, sum_map, vectorised, written_vec};
+use crate::cpu::{Float, filled, float_dispatch, map_blocks, slice, softmax_in_place, sum_map};
 
 /// Elements per parallel task.
 const BLOCK: usize = 1 << 14;
@@ -57,36 +54,9 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     xs.contiguous()?.apply_op1(Softmax)
 }
 
-/// `f(a, b, out)` over parallel blocks of whole rows of `width` (`a`, `b` and the output
-/// equally long; a unary map passes its input twice). The output is not zero-filled first.
-///
-/// # Safety
-/// `f` must write every element of the output block it is given.
-#[allow(unsafe_code)] // `written_vec`
-unsafe fn map_blocks<T: Float>(
-    a: &[T],
-    b: &[T],
-    width: usize,
-    f: impl Fn(&[T], &[T], &mut [MaybeUninit<T>]) + Sync,
-) -> Vec<T> {
-    // The whole output that `written_vec`'s promise rests on: zipped blocks stop at the
-    // shorter input (the gradient ops check the shapes before they get here).
-    assert_eq!(a.len(), b.len(), "map_blocks: inputs of different lengths");
-    let block = BLOCK.div_ceil(width.max(1)).max(1) * width.max(1);
-    // SAFETY: the blocks cover the output and `f` writes each whole (the caller's promise).
-    let (out, ()) = unsafe {
-        written_vec(a.len(), 0, |out| {
-            out.par_chunks_mut(block)
-                .zip(a.par_chunks(block).zip(b.par_chunks(block)))
-                .for_each(|(o, (a, b))| {
-                    vectorised(
-                        #[inline(always)]
-                        || f(a, b, o),
-                    )
-                })
-        })
-    };
-    out
+/// Elements per parallel block for rows of `width`: about [`BLOCK`], whole rows.
+fn block_of(width: usize) -> usize {
+    BLOCK.div_ceil(width.max(1)) * width.max(1)
 }
 
 /// A backward's input and its upstream gradient must have one shape.
@@ -120,11 +90,10 @@ impl CustomOp1 for QuickGelu {
             // SAFETY: the loop writes every output element.
             unsafe {
                 map_blocks(
-                    x,
-                    x,
-                    1,
+                    [x],
+                    block_of(1),
                     #[inline(always)]
-                    |x, _, o| {
+                    |[x], o| {
                         for (o, &x) in o.iter_mut().zip(x) {
                             o.write(x * sigmoid(k * x));
                         }
@@ -169,11 +138,10 @@ impl CustomOp2 for QuickGeluGrad {
             // SAFETY: the loop writes every output element.
             unsafe {
                 map_blocks(
-                    x,
-                    dy,
-                    1,
+                    [x, dy],
+                    block_of(1),
                     #[inline(always)]
-                    |x, dy, o| {
+                    |[x, dy], o| {
                         for ((o, &x), &g) in o.iter_mut().zip(x).zip(dy) {
                             let s = sigmoid(k * x);
                             o.write(g * (s + k * x * s * (T::one() - s)));
@@ -204,24 +172,14 @@ impl CustomOp1 for Softmax {
             // SAFETY: `filled` writes the whole block first.
             unsafe {
                 map_blocks(
-                    x,
-                    x,
-                    d,
+                    [x],
+                    block_of(d),
                     #[inline(always)]
-                    |x, _, o| {
+                    |[x], o| {
                         let o = filled(o, T::zero());
                         for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                            let max = x
-                                .iter()
-                                .copied()
-                                .fold(T::neg_infinity(), num_traits::Float::max);
-                            for (o, &x) in o.iter_mut().zip(x) {
-                                *o = (x - max).exp_v();
-                            }
-                            let inv = sum(o).recip();
-                            for o in o.iter_mut() {
-                                *o *= inv;
-                            }
+                            o.copy_from_slice(x);
+                            softmax_in_place(o);
                         }
                     },
                 )
@@ -263,11 +221,10 @@ impl CustomOp2 for SoftmaxGrad {
             // SAFETY: the loops write every output element (whole rows of `d`).
             unsafe {
                 map_blocks(
-                    y,
-                    dy,
-                    d,
+                    [y, dy],
+                    block_of(d),
                     #[inline(always)]
-                    |y, dy, o| {
+                    |[y, dy], o| {
                         for ((o, y), dy) in o.chunks_mut(d).zip(y.chunks(d)).zip(dy.chunks(d)) {
                             let dot = sum_map(y, dy, |y, g| y * g);
                             for ((o, &y), &g) in o.iter_mut().zip(y).zip(dy) {

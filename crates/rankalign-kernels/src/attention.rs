@@ -27,7 +27,9 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-use crate::cpu::{Float, float_dispatch, slice, sum, sum_map, vectorised, written_vec};
+use crate::cpu::{
+    Float, float_dispatch, slice, softmax_in_place, sum_map, vectorised, written_vec,
+};
 
 fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<()> {
     let (_, _, w) = q.dims3()?;
@@ -264,17 +266,7 @@ fn forward<T: Float>(
                             *x += mv;
                         }
                     }
-                    let max = row
-                        .iter()
-                        .copied()
-                        .fold(T::neg_infinity(), num_traits::Float::max);
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp_v();
-                    }
-                    let inv = sum(row).recip();
-                    for x in row.iter_mut() {
-                        *x *= inv;
-                    }
+                    softmax_in_place(row);
                 }
             },
         );

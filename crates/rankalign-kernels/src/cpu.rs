@@ -1,13 +1,14 @@
 //! Helpers shared by the CPU kernels: reading a contiguous f32/f64 argument (as it is, or
 //! widened to f64), building an output of the input's dtype, the float element types
 //! the generic kernels run on and the dispatch on them (`float_dispatch!`), sums in
-//! independent lanes (a fixed order), branch-free f32 `exp`/`ln` that vectorise, outputs
-//! written without a zero fill ([`written_vec`], and [`filled`] for blocks zeroed just
-//! before use), and [`vectorised`], which runs a block loop as AVX2 code when the CPU
+//! independent lanes (a fixed order), a row's softmax, branch-free f32 `exp`/`ln` that vectorise, outputs
+//! written without a zero fill ([`written_vec`], [`map_blocks`] over parallel blocks, and
+//! [`filled`] for blocks zeroed just before use), and [`vectorised`], which runs a block loop as AVX2 code when the CPU
 //! has it.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result};
+use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
@@ -147,6 +148,22 @@ pub(crate) fn lanes_total<T: Float>(mut acc: [T; LANES]) -> T {
     acc[0]
 }
 
+/// Softmax of one row in place, shifted by the row's maximum: `x ← eˣ⁻ᵐᵃˣ / Σ eˣ⁻ᵐᵃˣ`.
+#[inline(always)]
+pub(crate) fn softmax_in_place<T: Float>(row: &mut [T]) {
+    let max = row
+        .iter()
+        .copied()
+        .fold(T::neg_infinity(), num_traits::Float::max);
+    for x in row.iter_mut() {
+        *x = (*x - max).exp_v();
+    }
+    let inv = sum(row).recip();
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
 /// `Σ a_i`, as [`sum_map`].
 #[inline(always)]
 pub(crate) fn sum<T: Float>(a: &[T]) -> T {
@@ -171,6 +188,52 @@ pub(crate) unsafe fn written_vec<T, R>(
     // `len` is within the capacity.
     unsafe { v.set_len(len) };
     (v, r)
+}
+
+/// An output as long as `inputs[0]`, made by `f(blocks of the inputs, output block)` over
+/// parallel blocks of `block` elements, each run as [`vectorised`] code, and not
+/// zero-filled first. An empty input is absent (its blocks are empty); the others must
+/// be as long as the first.
+///
+/// # Safety
+/// `f` must write every element of the output block it is given.
+#[allow(unsafe_code)] // `written_vec`
+pub(crate) unsafe fn map_blocks<T: Float, const N: usize>(
+    inputs: [&[T]; N],
+    block: usize,
+    f: impl Fn([&[T]; N], &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let len = inputs.first().map_or(0, |x| x.len());
+    // The whole output that `written_vec`'s promise rests on: a shorter input would
+    // leave its blocks' outputs unwritten (the ops check shapes before they get here).
+    assert!(
+        inputs.iter().all(|x| x.is_empty() || x.len() == len),
+        "map_blocks: inputs of different lengths"
+    );
+    let block = block.max(1);
+    // SAFETY: the blocks tile the output and `f` writes each whole (the caller's promise).
+    let (out, ()) = unsafe {
+        written_vec(len, 0, |out| {
+            out.par_chunks_mut(block).enumerate().for_each(|(k, o)| {
+                let parts = inputs.map(|x| span(x, k * block, (k + 1) * block));
+                vectorised(
+                    #[inline(always)]
+                    || f(parts, o),
+                )
+            })
+        })
+    };
+    out
+}
+
+/// `x[from..to]` clipped to `x`; an empty `x` (an absent input) stays empty.
+#[inline(always)]
+pub(crate) fn span<T>(x: &[T], from: usize, to: usize) -> &[T] {
+    if x.is_empty() {
+        x
+    } else {
+        &x[from..to.min(x.len())]
+    }
 }
 
 /// `block` filled with `value`, handed back initialised: a kernel whose output is built

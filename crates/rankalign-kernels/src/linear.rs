@@ -134,12 +134,6 @@ fn product<T: Float>(
     if len == 0 {
         return Vec::new();
     }
-    if inp == 0 {
-        return match bias {
-            Some(b) => b.iter().copied().cycle().take(len).collect(),
-            None => vec![T::zero(); len],
-        };
-    }
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)

@@ -29,7 +29,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout,
 use candle_core::{Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::cpu::{Float, float_dispatch, slice, sum, sum_map, vectorised, written_vec};
+use crate::cpu::{
+    Float, float_dispatch, map_blocks, slice, span, sum, sum_map, vectorised, written_vec,
+};
 
 /// Elements per parallel task of the row-wise kernels (rounded up to whole rows).
 const ROW_BLOCK: usize = 1 << 13;
@@ -63,43 +65,28 @@ pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
     xs.contiguous()?.apply_op1(L2Normalize)
 }
 
-/// `out` row by row from `a` (and `b`, `c` of the same shape), `d` wide, in parallel
-/// blocks of rows; `f` gets one row of each and writes every element of its output row.
+/// `out` row by row from `a` (and `b`, `c` of the same shape, or empty), `d` wide, in
+/// parallel blocks of rows; `f` gets one row of each and writes every element of its
+/// output row.
 fn map_rows<T: Float>(
     inputs: [&[T]; 3],
     d: usize,
     f: impl Fn([&[T]; 3], &mut [MaybeUninit<T>]) + Sync,
 ) -> Vec<T> {
-    let [a, b, c] = inputs;
-    let block = ROW_BLOCK.div_ceil(d).max(1) * d;
-    // SAFETY: the blocks tile the output, and `f` writes every element of each row.
+    let d = d.max(1);
+    // SAFETY: the rows tile each block, and `f` writes every element of each row.
     #[allow(unsafe_code)]
-    let (out, ()) = unsafe {
-        written_vec(a.len(), 0, |out| {
-            out.par_chunks_mut(block).enumerate().for_each(|(k, o)| {
-                let part = |x| span(x, k * block, (k + 1) * block);
-                let (a, b, c) = (part(a), part(b), part(c));
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        for (r, o) in o.chunks_mut(d).enumerate() {
-                            let row = |x| span(x, r * d, (r + 1) * d);
-                            f([row(a), row(b), row(c)], o);
-                        }
-                    },
-                )
-            })
-        })
-    };
-    out
-}
-
-/// `x[from..to]` clipped to `x`; an empty `x` (an absent input) stays empty.
-fn span<T>(x: &[T], from: usize, to: usize) -> &[T] {
-    if x.is_empty() {
-        x
-    } else {
-        &x[from..to.min(x.len())]
+    unsafe {
+        map_blocks(
+            inputs,
+            ROW_BLOCK.div_ceil(d) * d,
+            #[inline(always)]
+            |parts, o| {
+                for (r, o) in o.chunks_mut(d).enumerate() {
+                    f(parts.map(|x| span(x, r * d, (r + 1) * d)), o);
+                }
+            },
+        )
     }
 }
 

@@ -164,8 +164,8 @@ fn vit_b16_forward(batch: usize, warmup: usize, runs: usize) -> anyhow::Result<(
     let size = cfg.vision.image_size();
     let pixels = pseudo_random(&[batch, 3, size, size], 1)?;
     // On a pool's worker, as `rankalign eval` runs it.
-    rayon::ThreadPoolBuilder::new().build()?.install(|| {
-        measure(
+    rankalign_train::experiment::in_pool(rayon::current_num_threads(), || {
+        Ok(measure(
             &dev,
             || {
                 let emb = proj.forward(&vision.forward(&pixels)?)?;
@@ -174,8 +174,8 @@ fn vit_b16_forward(batch: usize, warmup: usize, runs: usize) -> anyhow::Result<(
             },
             warmup,
             runs,
-        )
-    })
+        ))
+    })?
 }
 
 /// Token ids `(b, ctx)` of captions of 10 to 14 tokens (start, words, end, then zero
