@@ -21,7 +21,6 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
@@ -30,6 +29,7 @@ use std::sync::OnceLock;
 use crate::cpu::{
     Float, float_dispatch, slice, softmax_in_place, sum_map, vectorised, written_vec,
 };
+use crate::products::{self, Shared};
 
 fn check(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<()> {
     let (_, _, w) = q.dims3()?;
@@ -138,31 +138,6 @@ struct AttentionOp {
     probs: OnceLock<CpuStorage>,
 }
 
-/// A pointer into an output that the parallel heads write in disjoint places.
-#[derive(Clone, Copy)]
-struct Out<T>(*mut T);
-
-impl<T> Out<T> {
-    /// The pointer `offset` elements on (a method, so that closures capture the whole
-    /// `Sync` wrapper rather than its raw pointer field).
-    ///
-    /// # Safety
-    /// As for [`pointer::add`]: the offset stays inside the buffer.
-    #[allow(unsafe_code)]
-    unsafe fn add(self, offset: usize) -> *mut T {
-        // SAFETY: the caller's contract.
-        unsafe { self.0.add(offset) }
-    }
-}
-
-// SAFETY: each task writes only its own head's columns of its own batch row block (see
-// the callers), so no two threads touch one element; the buffer outlives the tasks.
-#[allow(unsafe_code)]
-unsafe impl<T> Send for Out<T> {}
-// SAFETY: as for `Send`.
-#[allow(unsafe_code)]
-unsafe impl<T> Sync for Out<T> {}
-
 /// Sizes of one call: positions, width, heads and head width (`task` = batch · heads + head).
 #[derive(Clone, Copy)]
 struct Dims {
@@ -177,46 +152,6 @@ impl Dims {
     fn at(&self, task: usize) -> usize {
         let (b, h) = (task / self.heads, task % self.heads);
         b * self.s * self.w + h * self.d
-    }
-}
-
-/// `dst (m × n) = beta · lhs (m × k) · rhs (k × n)`, single-threaded; each operand given
-/// by its pointer and (row, column) strides.
-///
-/// # Safety
-/// Every pointer must address its whole strided matrix, and `dst` must not overlap the
-/// others nor be written by another thread meanwhile.
-#[allow(unsafe_code, clippy::too_many_arguments)]
-unsafe fn product<T: Float>(
-    (m, n, k): (usize, usize, usize),
-    dst: (*mut T, usize, usize),
-    lhs: (*const T, usize, usize),
-    rhs: (*const T, usize, usize),
-    beta: T,
-) {
-    // SAFETY: the caller's contract; gemm reads and writes only within the given shapes.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.0,
-            dst.2 as isize,
-            dst.1 as isize,
-            false,
-            lhs.0,
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0,
-            rhs.2 as isize,
-            rhs.1 as isize,
-            T::zero(),
-            beta,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
     }
 }
 
@@ -241,16 +176,17 @@ fn forward<T: Float>(
     });
     // One head of one batch row: the scores into `p` (s × s, written whole by the first
     // product), their softmax in place, and `p V` into the head's output columns.
-    let head = |task: usize, p: &mut [MaybeUninit<T>], dst: Out<T>| {
+    let head = |task: usize, p: &mut [MaybeUninit<T>], dst: Shared<T>| {
         let at = dims.at(task);
         // SAFETY: `at` starts head h of batch b in every (b, s, w) tensor, whose s rows
         // of d columns at stride w lie inside it; `p` is this task's own s × s; the
         // output columns [h d, (h + 1) d) of batch b's rows are written by this task
         // alone. gemm with `read_dst = false` writes all of `p` before it is read.
         let p = unsafe {
-            product(
+            products::serial(
                 (s, s, d),
                 (p.as_mut_ptr().cast::<T>(), s, 1),
+                false,
                 (q[at..].as_ptr(), w, 1),
                 (k[at..].as_ptr(), 1, w),
                 c,
@@ -272,9 +208,10 @@ fn forward<T: Float>(
         );
         // SAFETY: as above.
         unsafe {
-            product(
+            products::serial(
                 (s, d, s),
-                (dst.add(at), w, 1),
+                (dst.at(at), w, 1),
+                false,
                 (p.as_ptr(), s, 1),
                 (v[at..].as_ptr(), w, 1),
                 T::one(),
@@ -286,7 +223,7 @@ fn forward<T: Float>(
     // each batch row), and with `keep` every task's `s × s` block of the probabilities.
     unsafe {
         let (out, probs) = written_vec(q.len(), 0, |out| {
-            let dst = Out(out.as_mut_ptr().cast::<T>());
+            let dst = Shared(out.as_mut_ptr().cast::<T>());
             if keep {
                 written_vec(tasks * s * s, 0, |probs| {
                     probs
@@ -329,7 +266,7 @@ fn backward<T: Float>(
     let mut grads: [Vec<T>; 3] = std::array::from_fn(|_| Vec::with_capacity(q.len()));
     let [dq, dk, dv] = grads
         .each_mut()
-        .map(|g| Out(g.spare_capacity_mut().as_mut_ptr().cast::<T>()));
+        .map(|g| Shared(g.spare_capacity_mut().as_mut_ptr().cast::<T>()));
     probs.par_chunks(s * s).enumerate().for_each_init(
         || vec![T::zero(); s * s],
         |ds, (task, p)| {
@@ -338,9 +275,10 @@ fn backward<T: Float>(
             // SAFETY: as in the forward; `ds` is this thread's own scratch, and each
             // gradient's head columns of batch b are written by this task alone.
             unsafe {
-                product(
+                products::serial(
                     (s, s, d),
                     (ds.as_mut_ptr(), s, 1),
+                    false,
                     (dout[at..].as_ptr(), w, 1),
                     (v[at..].as_ptr(), 1, w),
                     T::one(),
@@ -359,23 +297,26 @@ fn backward<T: Float>(
             );
             // SAFETY: as above.
             unsafe {
-                product(
+                products::serial(
                     (s, d, s),
-                    (dq.add(at), w, 1),
+                    (dq.at(at), w, 1),
+                    false,
                     (ds.as_ptr(), s, 1),
                     (k[at..].as_ptr(), w, 1),
                     c,
                 );
-                product(
+                products::serial(
                     (s, d, s),
-                    (dk.add(at), w, 1),
+                    (dk.at(at), w, 1),
+                    false,
                     (ds.as_ptr(), 1, s),
                     (q[at..].as_ptr(), w, 1),
                     c,
                 );
-                product(
+                products::serial(
                     (s, d, s),
-                    (dv.add(at), w, 1),
+                    (dv.at(at), w, 1),
+                    false,
                     (p.as_ptr(), 1, s),
                     (dout[at..].as_ptr(), w, 1),
                     T::one(),

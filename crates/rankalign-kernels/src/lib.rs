@@ -49,6 +49,7 @@ pub mod linear;
 pub mod order;
 pub mod pairwise;
 pub mod plackett_luce;
+mod products;
 pub mod similarity;
 
 #[cfg(feature = "cuda")]

@@ -15,13 +15,13 @@
 //! The fused op runs on CPU f32 and f64; other devices and dtypes use the reference.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
-use rayon::prelude::*;
-
-use std::mem::MaybeUninit;
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use std::ops::Range;
 
 use crate::cpu::{Float, float_dispatch, slice, written_vec};
+use crate::products::{self, Shared};
 
 fn check(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<(usize, usize)> {
     let (out, inp) = weight.dims2()?;
@@ -118,11 +118,10 @@ fn forward(
     Ok((ys, out_shape(x.1.shape(), out)))
 }
 
-/// Outputs at least this large get their bias rows written by the pool's threads.
-const PARALLEL_FILL: usize = 1 << 16;
-
-/// `xs (rows × inp) · Wᵀ + b` with `W` `(out, inp)` at strides `w_strides` from `ws`.
-#[allow(unsafe_code)] // the gemm call and `written_vec`
+/// `xs (rows × inp) · Wᵀ + b` with `W` `(out, inp)` at strides `w_strides` from `ws`,
+/// split by blocks of output columns over the pool ([`products::by_columns`]); each
+/// block's task first writes its columns of the bias rows.
+#[allow(unsafe_code)] // the product and `written_vec`
 fn product<T: Float>(
     xs: &[T],
     ws: &[T],
@@ -134,70 +133,51 @@ fn product<T: Float>(
     if len == 0 {
         return Vec::new();
     }
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: every element is written: with a bias, by the fill before gemm reads it;
-    // without, by gemm itself (`read_dst = false` writes the whole destination). `xs`
-    // holds `rows × inp` values and `ws` addresses `W` through its own strides (checked
-    // against the shapes by `check`), so gemm stays inside both.
+    // SAFETY: every element is written: with a bias, each block's columns by its fill
+    // before the product reads them; without, by the product itself (`read_dst = false`
+    // writes the whole destination). `xs` holds `rows × inp` values and `ws` addresses
+    // `W` through its own strides (checked against the shapes by `check`), so the
+    // product stays inside both; the blocks' columns are disjoint.
     let (ys, ()) = unsafe {
         written_vec(len, 0, |dst| {
-            if let Some(b) = bias {
-                let fill = |block: &mut [MaybeUninit<T>]| {
-                    for row in block.chunks_mut(out) {
-                        for (y, &v) in row.iter_mut().zip(b) {
-                            y.write(v);
-                        }
+            let dst = Shared(dst.as_mut_ptr().cast::<T>());
+            let fill = |cols: Range<usize>| {
+                if let Some(b) = bias {
+                    for r in 0..rows {
+                        // SAFETY: row `r`'s columns `cols` lie inside the output.
+                        std::ptr::copy_nonoverlapping(
+                            b[cols.clone()].as_ptr(),
+                            dst.at(r * out + cols.start),
+                            cols.len(),
+                        );
                     }
-                };
-                if len >= PARALLEL_FILL && threads > 1 {
-                    let per_task = (len / threads).div_ceil(out).max(1) * out;
-                    dst.par_chunks_mut(per_task).for_each(fill);
-                } else {
-                    fill(dst);
                 }
-            }
-            gemm::gemm(
-                rows,
-                out,
-                inp,
-                dst.as_mut_ptr().cast::<T>(),
-                1,
-                out as isize,
+            };
+            products::by_columns(
+                (rows, out, inp),
+                (dst, out),
                 bias.is_some(),
-                xs.as_ptr(),
-                1,
-                inp as isize,
-                ws.as_ptr(),
-                w_strides[0] as isize,
-                w_strides[1] as isize,
-                T::one(),
-                T::one(),
-                false,
-                false,
-                false,
-                parallelism,
+                (xs.as_ptr(), inp, 1),
+                // `Wᵀ`: its (k, j) entry is `W[j, k]`.
+                (ws.as_ptr(), w_strides[1], w_strides[0]),
+                fill,
             );
         })
     };
     ys
 }
 
-/// `(∂x, ∂W, ∂b)` of `y = x Wᵀ + b` for the upstream gradient `grad`, as tensor products
-/// on detached copies (no graph is recorded inside the backward).
+/// `(∂x, ∂W, ∂b)` of `y = x Wᵀ + b` for the upstream gradient `grad`, as products on
+/// detached copies (no graph is recorded inside the backward).
 fn backward(x: &Tensor, w: &Tensor, grad: &Tensor, bias: bool) -> Result<[Option<Tensor>; 3]> {
     let (out, inp) = w.dims2()?;
     let rows = leading(x.shape());
     let dy = grad.detach().contiguous()?.reshape((rows, out))?;
     let x2 = x.detach().reshape((rows, inp))?;
     // The products are independent: as two tasks, a thread that finishes its share of
-    // one gemm takes work from the other instead of waiting at the gemm's barrier.
+    // one takes work from the other instead of waiting.
     let (dx, dw_db) = rayon::join(
-        || dy.matmul(&w.detach())?.reshape(x.shape()),
+        || input_gradient(&dy, &w.detach(), x.shape()),
         || -> Result<(Tensor, Option<Tensor>)> {
             let dw = dy.t()?.matmul(&x2)?;
             let db = if bias {
@@ -211,6 +191,38 @@ fn backward(x: &Tensor, w: &Tensor, grad: &Tensor, bias: bool) -> Result<[Option
     );
     let (dw, db) = dw_db?;
     Ok([Some(dx?), Some(dw), db])
+}
+
+/// `∂x = ∂y·W` for `∂y` `(rows, out)`, shaped as the input: on CPU f32 / f64 split by
+/// columns over the pool ([`products::by_columns`], one fork-join; gemm's own threads
+/// would meet twice per 512 of `out`), which packs no operand twice here (the blocks
+/// share `∂y` unpacked and each packs its own columns of `W`); elsewhere candle's
+/// product. `∂W = ∂yᵀ·x` stays with gemm's threads: split by columns, every block
+/// would pack all of `∂y` again.
+fn input_gradient(dy: &Tensor, w: &Tensor, shape: &Shape) -> Result<Tensor> {
+    let (rows, out) = dy.dims2()?;
+    let w = w.contiguous()?;
+    let inp = w.dim(1)?;
+    let (gs, gl) = dy.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    if let (Storage::Cpu(gs), Storage::Cpu(ws)) = (&*gs, &*ws) {
+        return float_dispatch!(dy.dtype(), "linear", |T| {
+            let g = slice::<T>(gs, gl, "linear", "the output gradient")?;
+            let wv = slice::<T>(ws, wl, "linear", "the weight")?;
+            // SAFETY: `g` holds `rows × out` values and `wv` `out × inp`, contiguous, as
+            // the strides address them.
+            #[allow(unsafe_code)]
+            let dx = unsafe {
+                products::matmul(
+                    (rows, inp, out),
+                    (g.as_ptr(), out, 1),
+                    (wv.as_ptr(), inp, 1),
+                )
+            };
+            Tensor::from_vec(dx, shape, dy.device())
+        });
+    }
+    dy.matmul(&w)?.reshape(shape)
 }
 
 impl CustomOp3 for LinearOp {
@@ -306,6 +318,83 @@ mod tests {
         let b = Tensor::zeros(4, DType::F32, &dev).unwrap();
         let err = linear(&x, &w, Some(&b)).unwrap_err().to_string();
         assert!(err.contains("bias"), "{err}");
+    }
+
+    /// Split by columns over a pool, the forward and the input gradient give the bits of
+    /// candle's one product (the same gemm path, each output summed in the same order).
+    #[test]
+    fn split_products_keep_candles_bits() -> Result<()> {
+        let dev = Device::Cpu;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 99, 200), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (300, 200), &dev)?)?;
+        let b = Tensor::randn(0f32, 1., 300, &dev)?;
+        let g = Tensor::randn(0f32, 1., (2, 99, 300), &dev)?;
+        let (y, dx) = pool.install(|| -> Result<_> {
+            let y = linear(&x, &w, Some(&b))?;
+            let dx = (&y * &g)?.sum_all()?.backward()?.get(&x).unwrap().clone();
+            Ok((y, dx))
+        })?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        let x2 = x.reshape((198, 200))?;
+        let want_y = x2.matmul(&w.t()?)?.broadcast_add(&b)?;
+        // Not bit for bit: the bias is added first here, last in candle's composition.
+        let diff = (y.reshape((198, 300))? - want_y)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "{diff}");
+        // gemm adding the product onto bias rows on one thread, as the fused op asks it to.
+        let mut want_y = b
+            .broadcast_as((198, 300))?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (xs, ws) = (
+            x2.flatten_all()?.to_vec1::<f32>()?,
+            w.flatten_all()?.to_vec1::<f32>()?,
+        );
+        #[allow(unsafe_code)]
+        // SAFETY: the shapes are those of the buffers.
+        unsafe {
+            gemm::gemm(
+                198,
+                300,
+                200,
+                want_y.as_mut_ptr(),
+                1,
+                300,
+                true,
+                xs.as_ptr(),
+                1,
+                200,
+                ws.as_ptr(),
+                200,
+                1,
+                1f32,
+                1f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        };
+        let want_y = Tensor::from_vec(want_y, (2, 99, 300), &dev)?;
+        assert_eq!(bits(&y)?, bits(&want_y)?);
+        let want_dx = g
+            .reshape((198, 300))?
+            .matmul(w.as_tensor())?
+            .reshape((2, 99, 200))?;
+        assert_eq!(bits(&dx)?, bits(&want_dx)?);
+        Ok(())
     }
 
     /// No outputs, or no inputs, are empty or bias-only results, not a panic.

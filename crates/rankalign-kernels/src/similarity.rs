@@ -32,6 +32,7 @@ use rayon::prelude::*;
 use crate::cpu::{
     Float, float_dispatch, map_blocks, slice, span, sum, sum_map, vectorised, written_vec,
 };
+use crate::products::{self, Shared};
 
 /// Elements per parallel task of the row-wise kernels (rounded up to whole rows).
 const ROW_BLOCK: usize = 1 << 13;
@@ -424,26 +425,6 @@ impl CustomOp1 for Gram {
 /// Rows per task of [`gram_lower`].
 const GRAM_BLOCK: usize = 128;
 
-/// A raw pointer that tasks writing disjoint parts of one buffer can share.
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-
-impl<T> Shared<T> {
-    /// The pointer `i` elements on (taking `self` whole, so that a closure captures the
-    /// `Send` wrapper, not its field).
-    fn at(self, i: usize) -> *mut T {
-        self.0.wrapping_add(i)
-    }
-}
-
-// SAFETY: only used by `gram_lower`, whose tasks write disjoint parts of the buffer;
-// the elements themselves must be sendable.
-#[allow(unsafe_code)]
-unsafe impl<T: Send> Send for Shared<T> {}
-// SAFETY: as for `Send`.
-#[allow(unsafe_code)]
-unsafe impl<T: Sync> Sync for Shared<T> {}
-
 /// `X Xᵀ` of a contiguous `(n, d)` `x`, computing the lower triangle only: block row `i`
 /// (`GRAM_BLOCK` rows, one single-threaded gemm per task, the tasks in parallel) takes
 /// the columns up to its own last row, about half the products of a full gemm; then each
@@ -470,27 +451,14 @@ fn gram_lower<T: Float>(x: &[T], n: usize, d: usize) -> Vec<T> {
             (0..blocks).into_par_iter().rev().for_each(|b| {
                 let r0 = b * GRAM_BLOCK;
                 let rows = GRAM_BLOCK.min(n - r0);
-                gemm::gemm(
-                    rows,
-                    r0 + rows,
-                    d,
-                    dst.at(r0 * n),
-                    1,
-                    n as isize,
+                products::serial(
+                    (rows, r0 + rows, d),
+                    (dst.at(r0 * n), n, 1),
                     false,
-                    x.as_ptr().add(r0 * d),
-                    1,
-                    d as isize,
+                    (x.as_ptr().add(r0 * d), d, 1),
                     // `Xᵀ`: its (k, j) entry is `x[j·d + k]`.
-                    x.as_ptr(),
-                    d as isize,
-                    1,
-                    T::zero(),
+                    (x.as_ptr(), 1, d),
                     T::one(),
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             });
             (0..blocks).into_par_iter().for_each(|b| {
