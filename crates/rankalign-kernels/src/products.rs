@@ -1,9 +1,9 @@
 //! Matrix products on the CPU: one single-threaded gemm ([`serial`]), and a product
 //! split by blocks of its output's columns over the pool ([`by_columns`]).
 //!
-//! gemm's own threading meets at a barrier twice per block of the inner dimension (one
-//! to pack, one to multiply): the first MLP product of a ViT-B/16 block at batch one
-//! (197 × 768 by 768 × 3072) is four fork-joins, the second (3072 deep) twelve. Where
+//! gemm's own threading meets at a barrier once per block of the inner dimension (at
+//! most 512 deep), twice where it packs its right operand: the second MLP product of a
+//! ViT-B/16 block at batch one (197 × 3072 by 3072 × 768) is six fork-joins. Where
 //! the pool's workers sleep between ops, each is a wake-up. Split by columns, every task
 //! runs its whole product alone, so a product is one fork-join. The blocks share the
 //! left operand's rows: that suits a product whose left operand gemm reads unpacked
