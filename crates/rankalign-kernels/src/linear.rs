@@ -21,7 +21,7 @@ use candle_core::{
 use std::ops::Range;
 
 use crate::cpu::{Float, float_dispatch, slice, written_vec};
-use crate::products::{self, Shared};
+use crate::products::{self, Along, Shared};
 
 fn check(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<(usize, usize)> {
     let (out, inp) = weight.dims2()?;
@@ -119,7 +119,7 @@ fn forward(
 }
 
 /// `xs (rows × inp) · Wᵀ + b` with `W` `(out, inp)` at strides `w_strides` from `ws`,
-/// split by blocks of output columns over the pool ([`products::by_columns`]); each
+/// split by blocks of output columns over the pool ([`products::split`]); each
 /// block's task first writes its columns of the bias rows.
 #[allow(unsafe_code)] // the product and `written_vec`
 fn product<T: Float>(
@@ -153,13 +153,14 @@ fn product<T: Float>(
                     }
                 }
             };
-            products::by_columns(
+            products::split(
                 (rows, out, inp),
                 (dst, out),
                 bias.is_some(),
                 (xs.as_ptr(), inp, 1),
                 // `Wᵀ`: its (k, j) entry is `W[j, k]`.
                 (ws.as_ptr(), w_strides[1], w_strides[0]),
+                Along::Columns,
                 fill,
             );
         })
@@ -175,11 +176,12 @@ fn backward(x: &Tensor, w: &Tensor, grad: &Tensor, bias: bool) -> Result<[Option
     let dy = grad.detach().contiguous()?.reshape((rows, out))?;
     let x2 = x.detach().reshape((rows, inp))?;
     // The products are independent: as two tasks, a thread that finishes its share of
-    // one takes work from the other instead of waiting.
+    // one takes work from the other instead of waiting. `∂y` is row-major in `∂x` and
+    // transposed (so packed by gemm) in `∂W`: split by columns and by rows.
     let (dx, dw_db) = rayon::join(
-        || input_gradient(&dy, &w.detach(), x.shape()),
+        || split_matmul(&dy, &w.detach(), Along::Columns)?.reshape(x.shape()),
         || -> Result<(Tensor, Option<Tensor>)> {
-            let dw = dy.t()?.matmul(&x2)?;
+            let dw = split_matmul(&dy.t()?, &x2, Along::Rows)?;
             let db = if bias {
                 let ones = Tensor::ones((1, rows), dy.dtype(), dy.device())?;
                 Some(ones.matmul(&dy)?.reshape(out)?)
@@ -193,36 +195,34 @@ fn backward(x: &Tensor, w: &Tensor, grad: &Tensor, bias: bool) -> Result<[Option
     Ok([Some(dx?), Some(dw), db])
 }
 
-/// `∂x = ∂y·W` for `∂y` `(rows, out)`, shaped as the input: on CPU f32 / f64 split by
-/// columns over the pool ([`products::by_columns`], one fork-join; gemm's own threads
-/// would meet twice per 512 of `out`), which packs no operand twice here (the blocks
-/// share `∂y` unpacked and each packs its own columns of `W`); elsewhere candle's
-/// product. `∂W = ∂yᵀ·x` stays with gemm's threads: split by columns, every block
-/// would pack all of `∂y` again.
-fn input_gradient(dy: &Tensor, w: &Tensor, shape: &Shape) -> Result<Tensor> {
-    let (rows, out) = dy.dims2()?;
-    let w = w.contiguous()?;
-    let inp = w.dim(1)?;
-    let (gs, gl) = dy.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    if let (Storage::Cpu(gs), Storage::Cpu(ws)) = (&*gs, &*ws) {
-        return float_dispatch!(dy.dtype(), "linear", |T| {
-            let g = slice::<T>(gs, gl, "linear", "the output gradient")?;
-            let wv = slice::<T>(ws, wl, "linear", "the weight")?;
-            // SAFETY: `g` holds `rows × out` values and `wv` `out × inp`, contiguous, as
-            // the strides address them.
-            #[allow(unsafe_code)]
-            let dx = unsafe {
-                products::matmul(
-                    (rows, inp, out),
-                    (g.as_ptr(), out, 1),
-                    (wv.as_ptr(), inp, 1),
-                )
+/// `lhs · rhs` of two matrices, each in any strided layout: on CPU f32 / f64 split into
+/// blocks `along` the output's columns or rows over the pool ([`products::split`]: one
+/// fork-join, where gemm's own threads meet once or twice per 512 of the inner
+/// dimension, and the same bits); elsewhere candle's product.
+fn split_matmul(lhs: &Tensor, rhs: &Tensor, along: Along) -> Result<Tensor> {
+    let (m, k) = lhs.dims2()?;
+    let n = rhs.dim(1)?;
+    let (ls, ll) = lhs.storage_and_layout();
+    let (rs, rl) = rhs.storage_and_layout();
+    if let (Storage::Cpu(ls), Storage::Cpu(rs)) = (&*ls, &*rs)
+        && ls.dtype() == rs.dtype()
+        && matches!(ls.dtype(), DType::F32 | DType::F64)
+        && rhs.dim(0)? == k
+    {
+        return float_dispatch!(ls.dtype(), "linear", |T| {
+            let operand = |s: &CpuStorage, l: &Layout| -> Result<products::Operand<T>> {
+                let v = &s.as_slice::<T>()?[l.start_offset()..];
+                Ok((v.as_ptr(), l.stride()[0], l.stride()[1]))
             };
-            Tensor::from_vec(dx, shape, dy.device())
+            // SAFETY: each operand is a candle view of a 2-D matrix of the given shape,
+            // whose strides address elements inside its storage.
+            #[allow(unsafe_code)]
+            let v =
+                unsafe { products::matmul((m, n, k), operand(ls, ll)?, operand(rs, rl)?, along) };
+            Tensor::from_vec(v, (m, n), lhs.device())
         });
     }
-    dy.matmul(&w)?.reshape(shape)
+    lhs.matmul(rhs)
 }
 
 impl CustomOp3 for LinearOp {
@@ -333,10 +333,14 @@ mod tests {
         let w = Var::from_tensor(&Tensor::randn(0f32, 1., (300, 200), &dev)?)?;
         let b = Tensor::randn(0f32, 1., 300, &dev)?;
         let g = Tensor::randn(0f32, 1., (2, 99, 300), &dev)?;
-        let (y, dx) = pool.install(|| -> Result<_> {
+        let (y, dx, dw) = pool.install(|| -> Result<_> {
             let y = linear(&x, &w, Some(&b))?;
-            let dx = (&y * &g)?.sum_all()?.backward()?.get(&x).unwrap().clone();
-            Ok((y, dx))
+            let grads = (&y * &g)?.sum_all()?.backward()?;
+            let (dx, dw) = (
+                grads.get(&x).unwrap().clone(),
+                grads.get(&w).unwrap().clone(),
+            );
+            Ok((y, dx, dw))
         })?;
         let bits = |t: &Tensor| -> Result<Vec<u32>> {
             Ok(t.flatten_all()?
@@ -389,11 +393,10 @@ mod tests {
         };
         let want_y = Tensor::from_vec(want_y, (2, 99, 300), &dev)?;
         assert_eq!(bits(&y)?, bits(&want_y)?);
-        let want_dx = g
-            .reshape((198, 300))?
-            .matmul(w.as_tensor())?
-            .reshape((2, 99, 200))?;
+        let g2 = g.reshape((198, 300))?;
+        let want_dx = g2.matmul(w.as_tensor())?.reshape((2, 99, 200))?;
         assert_eq!(bits(&dx)?, bits(&want_dx)?);
+        assert_eq!(bits(&dw)?, bits(&g2.t()?.matmul(&x2)?)?);
         Ok(())
     }
 

@@ -1,20 +1,21 @@
 //! Matrix products on the CPU: one single-threaded gemm ([`serial`]), and a product
-//! split by blocks of its output's columns over the pool ([`by_columns`]).
+//! split by blocks of its output's columns or rows over the pool ([`split`]).
 //!
 //! gemm's own threading meets at a barrier once per block of the inner dimension (at
 //! most 512 deep), twice where it packs its right operand: the second MLP product of a
 //! ViT-B/16 block at batch one (197 × 3072 by 3072 × 768) is six fork-joins. Where
-//! the pool's workers sleep between ops, each is a wake-up. Split by columns, every task
-//! runs its whole product alone, so a product is one fork-join. The blocks share the
-//! left operand's rows: that suits a product whose left operand gemm reads unpacked
-//! (row-major, as a layer's input or output gradient is); one that gemm packs (a
-//! transposed gradient, as in a weight's gradient) would be packed once per block.
+//! the pool's workers sleep between ops, each is a wake-up. Split into blocks of the
+//! output, every task runs its whole product alone, so a product is one fork-join. The
+//! split is along the dimension whose operand gemm packs, so that each block packs only
+//! its own part: columns for a row-major left operand (a layer's input or output
+//! gradient, which gemm reads unpacked), rows for a transposed one (the output gradient
+//! in a weight's gradient, which it packs).
 //!
 //! The split does not change a single bit: gemm sums each output over the inner
 //! dimension in blocks whose size depends only on that dimension, and each output
-//! element's products are accumulated in the same order whichever block of columns (and
-//! thread) it falls in. `by_columns` keeps to the shapes where that holds (more than 64
-//! rows, blocks at least 64 columns wide), and the tests compare it bit for bit with one
+//! element's products are accumulated in the same order whichever block (and thread) it
+//! falls in. [`split`] keeps to the shapes where that holds (the other dimension more
+//! than 64, blocks at least 64 wide), and the tests compare it bit for bit with one
 //! call.
 
 use gemm::Parallelism;
@@ -105,28 +106,45 @@ unsafe fn call<T: Float>(
     }
 }
 
-/// Column blocks are multiples of this (gemm's f32 vector kernel spans 64 outputs).
+/// Blocks are whole multiples of this many rows or columns (gemm's f32 vector kernel
+/// spans 64 outputs).
 const BLOCK_ALIGN: usize = 64;
 
 /// Below this many multiply-adds a product runs on one thread (gemm's own threshold).
 const PARALLEL_WORK: usize = 48 * 48 * 256;
 
-/// The column blocks of an `m × n` product with inner dimension `k` on `threads`
-/// threads: one block (the whole width) when the product is small, has 64 rows or
-/// fewer, or is narrower than two aligned blocks; else up to `threads` blocks of whole
-/// multiples of 64 columns, spread evenly, the last taking the remainder too. Every
-/// block is then at least 64 columns by 65 rows, where gemm takes its blocked path (a
-/// narrower block could fall to its small-product kernels, which sum in other orders).
-fn column_blocks((m, n, k): (usize, usize, usize), threads: usize) -> Vec<Range<usize>> {
-    let units = n / BLOCK_ALIGN;
-    let parts = if m > 64 && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_WORK {
+/// Which of the output's dimensions a product is split along.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Along {
+    /// Blocks of columns: the tasks share the left operand, each reads its own columns
+    /// of the right.
+    Columns,
+    /// Blocks of rows: the tasks share the right operand, each reads its own rows of
+    /// the left.
+    Rows,
+}
+
+/// The blocks of an `m × n` product with inner dimension `k` on `threads` threads,
+/// along `along`'s dimension: one block (all of it) when the product is small, the other
+/// dimension is 64 or less, or the split one is shorter than two aligned blocks; else up
+/// to `threads` blocks of whole multiples of 64, spread evenly, the last taking the
+/// remainder too. Every block is then at least 64 by 65, where gemm takes its blocked
+/// path (a thinner block could fall to its small-product kernels, which sum in other
+/// orders).
+fn blocks((m, n, k): (usize, usize, usize), along: Along, threads: usize) -> Vec<Range<usize>> {
+    let (split, other) = match along {
+        Along::Columns => (n, m),
+        Along::Rows => (m, n),
+    };
+    let units = split / BLOCK_ALIGN;
+    let parts = if other > 64 && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_WORK {
         units.clamp(1, threads.max(1))
     } else {
         1
     };
     let edge = |p: usize| {
         if p == parts {
-            n
+            split
         } else {
             units * p / parts * BLOCK_ALIGN
         }
@@ -135,47 +153,58 @@ fn column_blocks((m, n, k): (usize, usize, usize), threads: usize) -> Vec<Range<
 }
 
 /// `dst = lhs · rhs` (or `dst + lhs · rhs` when `read_dst`) for a row-major `dst`
-/// `(m × n)` with rows `dst_rs` apart, as one single-threaded gemm per block of columns,
-/// the blocks as parallel tasks of the current rayon pool. `prepare(columns)` runs on a
-/// block's task just before its product (e.g. writing the block's bias, which the
-/// product then adds to). The same bits on any number of threads.
+/// `(m × n)` with rows `dst_rs` apart, as one single-threaded gemm per block of columns
+/// or rows (`along`), the blocks as parallel tasks of the current rayon pool.
+/// `prepare(block)` runs on a block's task just before its product (e.g. writing the
+/// block's bias, which the product then adds to). The same bits on any number of
+/// threads.
+///
+/// Split the dimension whose operand gemm packs: each block then packs only its own
+/// part. Along columns the left operand is shared, which suits a row-major one (gemm
+/// reads it unpacked); along rows the right is shared, which suits a transposed left
+/// operand (gemm packs that one).
 ///
 /// # Safety
-/// As for [`serial`], for the whole `m × n` product; `prepare(columns)` writes only
-/// those columns of `dst`'s rows.
+/// As for [`serial`], for the whole `m × n` product; `prepare(block)` writes only that
+/// block of `dst` (its columns of every row, or its rows).
 #[allow(unsafe_code)]
-pub(crate) unsafe fn by_columns<T: Float>(
+pub(crate) unsafe fn split<T: Float>(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs): (Shared<T>, usize),
     read_dst: bool,
     lhs: Operand<T>,
     rhs: Operand<T>,
+    along: Along,
     prepare: impl Fn(Range<usize>) + Sync,
 ) {
     let threads = rayon::current_num_threads();
-    let blocks = column_blocks((m, n, k), threads);
+    let blocks = blocks((m, n, k), along, threads);
     let lhs = (Shared(lhs.0.cast_mut()), lhs.1, lhs.2);
     let rhs = (Shared(rhs.0.cast_mut()), rhs.1, rhs.2);
-    let block = |cols: Range<usize>, parallelism| {
-        let c0 = cols.start;
-        let width = cols.len();
-        prepare(cols);
-        // SAFETY: the caller's contract; block `c0..c0 + width` of `dst` and of `rhs`'s
-        // columns lies within their shapes, and no two tasks write one element.
+    let block = |range: Range<usize>, parallelism| {
+        let (start, len) = (range.start, range.len());
+        prepare(range);
+        // The block's shape and where it starts in `dst`, `lhs` and `rhs`.
+        let (dims, at) = match along {
+            Along::Columns => ((m, len, k), (start, 0, start * rhs.2)),
+            Along::Rows => ((len, n, k), (start * dst_rs, start * lhs.1, 0)),
+        };
+        // SAFETY: the caller's contract; the block lies within `dst`'s shape and the
+        // operands' matching rows or columns, and no two tasks write one element.
         unsafe {
             call(
-                (m, width, k),
-                (dst.at(c0), dst_rs, 1),
+                dims,
+                (dst.at(at.0), dst_rs, 1),
                 read_dst,
-                (lhs.0.at(0).cast_const(), lhs.1, lhs.2),
-                (rhs.0.at(c0 * rhs.2).cast_const(), rhs.1, rhs.2),
+                (lhs.0.at(at.1).cast_const(), lhs.1, lhs.2),
+                (rhs.0.at(at.2).cast_const(), rhs.1, rhs.2),
                 T::one(),
                 parallelism,
             )
         }
     };
     match blocks.as_slice() {
-        // A product too short or too narrow to split: gemm's own threads, if it is big.
+        // A product too small or too thin to split: gemm's own threads, if it is big.
         [whole] => {
             let big = m.saturating_mul(n).saturating_mul(k) >= PARALLEL_WORK;
             block(
@@ -189,11 +218,11 @@ pub(crate) unsafe fn by_columns<T: Float>(
         }
         _ => blocks
             .into_par_iter()
-            .for_each(|cols| block(cols, Parallelism::None)),
+            .for_each(|range| block(range, Parallelism::None)),
     }
 }
 
-/// `lhs · rhs`, a new row-major `(m × n)`, as [`by_columns`].
+/// `lhs · rhs`, a new row-major `(m × n)`, as [`split`].
 ///
 /// # Safety
 /// As for [`serial`]: each operand addresses its whole shape through its strides.
@@ -202,17 +231,19 @@ pub(crate) unsafe fn matmul<T: Float>(
     (m, n, k): (usize, usize, usize),
     lhs: Operand<T>,
     rhs: Operand<T>,
+    along: Along,
 ) -> Vec<T> {
     // SAFETY: the product writes the whole `m × n` destination (`read_dst = false`);
     // the operands are the caller's contract.
     let (out, ()) = unsafe {
         written_vec(m * n, 0, |dst| {
-            by_columns(
+            split(
                 (m, n, k),
                 (Shared(dst.as_mut_ptr().cast::<T>()), n),
                 false,
                 lhs,
                 rhs,
+                along,
                 |_| {},
             )
         })
@@ -233,31 +264,56 @@ mod tests {
             .collect()
     }
 
-    /// `x Wᵀ` `(m × n)` for `x` `(m × k)` and `W` `(n × k)`, split as `threads` allow.
-    fn product(x: &[f32], w: &[f32], (m, n, k): (usize, usize, usize), threads: usize) -> Vec<f32> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+    /// `x Wᵀ` `(m × n)` for `x` `(m × k)` (or, `transposed`, stored as `xᵀ`) and `W`
+    /// `(n × k)`: split along `along` on `threads` threads, or, with `None`, one call
+    /// with gemm's own threads.
+    fn product(
+        x: &[f32],
+        w: &[f32],
+        (m, n, k): (usize, usize, usize),
+        transposed: bool,
+        split_on: Option<(Along, usize)>,
+    ) -> Vec<f32> {
+        let lhs = if transposed {
+            (x.as_ptr(), 1, m)
+        } else {
+            (x.as_ptr(), k, 1)
+        };
+        let rhs = (w.as_ptr(), 1, k);
         let mut out = vec![f32::NAN; m * n];
         let dst = Shared(out.as_mut_ptr());
-        // SAFETY: the operands hold `m × k` and `n × k` values; `out` holds `m × n`.
         #[allow(unsafe_code)]
-        pool.install(|| unsafe {
-            by_columns(
-                (m, n, k),
-                (dst, n),
-                false,
-                (x.as_ptr(), k, 1),
-                (w.as_ptr(), 1, k),
-                |_| {},
-            )
-        });
+        // SAFETY: the operands hold `m × k` and `n × k` values; `out` holds `m × n`.
+        match split_on {
+            Some((along, threads)) => {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let (x, w) = (Shared(x.as_ptr().cast_mut()), Shared(w.as_ptr().cast_mut()));
+                pool.install(|| unsafe {
+                    let lhs = (x.at(0).cast_const(), lhs.1, lhs.2);
+                    let rhs = (w.at(0).cast_const(), rhs.1, rhs.2);
+                    split((m, n, k), (dst, n), false, lhs, rhs, along, |_| {})
+                })
+            }
+            None => unsafe {
+                call(
+                    (m, n, k),
+                    (dst.0, n, 1),
+                    false,
+                    lhs,
+                    rhs,
+                    1.0,
+                    Parallelism::Rayon(2),
+                )
+            },
+        }
         out
     }
 
     #[test]
-    fn blocks_cover_the_columns_once() {
+    fn blocks_cover_the_dimension_once() {
         for (dims, threads) in [
             ((197, 3072, 768), 2),
             ((197, 3072, 768), 3),
@@ -266,26 +322,41 @@ mod tests {
             ((64, 3072, 768), 2),
             ((2000, 130, 4), 2),
         ] {
-            let blocks = column_blocks(dims, threads);
-            assert!(blocks.len() <= threads);
-            assert_eq!(blocks.first().unwrap().start, 0);
-            assert_eq!(blocks.last().unwrap().end, dims.1);
-            for pair in blocks.windows(2) {
-                assert_eq!(pair[0].end, pair[1].start);
-                assert_eq!(pair[0].len() % BLOCK_ALIGN, 0);
-            }
-            if blocks.len() > 1 {
-                assert!(blocks.iter().all(|b| b.len() >= BLOCK_ALIGN), "{blocks:?}");
+            for along in [Along::Columns, Along::Rows] {
+                let blocks = blocks(dims, along, threads);
+                let len = if along == Along::Columns {
+                    dims.1
+                } else {
+                    dims.0
+                };
+                assert!(blocks.len() <= threads);
+                assert_eq!(blocks.first().unwrap().start, 0);
+                assert_eq!(blocks.last().unwrap().end, len);
+                for pair in blocks.windows(2) {
+                    assert_eq!(pair[0].end, pair[1].start);
+                    assert_eq!(pair[0].len() % BLOCK_ALIGN, 0);
+                }
+                if blocks.len() > 1 {
+                    assert!(blocks.iter().all(|b| b.len() >= BLOCK_ALIGN), "{blocks:?}");
+                }
             }
         }
-        assert_eq!(column_blocks((197, 3072, 768), 2), [0..1536, 1536..3072]);
-        assert_eq!(column_blocks((64, 3072, 768), 2).len(), 1);
-        assert_eq!(column_blocks((65, 130, 3000), 2), [0..64, 64..130]);
-        assert_eq!(column_blocks((65, 130, 3000), 3), [0..64, 64..130]);
+        let columns = |dims, threads| blocks(dims, Along::Columns, threads);
+        assert_eq!(columns((197, 3072, 768), 2), [0..1536, 1536..3072]);
+        assert_eq!(columns((64, 3072, 768), 2).len(), 1);
+        assert_eq!(columns((65, 130, 3000), 2), [0..64, 64..130]);
+        assert_eq!(columns((65, 130, 3000), 3), [0..64, 64..130]);
+        assert_eq!(
+            blocks((3072, 768, 3152), Along::Rows, 2),
+            [0..1536, 1536..3072]
+        );
+        assert_eq!(blocks((3072, 64, 3152), Along::Rows, 2).len(), 1);
     }
 
-    /// The split gives gemm's single-call bits, on 1 to 3 threads, in shapes whose
-    /// blocks end off the vector width and whose inner dimension spans several blocks.
+    /// The split gives gemm's bits, on 1 to 3 threads, along either dimension, with the
+    /// left operand row-major or transposed, in shapes whose blocks end off the vector
+    /// width and whose inner dimension spans several of gemm's blocks; one call with
+    /// gemm's own threads (as candle's matmul makes it) gives them too.
     #[test]
     fn same_bits_on_any_thread_count() {
         for (m, n, k) in [
@@ -293,52 +364,29 @@ mod tests {
             (100, 200, 1100),
             (65, 130, 3000),
             (300, 70, 64),
+            (130, 65, 3000),
         ] {
             let x = values(m * k, 1);
             let w = values(n * k, 2);
-            let one = product(&x, &w, (m, n, k), 1);
-            assert!(one.iter().all(|v| v.is_finite()));
-            for threads in [2, 3] {
-                let split = product(&x, &w, (m, n, k), threads);
-                assert!(
+            for transposed in [false, true] {
+                let one = product(&x, &w, (m, n, k), transposed, Some((Along::Columns, 1)));
+                assert!(one.iter().all(|v| v.is_finite()));
+                let same = |other: &[f32]| {
                     one.iter()
-                        .zip(&split)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{m}x{n}x{k} on {threads} threads"
-                );
+                        .zip(other)
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+                };
+                assert!(same(&product(&x, &w, (m, n, k), transposed, None)));
+                for along in [Along::Columns, Along::Rows] {
+                    for threads in [2, 3] {
+                        let split = product(&x, &w, (m, n, k), transposed, Some((along, threads)));
+                        assert!(
+                            same(&split),
+                            "{m}x{n}x{k} along {along:?} on {threads} threads (transposed: {transposed})"
+                        );
+                    }
+                }
             }
-            // And against gemm's own threading, as candle's matmul calls it.
-            let mut threaded = vec![0f32; m * n];
-            #[allow(unsafe_code)]
-            // SAFETY: as in `product`.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    threaded.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    w.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::Rayon(2),
-                )
-            };
-            assert!(
-                one.iter()
-                    .zip(&threaded)
-                    .all(|(a, b)| a.to_bits() == b.to_bits())
-            );
         }
     }
 }
