@@ -282,8 +282,8 @@ mod tests {
         let rhs = (w.as_ptr(), 1, k);
         let mut out = vec![f32::NAN; m * n];
         let dst = Shared(out.as_mut_ptr());
+        // The operands hold `m × k` and `n × k` values; `out` holds `m × n`.
         #[allow(unsafe_code)]
-        // SAFETY: the operands hold `m × k` and `n × k` values; `out` holds `m × n`.
         match split_on {
             Some((along, threads)) => {
                 let pool = rayon::ThreadPoolBuilder::new()
@@ -291,12 +291,14 @@ mod tests {
                     .build()
                     .unwrap();
                 let (x, w) = (Shared(x.as_ptr().cast_mut()), Shared(w.as_ptr().cast_mut()));
+                // SAFETY: as above.
                 pool.install(|| unsafe {
                     let lhs = (x.at(0).cast_const(), lhs.1, lhs.2);
                     let rhs = (w.at(0).cast_const(), rhs.1, rhs.2);
                     split((m, n, k), (dst, n), false, lhs, rhs, along, |_| {})
                 })
             }
+            // SAFETY: as above.
             None => unsafe {
                 call(
                     (m, n, k),
