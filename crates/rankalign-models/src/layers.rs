@@ -188,13 +188,13 @@ impl Attention {
         // One node (ours): the heads read through strides of the projections' layout, in
         // parallel, with a backward; the composed reference's values to f32 rounding
         // (tested in rankalign-kernels).
-        let out = rankalign_kernels::attention(
-            &self.q_proj.forward(xs)?,
-            &self.k_proj.forward(xs)?,
-            &self.v_proj.forward(xs)?,
-            self.heads,
-            mask,
-        )?;
+        // The three projections as parallel tasks: one fork-join for the three, and
+        // a thread done with its share of one takes work from the others.
+        let (q, (k, v)) = rayon::join(
+            || self.q_proj.forward(xs),
+            || rayon::join(|| self.k_proj.forward(xs), || self.v_proj.forward(xs)),
+        );
+        let out = rankalign_kernels::attention(&q?, &k?, &v?, self.heads, mask)?;
         self.out_proj.forward(&out)
     }
 }
