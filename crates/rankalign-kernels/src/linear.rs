@@ -6,9 +6,10 @@
 //! backward gives every node a zero tensor plus an add, and sums the bias gradient over
 //! the broadcast rows with its strided reduction (one element at a time with two integer
 //! divisions; the profile of the tiny CLIP step put that reduction at 9% of the step).
-//! Fused, it is one node: the forward is one gemm that adds the product onto output rows
+//! Fused, it is one node: the forward is a product that gemm adds onto output rows
 //! written as copies of the bias (so the bias costs no read-modify-write pass of its own
-//! after the product), and the backward is three gemms,
+//! after the product), one single-threaded gemm per block of output columns
+//! (`products::split`), and the backward is three products,
 //! `∂x = ∂y·W`, `∂W = ∂yᵀ·x` and `∂b = 1ᵀ·∂y` (the column sums as a product with a row
 //! of ones, so that they run in gemm's vector kernels, in a fixed order).
 //!
@@ -141,6 +142,8 @@ fn product<T: Float>(
     let (ys, ()) = unsafe {
         written_vec(len, 0, |dst| {
             let dst = Shared(dst.as_mut_ptr().cast::<T>());
+            // Each block's columns of every row: right for blocks of columns only (the
+            // split below), where no two tasks share an element.
             let fill = |cols: Range<usize>| {
                 if let Some(b) = bias {
                     for r in 0..rows {
@@ -201,26 +204,29 @@ fn backward(x: &Tensor, w: &Tensor, grad: &Tensor, bias: bool) -> Result<[Option
 /// dimension, and the same bits); elsewhere candle's product.
 fn split_matmul(lhs: &Tensor, rhs: &Tensor, along: Along) -> Result<Tensor> {
     let (m, k) = lhs.dims2()?;
-    let n = rhs.dim(1)?;
-    let (ls, ll) = lhs.storage_and_layout();
-    let (rs, rl) = rhs.storage_and_layout();
-    if let (Storage::Cpu(ls), Storage::Cpu(rs)) = (&*ls, &*rs)
-        && ls.dtype() == rs.dtype()
-        && matches!(ls.dtype(), DType::F32 | DType::F64)
-        && rhs.dim(0)? == k
-    {
-        return float_dispatch!(ls.dtype(), "linear", |T| {
-            let operand = |s: &CpuStorage, l: &Layout| -> Result<products::Operand<T>> {
-                let v = &s.as_slice::<T>()?[l.start_offset()..];
-                Ok((v.as_ptr(), l.stride()[0], l.stride()[1]))
-            };
-            // SAFETY: each operand is a candle view of a 2-D matrix of the given shape,
-            // whose strides address elements inside its storage.
-            #[allow(unsafe_code)]
-            let v =
-                unsafe { products::matmul((m, n, k), operand(ls, ll)?, operand(rs, rl)?, along) };
-            Tensor::from_vec(v, (m, n), lhs.device())
-        });
+    let (k2, n) = rhs.dims2()?;
+    if k2 == k {
+        // The storages' read guards end with this block, before any fallback reads them.
+        let (ls, ll) = lhs.storage_and_layout();
+        let (rs, rl) = rhs.storage_and_layout();
+        if let (Storage::Cpu(ls), Storage::Cpu(rs)) = (&*ls, &*rs)
+            && ls.dtype() == rs.dtype()
+            && matches!(ls.dtype(), DType::F32 | DType::F64)
+        {
+            return float_dispatch!(ls.dtype(), "linear", |T| {
+                let operand = |s: &CpuStorage, l: &Layout| -> Result<products::Operand<T>> {
+                    let v = &s.as_slice::<T>()?[l.start_offset()..];
+                    Ok((v.as_ptr(), l.stride()[0], l.stride()[1]))
+                };
+                // SAFETY: each operand is a candle view of a 2-D matrix of the given
+                // shape, whose strides address elements inside its storage.
+                #[allow(unsafe_code)]
+                let v = unsafe {
+                    products::matmul((m, n, k), operand(ls, ll)?, operand(rs, rl)?, along)
+                };
+                Tensor::from_vec(v, (m, n), lhs.device())
+            });
+        }
     }
     lhs.matmul(rhs)
 }
@@ -320,8 +326,9 @@ mod tests {
         assert!(err.contains("bias"), "{err}");
     }
 
-    /// Split by columns over a pool, the forward and the input gradient give the bits of
-    /// candle's one product (the same gemm path, each output summed in the same order).
+    /// Split into blocks over a pool, the forward gives the bits of one direct gemm call
+    /// onto the bias rows, and `∂x` and `∂W` (split by columns and by rows) those of
+    /// candle's products (the same gemm path, each output summed in the same order).
     #[test]
     fn split_products_keep_candles_bits() -> Result<()> {
         let dev = Device::Cpu;

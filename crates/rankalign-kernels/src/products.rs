@@ -1,8 +1,8 @@
 //! Matrix products on the CPU: one single-threaded gemm ([`serial`]), and a product
 //! split by blocks of its output's columns or rows over the pool ([`split`]).
 //!
-//! gemm's own threading meets at a barrier once per block of the inner dimension (at
-//! most 512 deep), twice where it packs its right operand: the second MLP product of a
+//! gemm's own threading meets at a barrier once per block of the inner dimension (about
+//! 512 deep on the machine that measured it), twice where it packs its right operand: the second MLP product of a
 //! ViT-B/16 block at batch one (197 × 3072 by 3072 × 768) is six fork-joins. Where
 //! the pool's workers sleep between ops, each is a wake-up. Split into blocks of the
 //! output, every task runs its whole product alone, so a product is one fork-join. The
@@ -29,7 +29,8 @@ use crate::cpu::{Float, written_vec};
 /// (in elements).
 pub(crate) type Operand<T> = (*const T, usize, usize);
 
-/// A raw pointer that parallel tasks writing disjoint parts of one buffer can share.
+/// A raw pointer that parallel tasks can share: to write disjoint parts of one buffer,
+/// or to read an operand that no task writes.
 #[derive(Clone, Copy)]
 pub(crate) struct Shared<T>(pub(crate) *mut T);
 
@@ -41,13 +42,14 @@ impl<T> Shared<T> {
     }
 }
 
-// SAFETY: only used by tasks that write disjoint parts of the buffer (see each caller);
-// the elements themselves must be sendable.
+// SAFETY: only used by tasks that write disjoint parts of the buffer or read memory no
+// task writes (see each caller); the elements themselves must be sendable, since tasks
+// on other threads write them.
 #[allow(unsafe_code)]
 unsafe impl<T: Send> Send for Shared<T> {}
 // SAFETY: as for `Send`.
 #[allow(unsafe_code)]
-unsafe impl<T: Sync> Sync for Shared<T> {}
+unsafe impl<T: Send + Sync> Sync for Shared<T> {}
 
 /// `dst = beta · lhs · rhs` (or `dst + beta · lhs · rhs` when `read_dst`), `(m × k)` times
 /// `(k × n)`, on the calling thread. `dst` is `(pointer, row stride, column stride)`.
@@ -106,8 +108,9 @@ unsafe fn call<T: Float>(
     }
 }
 
-/// Blocks are whole multiples of this many rows or columns (gemm's f32 vector kernel
-/// spans 64 outputs).
+/// Blocks are whole multiples of this many rows or columns (for speed: gemm's f32
+/// AVX-512 kernel spans 64 outputs; the bits rest on blocks at least this wide and the
+/// other dimension above 64, see [`blocks`]).
 const BLOCK_ALIGN: usize = 64;
 
 /// Below this many multiply-adds a product runs on one thread (gemm's own threshold).
@@ -373,6 +376,30 @@ mod tests {
             for transposed in [false, true] {
                 let one = product(&x, &w, (m, n, k), transposed, Some((Along::Columns, 1)));
                 assert!(one.iter().all(|v| v.is_finite()));
+                // The operands as `product` hands them over, against a plain f64 loop.
+                let at = |i: usize, p: usize| {
+                    if transposed {
+                        x[p * m + i]
+                    } else {
+                        x[i * k + p]
+                    }
+                };
+                for (i, j) in [
+                    (0, 0),
+                    (m - 1, n - 1),
+                    (m / 2, n / 3),
+                    (m - 1, 0),
+                    (1, n - 1),
+                ] {
+                    let want: f64 = (0..k)
+                        .map(|p| f64::from(at(i, p)) * f64::from(w[j * k + p]))
+                        .sum();
+                    let got = f64::from(one[i * n + j]);
+                    assert!(
+                        (got - want).abs() < 1e-3,
+                        "{m}x{n}x{k} ({i}, {j}): {got} against {want}"
+                    );
+                }
                 let same = |other: &[f32]| {
                     one.iter()
                         .zip(other)
