@@ -181,12 +181,11 @@ fn forward<T: Float>(
         // SAFETY: `at` starts head h of batch b in every (b, s, w) tensor, whose s rows
         // of d columns at stride w lie inside it; `p` is this task's own s × s; the
         // output columns [h d, (h + 1) d) of batch b's rows are written by this task
-        // alone. gemm with `read_dst = false` writes all of `p` before it is read.
+        // alone. `products::serial` writes all of `p` before it is read.
         let p = unsafe {
             products::serial(
                 (s, s, d),
                 (p.as_mut_ptr().cast::<T>(), s, 1),
-                false,
                 (q[at..].as_ptr(), w, 1),
                 (k[at..].as_ptr(), 1, w),
                 c,
@@ -211,7 +210,6 @@ fn forward<T: Float>(
             products::serial(
                 (s, d, s),
                 (dst.at(at), w, 1),
-                false,
                 (p.as_ptr(), s, 1),
                 (v[at..].as_ptr(), w, 1),
                 T::one(),
@@ -278,7 +276,6 @@ fn backward<T: Float>(
                 products::serial(
                     (s, s, d),
                     (ds.as_mut_ptr(), s, 1),
-                    false,
                     (dout[at..].as_ptr(), w, 1),
                     (v[at..].as_ptr(), 1, w),
                     T::one(),
@@ -300,7 +297,6 @@ fn backward<T: Float>(
                 products::serial(
                     (s, d, s),
                     (dq.at(at), w, 1),
-                    false,
                     (ds.as_ptr(), s, 1),
                     (k[at..].as_ptr(), w, 1),
                     c,
@@ -308,7 +304,6 @@ fn backward<T: Float>(
                 products::serial(
                     (s, d, s),
                     (dk.at(at), w, 1),
-                    false,
                     (ds.as_ptr(), 1, s),
                     (q[at..].as_ptr(), w, 1),
                     c,
@@ -316,7 +311,6 @@ fn backward<T: Float>(
                 products::serial(
                     (s, d, s),
                     (dv.at(at), w, 1),
-                    false,
                     (p.as_ptr(), 1, s),
                     (dout[at..].as_ptr(), w, 1),
                     T::one(),
@@ -326,7 +320,7 @@ fn backward<T: Float>(
     );
     for g in &mut grads {
         // SAFETY: each task wrote its head's columns of its batch row's rows in all three
-        // gradients (gemm with `read_dst = false`), and the tasks cover every head of
+        // gradients (`products::serial` writes its whole destination), and the tasks cover every head of
         // every batch row; the capacity is `q.len()`.
         unsafe { g.set_len(q.len()) };
     }

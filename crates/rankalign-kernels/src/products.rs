@@ -51,27 +51,26 @@ unsafe impl<T: Send> Send for Shared<T> {}
 #[allow(unsafe_code)]
 unsafe impl<T: Send + Sync> Sync for Shared<T> {}
 
-/// `dst = beta · lhs · rhs` (or `dst + beta · lhs · rhs` when `read_dst`), `(m × k)` times
-/// `(k × n)`, on the calling thread. `dst` is `(pointer, row stride, column stride)`.
+/// `dst = beta · lhs · rhs`, `(m × k)` times `(k × n)`, on the calling thread; every
+/// element of `dst` is written. `dst` is `(pointer, row stride, column stride)`.
 ///
 /// # Safety
 /// Every operand addresses valid memory at all `(row, column)` of its shape through its
-/// strides; `dst` is writable there (and initialised, when `read_dst`) and overlaps
-/// neither input.
+/// strides; `dst` is writable there and overlaps neither input.
 #[allow(unsafe_code)]
 pub(crate) unsafe fn serial<T: Float>(
     (m, n, k): (usize, usize, usize),
     dst: (*mut T, usize, usize),
-    read_dst: bool,
     lhs: Operand<T>,
     rhs: Operand<T>,
     beta: T,
 ) {
     // SAFETY: the caller's contract.
-    unsafe { call((m, n, k), dst, read_dst, lhs, rhs, beta, Parallelism::None) }
+    unsafe { call((m, n, k), dst, false, lhs, rhs, beta, Parallelism::None) }
 }
 
-/// [`serial`] with gemm's own threading as given.
+/// `dst = beta · lhs · rhs` (or `dst + beta · lhs · rhs` when `read_dst`, `dst` then
+/// initialised) with gemm's own threading as given; otherwise as [`serial`].
 #[allow(unsafe_code)]
 unsafe fn call<T: Float>(
     (m, n, k): (usize, usize, usize),
@@ -113,8 +112,11 @@ unsafe fn call<T: Float>(
 /// other dimension above 64, see [`blocks`]).
 const BLOCK_ALIGN: usize = 64;
 
-/// Below this many multiply-adds a product runs on one thread (gemm's own threshold).
-const PARALLEL_WORK: usize = 48 * 48 * 256;
+/// Whether an `m × n` product with inner dimension `k` is worth more than one thread:
+/// at least gemm's own threshold of multiply-adds.
+fn big((m, n, k): (usize, usize, usize)) -> bool {
+    m.saturating_mul(n).saturating_mul(k) >= 48 * 48 * 256
+}
 
 /// Which of the output's dimensions a product is split along.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,7 +142,7 @@ fn blocks((m, n, k): (usize, usize, usize), along: Along, threads: usize) -> Vec
         Along::Rows => (m, n),
     };
     let units = split / BLOCK_ALIGN;
-    let parts = if other > 64 && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_WORK {
+    let parts = if other > 64 && big((m, n, k)) {
         units.clamp(1, threads.max(1))
     } else {
         1
@@ -208,17 +210,14 @@ pub(crate) unsafe fn split<T: Float>(
     };
     match blocks.as_slice() {
         // A product too small or too thin to split: gemm's own threads, if it is big.
-        [whole] => {
-            let big = m.saturating_mul(n).saturating_mul(k) >= PARALLEL_WORK;
-            block(
-                whole.clone(),
-                if threads > 1 && big {
-                    Parallelism::Rayon(threads)
-                } else {
-                    Parallelism::None
-                },
-            )
-        }
+        [whole] => block(
+            whole.clone(),
+            if threads > 1 && big((m, n, k)) {
+                Parallelism::Rayon(threads)
+            } else {
+                Parallelism::None
+            },
+        ),
         _ => blocks
             .into_par_iter()
             .for_each(|range| block(range, Parallelism::None)),

@@ -454,7 +454,6 @@ fn gram_lower<T: Float>(x: &[T], n: usize, d: usize) -> Vec<T> {
                 products::serial(
                     (rows, r0 + rows, d),
                     (dst.at(r0 * n), n, 1),
-                    false,
                     (x.as_ptr().add(r0 * d), d, 1),
                     // `Xᵀ`: its (k, j) entry is `x[j·d + k]`.
                     (x.as_ptr(), 1, d),
