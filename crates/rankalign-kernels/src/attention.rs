@@ -320,8 +320,8 @@ fn backward<T: Float>(
     );
     for g in &mut grads {
         // SAFETY: each task wrote its head's columns of its batch row's rows in all three
-        // gradients (`products::serial` writes its whole destination), and the tasks cover every head of
-        // every batch row; the capacity is `q.len()`.
+        // gradients (`products::serial` writes its whole destination), and the tasks
+        // cover every head of every batch row; the capacity is `q.len()`.
         unsafe { g.set_len(q.len()) };
     }
     grads
