@@ -145,8 +145,8 @@ impl TextTransformer {
         }
         let xs = xs.broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
         let mask = self.mask.narrow(0, 0, s)?.narrow(1, 0, s)?.contiguous()?;
-        let xs = self.encoder.forward(&xs, Some(&mask))?;
-        let xs = self.final_layer_norm.forward(&xs)?;
-        xs.reshape((b * s, self.cfg.width))?.index_select(eot, 0)
+        // Only the EOT tokens are read: the encoder's last layer computes their rows alone.
+        let xs = self.encoder.forward_rows(&xs, Some(&mask), eot)?;
+        self.final_layer_norm.forward(&xs)
     }
 }

@@ -173,8 +173,10 @@ impl VisionTransformer {
             .broadcast_as((b, 1, c.width))?;
         let xs = Tensor::cat(&[&cls, &xs], 1)?.broadcast_add(&self.position_embedding)?;
         let xs = self.pre_layrnorm.forward(&xs)?;
-        let xs = self.encoder.forward(&xs, None)?;
-        self.post_layernorm
-            .forward(&xs.narrow(1, 0, 1)?.squeeze(1)?)
+        // Only the class token is read: the encoder's last layer computes its row alone.
+        let s = g * g + 1;
+        let cls_rows = Tensor::arange_step(0, (b * s) as u32, s as u32, pixels.device())?;
+        let xs = self.encoder.forward_rows(&xs, None, &cls_rows)?;
+        self.post_layernorm.forward(&xs)
     }
 }

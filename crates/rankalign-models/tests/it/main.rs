@@ -194,3 +194,78 @@ fn inference_forward_matches_the_differentiable_one() -> Result<()> {
     }
     Ok(())
 }
+
+/// The encoder's pooled path (the last layer's output projection and MLP on the kept
+/// rows only) gives the full forward's rows, and the same gradients for every
+/// parameter and for the input, with a causal mask and without.
+#[test]
+fn pooled_rows_match_the_full_encoder() -> Result<()> {
+    use rankalign_models::layers::{Encoder, EncoderInit, EncoderShape};
+    let dev = Device::Cpu;
+    let (b, s, w) = (3, 7, 16);
+    let shape = EncoderShape {
+        width: w,
+        layers: 2,
+        heads: 2,
+        mlp_dim: 32,
+        eps: 1e-5,
+    };
+    let vm = SeededVarMap::new(3);
+    let encoder = Encoder::new(
+        &shape,
+        EncoderInit::OpenAiText,
+        vm.var_builder(DType::F32, &dev),
+    )?;
+    let xs = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, w), &dev)?)?;
+    let rows = Tensor::new(&[0u32, 9, 20, 9], &dev)?;
+    let causal: Vec<f32> = (0..s * s)
+        .map(|i| {
+            if i % s > i / s {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let causal = Tensor::from_vec(causal, (s, s), &dev)?;
+    let weights = Tensor::randn(0f32, 1.0, (4, w), &dev)?;
+    let close = |a: &Tensor, b: &Tensor, what: &str| -> Result<()> {
+        let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(scale > 0.0, "{what}: all zero");
+        assert!(
+            diff <= 1e-5 * scale,
+            "{what}: max |Δ| = {diff} at scale {scale}"
+        );
+        Ok(())
+    };
+    for mask in [None, Some(&causal)] {
+        let full = encoder
+            .forward(xs.as_tensor(), mask)?
+            .reshape((b * s, w))?
+            .index_select(&rows, 0)?;
+        let pooled = encoder.forward_rows(xs.as_tensor(), mask, &rows)?;
+        assert_eq!(pooled.dims(), [4, w]);
+        close(&full, &pooled, "values")?;
+        let g_full = (full * &weights)?.sum_all()?.backward()?;
+        let g_pooled = (pooled * &weights)?.sum_all()?.backward()?;
+        close(
+            g_full.get(&xs).expect("input gradient"),
+            g_pooled.get(&xs).expect("input gradient"),
+            "input",
+        )?;
+        for (name, var) in vm.named_vars() {
+            let (a, p) = (g_full.get(&var), g_pooled.get(&var));
+            let (a, p) = (a.expect(&name), p.expect(&name));
+            if name.ends_with("k_proj.bias") {
+                // Softmax ignores a shift shared by every key: zero up to rounding.
+                for g in [a, p] {
+                    assert!(g.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6, "{name}");
+                }
+                continue;
+            }
+            close(a, p, &name)?;
+        }
+    }
+    Ok(())
+}
