@@ -197,7 +197,8 @@ fn inference_forward_matches_the_differentiable_one() -> Result<()> {
 
 /// The encoder's pooled path (the last layer's output projection and MLP on the kept
 /// rows only) gives the full forward's rows, and the same gradients for every
-/// parameter and for the input, with a causal mask and without.
+/// parameter and for the input: without a mask, with a causal one, and with a padding
+/// mask per item.
 #[test]
 fn pooled_rows_match_the_full_encoder() -> Result<()> {
     use rankalign_models::layers::{Encoder, EncoderInit, EncoderShape};
@@ -228,6 +229,17 @@ fn pooled_rows_match_the_full_encoder() -> Result<()> {
         })
         .collect();
     let causal = Tensor::from_vec(causal, (s, s), &dev)?;
+    // One per item (the last `item + 1` tokens hidden): the full attention's path.
+    let padding: Vec<f32> = (0..b * s)
+        .map(|i| {
+            if i % s + i / s + 1 >= s {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let padding = Tensor::from_vec(padding, (b, 1, 1, s), &dev)?;
     let weights = Tensor::randn(0f32, 1.0, (4, w), &dev)?;
     let close = |a: &Tensor, b: &Tensor, what: &str| -> Result<()> {
         let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -239,7 +251,7 @@ fn pooled_rows_match_the_full_encoder() -> Result<()> {
         );
         Ok(())
     };
-    for mask in [None, Some(&causal)] {
+    for mask in [None, Some(&causal), Some(&padding)] {
         let full = encoder
             .forward(xs.as_tensor(), mask)?
             .reshape((b * s, w))?
