@@ -615,6 +615,7 @@ fn render_models(rows: &[Row], threads: usize, torch_note: &str, quick: bool) ->
     s.push_str(&format!(
         "Median of {} runs after {} warm-up runs, {threads} thread(s) on both sides (`RAYON_NUM_THREADS`/`CANDLE_NUM_THREADS`; \
          `torch.set_num_threads`), on {}, random weights, f32; against the same models in Hugging Face `transformers` ({torch_note}). \
+         In the ViT-B/16 and tiny rows, our towers compute only the pooled token's row (the class token, the EOT token) in their last layer, the only row the embeddings read (decision 93); `transformers` computes every token's. \
          `vit_b16_image_forward`: image embeddings of the ViT-B/16 tower and its projection, no gradients (ours: weights as plain tensors, \
          so no graph is recorded, on a rayon pool's worker as `rankalign eval` runs it; PyTorch: `CLIPVisionModelWithProjection` under `torch.no_grad()`, its default attention). \
          `linear_probe_fit`: one fit of `rankalign eval`'s linear probe (full-batch L-BFGS; f32 features and products, f64 parameters and loss) on 10,000 L2-normalised 512-d features of 10 classes \

@@ -4,7 +4,7 @@
 //! Parameter names follow Hugging Face `CLIPEncoderLayer` (`layer_norm1`,
 //! `self_attn.{q,k,v,out}_proj`, `layer_norm2`, `mlp.fc1`, `mlp.fc2`).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 /// `y = x Wᵀ + b` over the last dimension, with `W` `(out, in)`: one fused node
@@ -206,10 +206,15 @@ impl Attention {
             }
         };
         let (h, d) = (self.heads, w / self.heads);
-        let flat = rows.to_vec1::<u32>()?;
-        let r = flat.len();
-        let dev = xs.device();
-        let items = Tensor::from_iter(flat.iter().map(|&i| i / s as u32), dev)?;
+        let r = rows.dim(0)?;
+        // Each row's item and position, on the rows' device (no copy to the host): a
+        // true division, exact in f64 for any index below 2^53, then its floor.
+        let flat = rows.to_dtype(DType::F64)?;
+        let items = flat
+            .broadcast_div(&Tensor::new(s as f64, rows.device())?)?
+            .floor()?;
+        let positions = (flat - (&items * s as f64)?)?.to_dtype(DType::U32)?;
+        let items = items.to_dtype(DType::U32)?;
         let (q, (k, v)) = rayon::join(
             || {
                 self.q_proj
@@ -227,7 +232,6 @@ impl Attention {
         let q = (q? * (d as f64).powf(-0.5))?.reshape((r, h, 1, d))?;
         let mut att = q.matmul(&per_row(k?)?.t()?)?;
         if let Some(m) = mask {
-            let positions = Tensor::from_iter(flat.iter().map(|&i| i % s as u32), dev)?;
             let m = m.to_dtype(att.dtype())?.index_select(&positions, 0)?;
             att = att.broadcast_add(&m.reshape((r, 1, 1, s))?)?;
         }
