@@ -4,7 +4,7 @@
 //! Parameter names follow Hugging Face `CLIPEncoderLayer` (`layer_norm1`,
 //! `self_attn.{q,k,v,out}_proj`, `layer_norm2`, `mlp.fc1`, `mlp.fc2`).
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 /// `y = x Wᵀ + b` over the last dimension, with `W` `(out, in)`: one fused node
@@ -207,14 +207,10 @@ impl Attention {
         };
         let (h, d) = (self.heads, w / self.heads);
         let r = rows.dim(0)?;
-        // Each row's item and position, on the rows' device (no copy to the host): a
-        // true division, exact in f64 for any index below 2^53, then its floor.
-        let flat = rows.to_dtype(DType::F64)?;
-        let items = flat
-            .broadcast_div(&Tensor::new(s as f64, rows.device())?)?
-            .floor()?;
-        let positions = (flat - (&items * s as f64)?)?.to_dtype(DType::U32)?;
-        let items = items.to_dtype(DType::U32)?;
+        // Each row's item and position, in u32 on the rows' device (no copy to the host).
+        let s_u32 = Tensor::new(s as u32, rows.device())?;
+        let items = rows.broadcast_div(&s_u32)?;
+        let positions = (rows - items.broadcast_mul(&s_u32)?)?;
         let (q, (k, v)) = rayon::join(
             || {
                 self.q_proj
@@ -386,8 +382,9 @@ impl Encoder {
     /// [`Encoder::forward`]'s output, `(rows, width)`: what a tower pooling one token
     /// per item (CLIP's class or end-of-text token) reads. The last layer runs its
     /// queries, output projection and MLP on those rows only (see
-    /// [`EncoderLayer::forward_rows`]), which skips about 7% of a ViT-B/16's work; the values are the full forward's to
-    /// rounding.
+    /// [`EncoderLayer::forward_rows`]; under a mask that differs by item, every
+    /// token's queries), which skips about 7% of a ViT-B/16's work; the values are the
+    /// full forward's to rounding.
     pub fn forward_rows(
         &self,
         xs: &Tensor,

@@ -174,7 +174,7 @@ impl VisionTransformer {
         let xs = Tensor::cat(&[&cls, &xs], 1)?.broadcast_add(&self.position_embedding)?;
         let xs = self.pre_layrnorm.forward(&xs)?;
         // Only the class token is read: the encoder's last layer computes its row alone.
-        let s = g * g + 1;
+        let s = xs.dim(1)?;
         let cls_rows = Tensor::arange_step(0, (b * s) as u32, s as u32, pixels.device())?;
         let xs = self.encoder.forward_rows(&xs, None, &cls_rows)?;
         self.post_layernorm.forward(&xs)

@@ -195,8 +195,8 @@ fn inference_forward_matches_the_differentiable_one() -> Result<()> {
     Ok(())
 }
 
-/// The encoder's pooled path (the last layer's output projection and MLP on the kept
-/// rows only) gives the full forward's rows, and the same gradients for every
+/// The encoder's pooled path (the last layer's queries, output projection and MLP on
+/// the kept rows only) gives the full forward's rows, and the same gradients for every
 /// parameter and for the input: without a mask, with a causal one, and with a padding
 /// mask per item.
 #[test]
@@ -217,7 +217,16 @@ fn pooled_rows_match_the_full_encoder() -> Result<()> {
         EncoderInit::OpenAiText,
         vm.var_builder(DType::F32, &dev),
     )?;
-    let xs = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, w), &dev)?)?;
+    // Fixed inputs (candle's CPU randn takes no seed): a hash of each index in [-1, 1).
+    let fixed = |shape: (usize, usize), salt: f64| -> Result<Tensor> {
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|i| {
+                ((((i as f64 + salt) * 12.9898).sin() * 43758.5453).fract() * 2.0 - 1.0) as f32
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &dev)
+    };
+    let xs = candle_core::Var::from_tensor(&fixed((b * s, w), 0.5)?.reshape((b, s, w))?)?;
     let rows = Tensor::new(&[0u32, 9, 20, 9], &dev)?;
     let causal: Vec<f32> = (0..s * s)
         .map(|i| {
@@ -240,7 +249,7 @@ fn pooled_rows_match_the_full_encoder() -> Result<()> {
         })
         .collect();
     let padding = Tensor::from_vec(padding, (b, 1, 1, s), &dev)?;
-    let weights = Tensor::randn(0f32, 1.0, (4, w), &dev)?;
+    let weights = fixed((4, w), 1000.5)?;
     let close = |a: &Tensor, b: &Tensor, what: &str| -> Result<()> {
         let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
         let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -266,17 +275,30 @@ fn pooled_rows_match_the_full_encoder() -> Result<()> {
             g_pooled.get(&xs).expect("input gradient"),
             "input",
         )?;
-        for (name, var) in vm.named_vars() {
-            let (a, p) = (g_full.get(&var), g_pooled.get(&var));
-            let (a, p) = (a.expect(&name), p.expect(&name));
+        let grads: Vec<_> = vm
+            .named_vars()
+            .into_iter()
+            .map(|(name, var)| {
+                let pair = (g_full.get(&var).cloned(), g_pooled.get(&var).cloned());
+                (name, pair)
+            })
+            .collect();
+        let mut largest = 0f32;
+        for (name, (a, _)) in &grads {
+            let a = a.as_ref().expect(name);
+            largest = largest.max(a.abs()?.max_all()?.to_scalar::<f32>()?);
+        }
+        for (name, (a, p)) in &grads {
+            let (a, p) = (a.as_ref().expect(name), p.as_ref().expect(name));
             if name.ends_with("k_proj.bias") {
                 // Softmax ignores a shift shared by every key: zero up to rounding.
                 for g in [a, p] {
-                    assert!(g.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6, "{name}");
+                    let g = g.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(g <= 1e-5 * largest, "{name}: {g} against {largest}");
                 }
                 continue;
             }
-            close(a, p, &name)?;
+            close(a, p, name)?;
         }
     }
     Ok(())
