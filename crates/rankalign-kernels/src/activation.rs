@@ -76,6 +76,34 @@ fn sigmoid<T: Float>(x: T) -> T {
     T::one() / (T::one() + (-x).exp_v())
 }
 
+/// `y ← q(y + b)` in place over rows of `b.len()` (or `q(y)` without a bias),
+/// `q(x) = x·σ(1.702x)`, in parallel blocks of whole rows: the no-graph epilogue of
+/// `linear_quick_gelu`.
+pub(crate) fn quick_gelu_in_place<T: Float>(ys: &mut [T], bias: Option<&[T]>, width: usize) {
+    use rayon::prelude::*;
+    let k = T::from(SLOPE).unwrap_or_else(T::one);
+    ys.par_chunks_mut(block_of(width)).for_each(|block| {
+        crate::cpu::vectorised(
+            #[inline(always)]
+            || match bias {
+                Some(b) => {
+                    for row in block.chunks_exact_mut(width) {
+                        for (y, &b) in row.iter_mut().zip(b) {
+                            let x = *y + b;
+                            *y = x * sigmoid(k * x);
+                        }
+                    }
+                }
+                None => {
+                    for y in block.iter_mut() {
+                        *y = *y * sigmoid(k * *y);
+                    }
+                }
+            },
+        )
+    });
+}
+
 struct QuickGelu;
 
 impl CustomOp1 for QuickGelu {

@@ -61,7 +61,7 @@ pub use activation::{
 pub use attention::{attention, attention_reference};
 pub use embedding::{embedding, embedding_reference};
 pub use layer_norm::{layer_norm, layer_norm_reference};
-pub use linear::{linear, linear_reference};
+pub use linear::{linear, linear_add, linear_quick_gelu, linear_reference};
 pub use order::pl_order;
 pub use pairwise::{PairwiseForm, weighted_pairwise, weighted_pairwise_reference};
 pub use plackett_luce::{PlMode, pl_nll, pl_nll_reference};

@@ -93,6 +93,122 @@ pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
     }
 }
 
+/// `residual + xs Wᵀ + b`: a projection and the residual connection around it. Where
+/// no input records a graph (inference) on CPU f32 / f64, one product whose output rows
+/// start as `residual + b`, a pass fewer over the output than the two ops; else
+/// `residual + linear(xs, W, b)`, the same bits as those two. The two forms agree to
+/// rounding.
+pub fn linear_add(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    let (out, _) = check(xs, weight, bias)?;
+    let shape = out_shape(xs.shape(), out);
+    if residual.shape() != &shape {
+        candle_core::bail!(
+            "linear_add: residual {:?} does not match the output {:?}",
+            residual.dims(),
+            shape.dims()
+        )
+    }
+    if !no_graph(xs, weight, bias, Some(residual)) {
+        return residual + linear(xs, weight, bias)?;
+    }
+    let (xs, residual) = (xs.contiguous()?, residual.contiguous()?);
+    let bias = bias.map(Tensor::contiguous).transpose()?;
+    inference(&xs, weight, bias.as_ref(), Some(&residual), false)
+}
+
+/// `quick_gelu(xs Wᵀ + b)`: where no input records a graph, on CPU f32 / f64, gemm
+/// writes the product and one in-place pass adds the bias and applies QuickGELU (no
+/// bias rows written first, no second output); else the two ops. The two forms agree
+/// to rounding.
+pub fn linear_quick_gelu(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    check(xs, weight, bias)?;
+    if !no_graph(xs, weight, bias, None) {
+        return crate::quick_gelu(&linear(xs, weight, bias)?);
+    }
+    let xs = xs.contiguous()?;
+    let bias = bias.map(Tensor::contiguous).transpose()?;
+    inference(&xs, weight, bias.as_ref(), None, true)
+}
+
+/// Whether the no-graph forms of [`linear_add`] and [`linear_quick_gelu`] apply: CPU,
+/// f32 or f64 throughout, some input, and no input that records a graph.
+fn no_graph(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> bool {
+    let dtype = xs.dtype();
+    let all = [Some(xs), Some(weight), bias, residual];
+    let tensors = all.iter().flatten();
+    xs.device().is_cpu()
+        && matches!(dtype, DType::F32 | DType::F64)
+        && xs.elem_count() > 0
+        && tensors
+            .clone()
+            .all(|t| t.dtype() == dtype && t.device().is_cpu())
+        && !tensors.clone().any(|t| t.track_op())
+}
+
+/// The no-graph product of [`linear_add`] (`residual` given) or [`linear_quick_gelu`]
+/// (`gelu`) on contiguous `xs`, `bias` and `residual`.
+fn inference(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    gelu: bool,
+) -> Result<Tensor> {
+    fn cpu(s: &Storage) -> Result<&CpuStorage> {
+        match s {
+            Storage::Cpu(s) => Ok(s),
+            _ => candle_core::bail!("linear: the inference form runs on the CPU"),
+        }
+    }
+    let (out, inp) = weight.dims2()?;
+    let rows = leading(xs.shape());
+    let shape = out_shape(xs.shape(), out);
+    // Read guards only (two may share a storage, as in candle's own ops); no candle op
+    // runs while they are held.
+    let (xs_g, xs_l) = xs.storage_and_layout();
+    let (w_g, w_l) = weight.storage_and_layout();
+    let bias_g = bias.map(Tensor::storage_and_layout);
+    let residual_g = residual.map(Tensor::storage_and_layout);
+    let ys = float_dispatch!(xs.dtype(), "linear", |T| {
+        let x = slice::<T>(cpu(&xs_g)?, xs_l, "linear", "the input")?;
+        let ws = &cpu(&w_g)?.as_slice::<T>()?[w_l.start_offset()..];
+        let b = match &bias_g {
+            Some((g, l)) => Some(slice::<T>(cpu(g)?, l, "linear", "the bias")?),
+            None => None,
+        };
+        let start = match &residual_g {
+            Some((g, l)) => Start::Onto {
+                residual: slice::<T>(cpu(g)?, l, "linear_add", "the residual")?,
+                bias: b,
+            },
+            None if gelu => Start::Zero,
+            None => Start::of(b),
+        };
+        let mut ys = product(x, ws, w_l.stride(), start, (rows, inp, out));
+        if gelu {
+            crate::activation::quick_gelu_in_place(&mut ys, b, out);
+        }
+        T::storage(ys)
+    });
+    drop((xs_g, w_g, bias_g, residual_g));
+    let ys = match ys {
+        CpuStorage::F32(v) => Tensor::from_vec(v, shape, xs.device())?,
+        CpuStorage::F64(v) => Tensor::from_vec(v, shape, xs.device())?,
+        _ => candle_core::bail!("linear: the inference form runs on f32 or f64"),
+    };
+    Ok(ys)
+}
+
 /// The fused linear layer (with a bias as a [`CustomOp3`], without as a [`CustomOp2`]).
 #[derive(Clone, Copy, Debug)]
 struct LinearOp;
@@ -114,52 +230,96 @@ fn forward(
             Some((s, l)) => Some(slice::<T>(s, l, "linear", "the bias")?),
             None => None,
         };
-        T::storage(product(xs, ws, w.1.stride(), bias, (rows, inp, out)))
+        T::storage(product(
+            xs,
+            ws,
+            w.1.stride(),
+            Start::of(bias),
+            (rows, inp, out),
+        ))
     });
     Ok((ys, out_shape(x.1.shape(), out)))
 }
 
-/// `xs (rows × inp) · Wᵀ + b` with `W` `(out, inp)` at strides `w_strides` from `ws`,
-/// split by blocks of output columns over the pool ([`products::split`]); each
-/// block's task first writes its columns of the bias rows.
+/// What a linear product's output rows hold before gemm adds the product to them.
+#[derive(Clone, Copy)]
+enum Start<'a, T> {
+    /// Nothing: gemm writes the product.
+    Zero,
+    /// Copies of the bias.
+    Bias(&'a [T]),
+    /// `residual + b` (a residual connection around the layer), `residual` `(rows, out)`.
+    Onto {
+        residual: &'a [T],
+        bias: Option<&'a [T]>,
+    },
+}
+
+impl<'a, T> Start<'a, T> {
+    fn of(bias: Option<&'a [T]>) -> Self {
+        bias.map_or(Start::Zero, Start::Bias)
+    }
+}
+
+/// `start + xs (rows × inp) · Wᵀ` with `W` `(out, inp)` at strides `w_strides` from
+/// `ws`, split by blocks of output columns over the pool ([`products::split`]); each
+/// block's task first writes its columns of `start`.
 #[allow(unsafe_code)] // the product and `written_vec`
 fn product<T: Float>(
     xs: &[T],
     ws: &[T],
     w_strides: &[usize],
-    bias: Option<&[T]>,
+    start: Start<'_, T>,
     (rows, inp, out): (usize, usize, usize),
 ) -> Vec<T> {
     let len = rows * out;
     if len == 0 {
         return Vec::new();
     }
-    // SAFETY: every element is written: with a bias, each block's columns by its fill
+    // SAFETY: every element is written: with a start, each block's columns by its fill
     // before the product reads them; without, by the product itself (`read_dst = false`
     // writes the whole destination). `xs` holds `rows × inp` values and `ws` addresses
     // `W` through its own strides (checked against the shapes by `check`), so the
-    // product stays inside both; the blocks' columns are disjoint.
+    // product stays inside both; a residual holds `rows × out` (checked by
+    // `linear_add`); the blocks' columns are disjoint.
     let (ys, ()) = unsafe {
         written_vec(len, 0, |dst| {
             let dst = Shared(dst.as_mut_ptr().cast::<T>());
             // Each block's columns of every row: right for blocks of columns only (the
             // split below), where no two tasks share an element.
             let fill = |cols: Range<usize>| {
-                if let Some(b) = bias {
-                    for r in 0..rows {
+                for r in 0..rows {
+                    let at = r * out + cols.start;
+                    match start {
+                        Start::Zero => {}
                         // SAFETY: row `r`'s columns `cols` lie inside the output.
-                        std::ptr::copy_nonoverlapping(
+                        Start::Bias(b) => std::ptr::copy_nonoverlapping(
                             b[cols.clone()].as_ptr(),
-                            dst.at(r * out + cols.start),
+                            dst.at(at),
                             cols.len(),
-                        );
+                        ),
+                        Start::Onto { residual, bias } => {
+                            let res = &residual[at..at + cols.len()];
+                            // SAFETY: as above; this task alone writes these elements.
+                            let row = std::slice::from_raw_parts_mut(dst.at(at), cols.len());
+                            match bias {
+                                Some(b) => {
+                                    for ((y, &r), &b) in
+                                        row.iter_mut().zip(res).zip(&b[cols.clone()])
+                                    {
+                                        *y = r + b;
+                                    }
+                                }
+                                None => row.copy_from_slice(res),
+                            }
+                        }
                     }
                 }
             };
             products::split(
                 (rows, out, inp),
                 (dst, out),
-                bias.is_some(),
+                !matches!(start, Start::Zero),
                 (xs.as_ptr(), inp, 1),
                 // `Wᵀ`: its (k, j) entry is `W[j, k]`.
                 (ws.as_ptr(), w_strides[1], w_strides[0]),
@@ -311,6 +471,83 @@ mod tests {
             [3., 4., 3., 4.]
         );
         Ok(())
+    }
+
+    /// The no-graph forms of `linear_add` and `linear_quick_gelu` give the composed
+    /// ops' values to rounding (f32 and f64, with and without a bias, in a shape whose
+    /// product splits into blocks); with a graph they are the composed ops, bit for bit,
+    /// with gradients.
+    #[test]
+    fn inference_forms_match_the_composed_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let (inp, out) = (256, 192);
+        for dtype in [DType::F32, DType::F64] {
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+            let x = Tensor::randn(0f32, 1.0, (2, 100, inp), &dev)?.to_dtype(dtype)?;
+            let w = Tensor::randn(0f32, 0.1, (out, inp), &dev)?.to_dtype(dtype)?;
+            let b = Tensor::randn(0f32, 1.0, out, &dev)?.to_dtype(dtype)?;
+            let r = Tensor::randn(0f32, 1.0, (2, 100, out), &dev)?.to_dtype(dtype)?;
+            let close = |a: &Tensor, c: &Tensor, what: &str| -> Result<()> {
+                let scale = c
+                    .abs()?
+                    .max_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+                let diff = (a - c)?.abs()?.max_all()?.to_dtype(DType::F64)?;
+                let diff = diff.to_scalar::<f64>()?;
+                assert!(
+                    diff <= tol * scale,
+                    "{what} {dtype:?}: |Δ| {diff} at {scale}"
+                );
+                Ok(())
+            };
+            for bias in [Some(&b), None] {
+                let composed = (&r + linear(&x, &w, bias)?)?;
+                close(&linear_add(&x, &w, bias, &r)?, &composed, "linear_add")?;
+                let composed = crate::quick_gelu(&linear(&x, &w, bias)?)?;
+                close(
+                    &linear_quick_gelu(&x, &w, bias)?,
+                    &composed,
+                    "linear_quick_gelu",
+                )?;
+            }
+            // With a graph: the composed ops themselves.
+            let xv = Var::from_tensor(&x)?;
+            let rv = Var::from_tensor(&r)?;
+            let y = linear_add(&xv, &w, Some(&b), &rv)?;
+            let same = (&r + linear(&x, &w, Some(&b))?)?;
+            assert_eq!(
+                y.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+                same.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?
+            );
+            let g = y.sum_all()?.backward()?;
+            let ones = g.get(&rv).expect("residual gradient").flatten_all()?;
+            assert!(
+                ones.to_dtype(DType::F64)?
+                    .to_vec1::<f64>()?
+                    .iter()
+                    .all(|&v| v == 1.0)
+            );
+            assert!(g.get(&xv).is_some());
+            let y = linear_quick_gelu(&xv, &w, Some(&b))?;
+            let same = crate::quick_gelu(&linear(&x, &w, Some(&b))?)?;
+            assert_eq!(
+                y.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+                same.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?
+            );
+            assert!(y.sum_all()?.backward()?.get(&xv).is_some());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn linear_add_rejects_a_residual_of_another_shape() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+        let r = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+        let err = linear_add(&x, &w, None, &r).unwrap_err().to_string();
+        assert!(err.contains("residual") && err.contains("[2, 4]"), "{err}");
     }
 
     #[test]

@@ -40,6 +40,18 @@ impl Linear {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    /// `residual + self(xs)`: without a graph, one product onto `residual + b`
+    /// (`rankalign_kernels::linear_add`).
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        rankalign_kernels::linear_add(xs, &self.weight, self.bias.as_ref(), residual)
+    }
+
+    /// `quick_gelu(self(xs))`: without a graph, the bias and QuickGELU in one pass
+    /// after the product (`rankalign_kernels::linear_quick_gelu`).
+    pub fn forward_quick_gelu(&self, xs: &Tensor) -> Result<Tensor> {
+        rankalign_kernels::linear_quick_gelu(xs, &self.weight, self.bias.as_ref())
+    }
 }
 
 impl Module for Linear {
@@ -282,9 +294,18 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    /// `residual + self(xs)`, the MLP's residual connection fused as in
+    /// [`Linear::forward_add`].
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.fc2
+            .forward_add(&self.fc1.forward_quick_gelu(xs)?, residual)
+    }
+}
+
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&quick_gelu(&self.fc1.forward(xs)?)?)
+        self.fc2.forward(&self.fc1.forward_quick_gelu(xs)?)
     }
 }
 
@@ -325,10 +346,10 @@ impl EncoderLayer {
     }
 
     pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = self
+        let heads = self
             .self_attn
-            .forward(&self.layer_norm1.forward(xs)?, mask)?;
-        self.mlp_block(&(xs + h)?)
+            .attend(&self.layer_norm1.forward(xs)?, mask)?;
+        self.mlp_block(&self.self_attn.out_proj.forward_add(&heads, xs)?)
     }
 
     /// As [`EncoderLayer::forward`], keeping only the rows `rows` (u32 flat indices
@@ -346,14 +367,12 @@ impl EncoderLayer {
         let heads = self
             .self_attn
             .attend_rows(&self.layer_norm1.forward(xs)?, mask, rows)?;
-        let h = self.self_attn.out_proj.forward(&heads)?;
-        self.mlp_block(&(keep(xs)? + h)?)
+        self.mlp_block(&self.self_attn.out_proj.forward_add(&heads, &keep(xs)?)?)
     }
 
     /// `x + mlp(ln2(x))`.
     fn mlp_block(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.mlp.forward(&self.layer_norm2.forward(xs)?)?;
-        xs + h
+        self.mlp.forward_add(&self.layer_norm2.forward(xs)?, xs)
     }
 }
 
