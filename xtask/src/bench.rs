@@ -151,6 +151,17 @@ fn rerun_section(
             r + 1
         );
         let (rows, n) = run_suite(section.suite, threads, quick, python)?;
+        // Each run's own times, so that a spread can be traced to one side.
+        for row in &rows {
+            eprintln!(
+                "xtask: run {}: {} {} {}: {:.1} ms",
+                r + 1,
+                row.op,
+                row.size,
+                row.imp,
+                row.ms
+            );
+        }
         runs.push(rows);
         note = n;
     }
