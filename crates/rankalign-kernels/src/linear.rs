@@ -170,6 +170,11 @@ fn inference(
             _ => candle_core::bail!("linear: the inference form runs on the CPU"),
         }
     }
+    // The residual's start holds the bias already; GELU would add it again.
+    debug_assert!(
+        !(gelu && residual.is_some()),
+        "linear: GELU after a residual"
+    );
     let (out, inp) = weight.dims2()?;
     let rows = leading(xs.shape());
     let shape = out_shape(xs.shape(), out);
@@ -300,17 +305,21 @@ fn product<T: Float>(
                         ),
                         Start::Onto { residual, bias } => {
                             let res = &residual[at..at + cols.len()];
-                            // SAFETY: as above; this task alone writes these elements.
-                            let row = std::slice::from_raw_parts_mut(dst.at(at), cols.len());
+                            // SAFETY: as above; this task alone writes these elements,
+                            // through the pointer (no reference to them while unwritten).
                             match bias {
                                 Some(b) => {
-                                    for ((y, &r), &b) in
-                                        row.iter_mut().zip(res).zip(&b[cols.clone()])
+                                    for (j, (&r, &b)) in
+                                        res.iter().zip(&b[cols.clone()]).enumerate()
                                     {
-                                        *y = r + b;
+                                        dst.at(at + j).write(r + b);
                                     }
                                 }
-                                None => row.copy_from_slice(res),
+                                None => std::ptr::copy_nonoverlapping(
+                                    res.as_ptr(),
+                                    dst.at(at),
+                                    cols.len(),
+                                ),
                             }
                         }
                     }
@@ -475,8 +484,9 @@ mod tests {
 
     /// The no-graph forms of `linear_add` and `linear_quick_gelu` give the composed
     /// ops' values to rounding (f32 and f64, with and without a bias, in a shape whose
-    /// product splits into blocks); with a graph they are the composed ops, bit for bit,
-    /// with gradients.
+    /// product splits into blocks, with a transposed weight and an offset residual);
+    /// with a graph on any one input they are the composed ops, bit for bit, and that
+    /// input gets its gradient.
     #[test]
     fn inference_forms_match_the_composed_ops() -> Result<()> {
         let dev = Device::Cpu;
@@ -501,41 +511,72 @@ mod tests {
                 );
                 Ok(())
             };
-            for bias in [Some(&b), None] {
-                let composed = (&r + linear(&x, &w, bias)?)?;
-                close(&linear_add(&x, &w, bias, &r)?, &composed, "linear_add")?;
-                let composed = crate::quick_gelu(&linear(&x, &w, bias)?)?;
-                close(
-                    &linear_quick_gelu(&x, &w, bias)?,
-                    &composed,
-                    "linear_quick_gelu",
-                )?;
+            // The weight as a frozen layer holds it (a transposed view) and a residual
+            // that starts at an offset, besides the plain layouts.
+            let wt = w.t()?.contiguous()?.t()?;
+            let wide = Tensor::randn(0f32, 1.0, (2, 100, out + 3), &dev)?.to_dtype(dtype)?;
+            let r_off = wide.narrow(2, 3, out)?;
+            for (w, r) in [(&w, &r), (&wt, &r_off)] {
+                for bias in [Some(&b), None] {
+                    let composed = (r + linear(&x, w, bias)?)?;
+                    let fused = linear_add(&x, w, bias, r)?;
+                    assert!(!fused.track_op());
+                    close(&fused, &composed, "linear_add")?;
+                    let composed = crate::quick_gelu(&linear(&x, w, bias)?)?;
+                    close(
+                        &linear_quick_gelu(&x, w, bias)?,
+                        &composed,
+                        "linear_quick_gelu",
+                    )?;
+                }
             }
-            // With a graph: the composed ops themselves.
-            let xv = Var::from_tensor(&x)?;
-            let rv = Var::from_tensor(&r)?;
-            let y = linear_add(&xv, &w, Some(&b), &rv)?;
-            let same = (&r + linear(&x, &w, Some(&b))?)?;
-            assert_eq!(
-                y.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
-                same.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?
-            );
-            let g = y.sum_all()?.backward()?;
-            let ones = g.get(&rv).expect("residual gradient").flatten_all()?;
-            assert!(
-                ones.to_dtype(DType::F64)?
-                    .to_vec1::<f64>()?
-                    .iter()
-                    .all(|&v| v == 1.0)
-            );
-            assert!(g.get(&xv).is_some());
-            let y = linear_quick_gelu(&xv, &w, Some(&b))?;
-            let same = crate::quick_gelu(&linear(&x, &w, Some(&b))?)?;
-            assert_eq!(
-                y.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
-                same.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?
-            );
-            assert!(y.sum_all()?.backward()?.get(&xv).is_some());
+            // With a graph on any one input: the composed ops themselves, and that
+            // input's gradient.
+            let bits = |t: &Tensor| -> Result<Vec<f64>> {
+                t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
+            };
+            let same = bits(&(&r + linear(&x, &w, Some(&b))?)?)?;
+            let same_gelu = bits(&crate::quick_gelu(&linear(&x, &w, Some(&b))?)?)?;
+            for which in ["x", "w", "b", "r"] {
+                let var = Var::from_tensor(match which {
+                    "x" => &x,
+                    "w" => &w,
+                    "b" => &b,
+                    _ => &r,
+                })?;
+                let pick = |name: &str, plain: &Tensor| -> Tensor {
+                    if name == which {
+                        var.as_tensor().clone()
+                    } else {
+                        plain.clone()
+                    }
+                };
+                let (xi, wi, bi, ri) = (pick("x", &x), pick("w", &w), pick("b", &b), pick("r", &r));
+                let y = linear_add(&xi, &wi, Some(&bi), &ri)?;
+                assert!(y.track_op(), "linear_add with a graph on {which}");
+                assert_eq!(bits(&y)?, same, "linear_add with a graph on {which}");
+                let g = y.sum_all()?.backward()?;
+                assert!(g.get(&var).is_some(), "linear_add: no gradient for {which}");
+                if which == "r" {
+                    let ones = bits(g.get(&var).expect("residual gradient"))?;
+                    assert!(ones.iter().all(|&v| v == 1.0));
+                }
+                if which == "r" {
+                    continue;
+                }
+                let y = linear_quick_gelu(&xi, &wi, Some(&bi))?;
+                assert!(y.track_op(), "linear_quick_gelu with a graph on {which}");
+                assert_eq!(
+                    bits(&y)?,
+                    same_gelu,
+                    "linear_quick_gelu with a graph on {which}"
+                );
+                let g = y.sum_all()?.backward()?;
+                assert!(
+                    g.get(&var).is_some(),
+                    "linear_quick_gelu: no gradient for {which}"
+                );
+            }
         }
         Ok(())
     }
