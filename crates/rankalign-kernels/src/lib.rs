@@ -7,13 +7,13 @@
 //! - [`plackett_luce`]: the Plackett–Luce negative log-likelihood of a given order
 //!   (ListMLE), in the authors' *parity* form (max shift, ε = 1e-10) and the *exact* form,
 //!   O(m) per row forward and backward;
-//! - [`layer_norm`]: LayerNorm with a backward pass (candle 0.11.1's fused LayerNorm has
+//! - [`layer_norm`](mod@layer_norm): LayerNorm with a backward pass (candle 0.11.1's fused LayerNorm has
 //!   none on contiguous input, which silently froze most of a CLIP's parameters);
-//! - [`linear`], [`activation`], [`attention`]: a transformer block's linear layers,
+//! - [`linear`](mod@linear), [`activation`], [`attention`](mod@attention): a transformer block's linear layers,
 //!   QuickGELU, softmax and multi-head attention as one node each with a hand-written backward (candle's composed versions
 //!   cost a zero tensor plus an add per node in the backward, and a strided reduction
 //!   for the bias gradient);
-//! - [`embedding`]: the token-embedding lookup, whose backward writes the table's
+//! - [`embedding`](mod@embedding): the token-embedding lookup, whose backward writes the table's
 //!   gradient as rows into one zeroed buffer (candle's `index_add` rule copies a
 //!   table-sized zero tensor first);
 //! - [`pairwise`]: L2RCLIP's weighted pairwise-distance diversity term, in the code's

@@ -14,6 +14,11 @@
 //! of ones, so that they run in gemm's vector kernels, in a fixed order).
 //!
 //! The fused op runs on CPU f32 and f64; other devices and dtypes use the reference.
+//!
+//! Two inference forms fold the layer's neighbours in where no input records a graph:
+//! [`linear_add`] starts the output rows as `residual + b` (the residual connection
+//! costs no pass of its own), [`linear_quick_gelu`] adds the bias and applies QuickGELU
+//! in one pass after the product. With a graph they are the composed ops, bit for bit.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -537,34 +542,24 @@ mod tests {
             };
             let same = bits(&(&r + linear(&x, &w, Some(&b))?)?)?;
             let same_gelu = bits(&crate::quick_gelu(&linear(&x, &w, Some(&b))?)?)?;
-            for which in ["x", "w", "b", "r"] {
-                let var = Var::from_tensor(match which {
-                    "x" => &x,
-                    "w" => &w,
-                    "b" => &b,
-                    _ => &r,
-                })?;
-                let pick = |name: &str, plain: &Tensor| -> Tensor {
-                    if name == which {
-                        var.as_tensor().clone()
-                    } else {
-                        plain.clone()
-                    }
-                };
-                let (xi, wi, bi, ri) = (pick("x", &x), pick("w", &w), pick("b", &b), pick("r", &r));
-                let y = linear_add(&xi, &wi, Some(&bi), &ri)?;
+            for (i, which) in ["x", "w", "b", "r"].into_iter().enumerate() {
+                let mut inputs = [&x, &w, &b, &r].map(Tensor::clone);
+                let var = Var::from_tensor(&inputs[i])?;
+                inputs[i] = var.as_tensor().clone();
+                let [xi, wi, bi, ri] = &inputs;
+                let y = linear_add(xi, wi, Some(bi), ri)?;
                 assert!(y.track_op(), "linear_add with a graph on {which}");
                 assert_eq!(bits(&y)?, same, "linear_add with a graph on {which}");
                 let g = y.sum_all()?.backward()?;
-                assert!(g.get(&var).is_some(), "linear_add: no gradient for {which}");
+                let grad = g.get(&var);
+                assert!(grad.is_some(), "linear_add: no gradient for {which}");
                 if which == "r" {
-                    let ones = bits(g.get(&var).expect("residual gradient"))?;
+                    // The residual has no part in `linear_quick_gelu`.
+                    let ones = bits(grad.expect("residual gradient"))?;
                     assert!(ones.iter().all(|&v| v == 1.0));
-                }
-                if which == "r" {
                     continue;
                 }
-                let y = linear_quick_gelu(&xi, &wi, Some(&bi))?;
+                let y = linear_quick_gelu(xi, wi, Some(bi))?;
                 assert!(y.track_op(), "linear_quick_gelu with a graph on {which}");
                 assert_eq!(
                     bits(&y)?,

@@ -10,7 +10,7 @@ use std::mem::MaybeUninit;
 use crate::cpu::written_vec;
 
 /// The order that sorts each row of `reference` `(n, m)` descending, ties broken by
-/// `perm` (an item earlier in `perm` comes first): `(n, m)` u32, ready for [`pl_nll`].
+/// `perm` (an item earlier in `perm` comes first): `(n, m)` u32, ready for [`pl_nll`](crate::pl_nll).
 ///
 /// This is the authors' "shuffle the columns with one random permutation, then sort"
 /// made reproducible: with the permutation given, the result is a pure function of the
